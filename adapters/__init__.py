@@ -1,0 +1,1 @@
+"""Adapters: thin glue between the core model and kornia / hloc."""

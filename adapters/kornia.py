@@ -1,0 +1,157 @@
+"""kornia adapter: ``kornia.feature.RoMaV2``, a dense matcher with LoFTR's input/output contract.
+
+Registered into ``kornia.feature`` by ``import romav2_plugin`` when kornia is installed (nothing else in
+kornia is touched). Example::
+
+    import kornia.feature as KF
+    import romav2_plugin  # registers KF.RoMaV2
+    matcher = KF.RoMaV2(setting="base")
+    out = matcher({"image0": img0, "image1": img1})  # (B, 1|3, H, W) float in [0, 1]
+    out["keypoints0"], out["keypoints1"], out["confidence"], out["batch_indexes"]
+
+Keypoints are pixel coordinates of each *input* image with the kornia/OpenCV convention: the centre of
+the top-left pixel is ``(0, 0)``. Float values outside ``[0, 1]`` are rejected (``ValueError``), not clipped.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from romav2_plugin.model import RoMaV2 as _CoreRoMaV2
+
+__all__ = ["RoMaV2", "register"]
+
+_SAMPLE_MODES = ("balanced", "threshold")
+
+
+def _scale_precision(P: torch.Tensor, work_hw: tuple[int, int], img_hw: tuple[int, int]) -> torch.Tensor:
+    """Precision from working-resolution pixels to input-image pixels (official ``prec_map_coordinates``)."""
+    ratio = torch.tensor((work_hw[1] / img_hw[1], work_hw[0] / img_hw[0]), device=P.device, dtype=P.dtype)
+    return P * ratio[:, None] * ratio[None, :]
+
+
+class RoMaV2(nn.Module):
+    """RoMa v2 for kornia.
+
+    Args:
+        weights: ``None`` (official release via ``$ROMAV2_WEIGHTS`` / cache / URL), a path or a URL.
+        setting: RoMa v2 preset (``turbo``, ``fast``, ``base``, ``precise``, ...); default ``precise``
+            (or, with ``model=``, that model's current setting).
+        num_samples: matches per image pair in ``"balanced"`` mode.
+        sample_mode: ``"balanced"`` (KDE-balanced sample of ``num_samples``) or ``"threshold"`` (every
+            grid match with overlap above ``confidence_threshold``).
+        confidence_threshold: overlap threshold of ``"threshold"`` mode.
+        amp: bf16 autocast (``None``: on for CUDA).
+        device: where to put the model.
+        seed: ``None`` (torch's global RNG), an int or a ``torch.Generator`` for reproducible sampling.
+        model: an already-built core model (e.g. ``romav2_plugin.RoMaV2``) instead of ``weights``.
+    """
+
+    def __init__(
+        self,
+        weights: str | os.PathLike | None = None,
+        setting: str | None = None,
+        num_samples: int = 5000,
+        sample_mode: str = "balanced",
+        confidence_threshold: float = 0.5,
+        amp: bool | None = None,
+        device: torch.device | str | None = None,
+        seed: int | torch.Generator | None = None,
+        model: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if sample_mode not in _SAMPLE_MODES:
+            raise ValueError(f"Unknown sample_mode {sample_mode!r}; choose one of {_SAMPLE_MODES}")
+        if int(num_samples) <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        if model is None:
+            model = _CoreRoMaV2.from_pretrained(weights, setting=setting or "precise", amp=amp)
+        elif setting is not None:
+            model.apply_setting(setting)
+        self.model = model
+        if device is not None:
+            self.model.to(device)
+        self.num_samples = int(num_samples)
+        self.sample_mode = sample_mode
+        self.confidence_threshold = float(confidence_threshold)
+        self.seed = seed
+        self.eval()
+
+    @staticmethod
+    def _check(data: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        for key in ("image0", "image1"):
+            if key not in data:
+                raise ValueError(f"Missing {key!r}: pass {{'image0': (B, 1|3, H, W), 'image1': (B, 1|3, H, W)}}")
+            x = data[key]
+            if not isinstance(x, torch.Tensor) or x.ndim != 4:
+                raise ValueError(f"{key} must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x))}")
+            if x.shape[1] not in (1, 3):
+                raise ValueError(f"{key} must have 1 or 3 channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+            if x.shape[0] == 0:
+                raise ValueError(f"{key} is an empty batch")
+        if data["image0"].shape[0] != data["image1"].shape[0]:
+            raise ValueError(f"Batch sizes differ: {data['image0'].shape[0]} vs {data['image1'].shape[0]}")
+        return data["image0"], data["image1"]
+
+    @staticmethod
+    def _in_mask(mask: torch.Tensor, kpts: torch.Tensor) -> torch.Tensor:
+        """Value of a ``(H, W)`` validity mask at the pixel containing each keypoint ``(N, 2)``."""
+        H, W = mask.shape
+        ij = kpts.round().long()
+        x = ij[:, 0].clamp(0, W - 1)
+        y = ij[:, 1].clamp(0, H - 1)
+        return mask[y, x].bool()
+
+    def forward(self, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Match ``data["image0"]`` to ``data["image1"]``.
+
+        Args:
+            data: ``image0 (B, 1|3, H0, W0)``, ``image1 (B, 1|3, H1, W1)`` float in ``[0, 1]``; optional
+                ``mask0 (B, H0, W0)``, ``mask1 (B, H1, W1)``: True/1 on valid pixels (LoFTR's padding
+                masks); matches starting or landing on invalid pixels are removed.
+
+        Returns:
+            ``keypoints0 (N, 2)``, ``keypoints1 (N, 2)`` pixel coordinates (top-left pixel centre at
+            (0, 0)), ``confidence (N,)``, ``batch_indexes (N,)`` long, and, when the setting is
+            bidirectional, ``precision0``/``precision1 (N, 2, 2)`` in input-image pixel units.
+        """
+        img0, img1 = self._check(data)
+        (B, _, H0, W0), (_, _, H1, W1) = img0.shape, img1.shape
+        preds = self.model.match(img0, img1)
+        work_hw = tuple(preds["warp_AB"].shape[1:3])
+        gen = self.seed
+        out: dict[str, list[torch.Tensor]] = {k: [] for k in ("keypoints0", "keypoints1", "confidence", "batch_indexes", "precision0", "precision1")}
+        for b in range(B):
+            if self.sample_mode == "balanced":
+                m, c, p0, p1 = self.model.sample(preds, self.num_samples, batch_index=b, generator=gen)
+            else:
+                m, c, p0, p1 = self.model.grid_matches(preds, self.confidence_threshold, batch_index=b)
+            k0, k1 = self.model.to_pixel_coordinates(m, H0, W0, H1, W1, pixel_center=0.0)
+            keep = torch.ones(len(k0), dtype=torch.bool, device=k0.device)
+            if "mask0" in data:
+                keep &= self._in_mask(data["mask0"][b].to(k0.device), k0)
+            if "mask1" in data:
+                keep &= self._in_mask(data["mask1"][b].to(k1.device), k1)
+            out["keypoints0"].append(k0[keep])
+            out["keypoints1"].append(k1[keep])
+            out["confidence"].append(c[keep])
+            out["batch_indexes"].append(torch.full((int(keep.sum()),), b, dtype=torch.long, device=k0.device))
+            if p0 is not None and self.model.bidirectional:
+                out["precision0"].append(_scale_precision(p0[keep], work_hw, (H0, W0)))
+                out["precision1"].append(_scale_precision(p1[keep], work_hw, (H1, W1)))
+        result = {k: torch.cat(v) for k, v in out.items() if v}
+        return result
+
+
+def register() -> None:
+    """Expose :class:`RoMaV2` as ``kornia.feature.RoMaV2`` (idempotent; alters nothing else)."""
+    import kornia.feature
+
+    existing = getattr(kornia.feature, "RoMaV2", None)
+    if existing is not None and existing is not RoMaV2:
+        return  # kornia ships its own: leave it alone
+    kornia.feature.RoMaV2 = RoMaV2

@@ -1,0 +1,55 @@
+"""VGG19-BN fine features for the refiners.
+
+The first 26 layers of torchvision's ``vgg19_bn().features`` (convolutions, batch norms, ReLUs and
+the first two max-pools), laid out under the same indices so the official ``refiner_features.layers.N``
+keys load directly. The features are read just before each max-pool: 64 channels at stride 1, 128 at
+stride 2, 256 at stride 4. (The official model also runs the third max-pool and throws its output
+away; we stop before it.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from romav2_plugin.backbone import imagenet_normalize
+
+__all__ = ["FineFeatures"]
+
+# (out_channels) per conv, "M" for max-pool: VGG19 configuration up to stride 4 (pre-pool).
+_VGG19_TO_STRIDE4 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256)
+
+
+class FineFeatures(nn.Module):
+    """Forward: ``img (B, 3, H, W)`` in ``[0, 1]`` -> ``{1: (B, H, W, 64), 2: (B, H/2, W/2, 128),
+    4: (B, H/4, W/4, 256)}`` channels-last views."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for v in _VGG19_TO_STRIDE4:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(c_in, v, kernel_size=3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                c_in = v
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, img: torch.Tensor, *, amp: bool = False) -> dict[int, torch.Tensor]:
+        x = imagenet_normalize(img)
+        feats: dict[int, torch.Tensor] = {}
+        stride = 1
+        # The official code autocasts here with device_type="cuda" only, i.e. bf16 on CUDA, fp32 elsewhere.
+        use_amp = amp and x.device.type == "cuda"
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+        with ctx:
+            for layer in self.layers:
+                if isinstance(layer, nn.MaxPool2d):
+                    feats[stride] = x.permute(0, 2, 3, 1)
+                    stride *= 2
+                x = layer(x)
+            feats[stride] = x.permute(0, 2, 3, 1)
+        return feats

@@ -1,0 +1,423 @@
+"""RoMa v2: the thin orchestrator wiring backbone -> matcher -> fine features -> refiners.
+
+Public surface follows the official ``romav2.RoMaV2`` (2.0.1): ``forward``, ``match``, ``sample``,
+``to_pixel_coordinates``, ``match_keypoints``, ``apply_setting`` and the settable attributes
+``H_lr, W_lr, H_hr, W_hr, bidirectional, threshold, balanced_sampling``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from romav2_plugin.backbone import DINOv3Backbone
+from romav2_plugin.config import RoMaV2Config, get_setting
+from romav2_plugin.fine_features import FineFeatures
+from romav2_plugin.geometry import bhwc_grid_sample, bhwc_interpolate, normalized_grid, precision_matrix, to_pixel
+from romav2_plugin.io import ImageLike, to_tensor_image
+from romav2_plugin.matcher import Matcher
+from romav2_plugin.refiner import build_refiners
+from romav2_plugin.sampling import balanced_sample, resolve_generator
+
+__all__ = ["RoMaV2"]
+
+
+def _map_confidence(confidence: torch.Tensor, threshold: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, H, W, 4)`` raw confidence -> overlap ``(B, H, W, 1)`` in ``[0, 1]`` and precision ``(B, H, W, 2, 2)``."""
+    overlap = confidence[..., :1].sigmoid()
+    if threshold is not None:
+        overlap = torch.where(overlap > threshold, torch.ones_like(overlap), overlap)
+    return overlap, precision_matrix(confidence[..., 1:4])
+
+
+class RoMaV2(nn.Module):
+    """RoMa v2 dense matcher.
+
+    ``RoMaV2(config)`` builds a randomly initialised model and downloads nothing; use
+    :meth:`from_pretrained` for the official weights. The model lives wherever you move it
+    (``.to(device)``); there is no global device.
+
+    Args:
+        config: :class:`~romav2_plugin.config.RoMaV2Config` (defaults to the official architecture).
+        setting: named preset (``turbo``, ``fast``, ``base``, ``precise``, ``mega1500``, ``scannet1500``,
+            ``wxbs``, ``satast``); defaults to ``config.setting`` (``precise``).
+        device: where to put the model.
+        amp: ``True``: bf16 autocast exactly where the official code uses it (and the frozen backbone held
+            in bf16, as the official model does); ``False``: everything in fp32, no autocast anywhere;
+            ``None`` (default): on for CUDA inputs, off otherwise.
+    """
+
+    H_lr: int
+    W_lr: int
+    H_hr: int | None
+    W_hr: int | None
+    bidirectional: bool
+    threshold: float | None
+    balanced_sampling: bool
+
+    def __init__(
+        self,
+        config: RoMaV2Config | None = None,
+        *,
+        setting: str | None = None,
+        device: torch.device | str | None = None,
+        amp: bool | None = None,
+    ) -> None:
+        super().__init__()
+        cfg = config or RoMaV2Config()
+        if not isinstance(cfg, RoMaV2Config):
+            raise TypeError(f"config must be a RoMaV2Config, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.f = DINOv3Backbone(cfg.backbone)
+        self.matcher = Matcher(cfg.matcher)
+        self.refiners = build_refiners(cfg.refiners)
+        self.refiner_features = FineFeatures()
+        self.anchor_width = cfg.anchor_width
+        self.anchor_height = cfg.anchor_height
+        self.amp = amp
+        self.apply_setting(setting if setting is not None else cfg.setting)
+        self.eval()
+        if device is not None:
+            self.to(device)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        weights: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+        *,
+        setting: str = "precise",
+        device: torch.device | str | None = None,
+        amp: bool | None = None,
+        config: RoMaV2Config | None = None,
+    ) -> RoMaV2:
+        """Build the model and load the official weights.
+
+        Args:
+            weights: ``None`` (``$ROMAV2_WEIGHTS``, else the official release URL, downloaded once and
+                cached), a local path, a URL, or an official-layout state dict.
+        """
+        from romav2_plugin.weights import load_checkpoint, resolve_weights
+
+        get_setting(setting)
+        if isinstance(weights, Mapping):
+            sd = dict(weights)
+        else:
+            sd = load_checkpoint(resolve_weights(weights))
+        model = cls(config, setting=setting, amp=amp)
+        model.load_official_state_dict(sd)
+        model.eval()
+        if device is not None:
+            model.to(device)
+        return model
+
+    def load_official_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        """Strictly load a state dict in the official checkpoint layout (see :mod:`romav2_plugin.weights`)."""
+        from romav2_plugin.weights import check_layout, official_layout, official_to_internal
+
+        check_layout(sd, official_layout(self))
+        internal = official_to_internal(sd, self.f.num_blocks)
+        # timm's k_bias (fixed zero) and RoPE periods are non-persistent buffers: not part of the mapping.
+        self.load_state_dict(internal, strict=True)
+
+    def official_state_dict(self, *, extra_backbone: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """This model's weights in the official key layout (backbone entries as this model holds them)."""
+        from romav2_plugin.weights import internal_to_official
+
+        return internal_to_official(self.state_dict(), extra_backbone=extra_backbone)
+
+    # ------------------------------------------------------------------ settings
+    def apply_setting(self, setting: str) -> None:
+        """Set the resolutions and options of a named preset (see :data:`romav2_plugin.config.SETTINGS`)."""
+        s = get_setting(setting)
+        self.setting = setting
+        self.H_lr, self.W_lr, self.H_hr, self.W_hr = s.H_lr, s.W_lr, s.H_hr, s.W_hr
+        self.bidirectional = s.bidirectional
+        self.threshold = s.threshold
+        self.balanced_sampling = s.balanced_sampling
+
+    @property
+    def device(self) -> torch.device:
+        return self.matcher.omega.device
+
+    def _resolve_amp(self, device: torch.device) -> bool:
+        amp = self.amp if self.amp is not None else device.type == "cuda"
+        want = torch.bfloat16 if amp else torch.float32
+        if self.f.vit.patch_embed.proj.weight.dtype != want:
+            self.f.to(want)  # the official model holds the frozen backbone in bf16 under amp
+        return amp
+
+    # ------------------------------------------------------------------ network
+    def _check_pair(self, img_A: torch.Tensor, img_B: torch.Tensor, stage: str) -> None:
+        p = self.cfg.backbone.patch_size
+        for name, x in (("img_A_" + stage, img_A), ("img_B_" + stage, img_B)):
+            if x.ndim != 4 or x.shape[1] != 3:
+                raise ValueError(f"{name}: expected (B, 3, H, W), got {tuple(x.shape)}")
+            if x.shape[-2] % p or x.shape[-1] % p:
+                raise ValueError(f"{name}: H and W must be multiples of {p}, got {tuple(x.shape[-2:])}")
+        if img_A.shape != img_B.shape:
+            raise ValueError(f"{stage} images must have the same shape, got {tuple(img_A.shape)} and {tuple(img_B.shape)}")
+
+    def forward(
+        self,
+        img_A_lr: torch.Tensor,
+        img_B_lr: torch.Tensor,
+        img_A_hr: torch.Tensor | None = None,
+        img_B_hr: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """Dense warps for already-resized images.
+
+        Args:
+            img_A_lr, img_B_lr: ``(B, 3, H_lr, W_lr)`` in ``[0, 1]``, sides multiples of 16.
+            img_A_hr, img_B_hr: optional ``(B, 3, H_hr, W_hr)`` for the second refinement pass.
+
+        Returns:
+            dict with ``warp_AB (B, H, W, 2)`` normalized ``[-1, 1]`` and raw ``confidence_AB (B, H, W, 4)``
+            (overlap logit, P00, P10, P11) at the finest resolution, the ``_BA`` ones (``None`` unless
+            bidirectional), ``"matcher"`` (coarse warps) and ``"refiner_{s}_AB"``/``"refiner_{s}_BA"``
+            (``{"warp", "confidence"}`` of each refiner of the last pass).
+        """
+        self._check_pair(img_A_lr, img_B_lr, "lr")
+        if (img_A_hr is None) != (img_B_hr is None):
+            raise ValueError("Pass both img_A_hr and img_B_hr, or neither")
+        if img_A_hr is not None:
+            self._check_pair(img_A_hr, img_B_hr, "hr")
+        amp = self._resolve_amp(img_A_lr.device)
+        B = img_A_lr.shape[0]
+        bidir = self.bidirectional
+        # Both images through the backbone as one batch (per-sample network: same numbers).
+        feats = self.f(torch.cat((img_A_lr, img_B_lr)), amp=amp)
+        coarse = self.matcher([x[:B] for x in feats], [x[B:] for x in feats], bidirectional=bidir, amp=amp)
+        preds: dict[str, Any] = {"matcher": coarse}
+        # Both directions through the refiners as one batch of 2B.
+        if bidir:
+            warp = torch.cat((coarse["warp_AB"], coarse["warp_BA"]))
+            conf = torch.cat((coarse["confidence_AB"], coarse["confidence_BA"]))
+        else:
+            warp, conf = coarse["warp_AB"], coarse["confidence_AB"]
+        for stage, (img_A, img_B) in enumerate(((img_A_lr, img_B_lr), (img_A_hr, img_B_hr))):
+            if img_A is None:
+                continue
+            H, W = img_A.shape[-2:]
+            scale_factor = torch.tensor((W / self.anchor_width, H / self.anchor_height), device=img_A.device)
+            fine = self.refiner_features(torch.cat((img_A, img_B)), amp=amp)
+            for stride_key, refiner in self.refiners.items():
+                s = int(stride_key)
+                if stage == 1 and s == 4:
+                    # The first hi-res pass starts from the lr overlap but not from the lr precision:
+                    # precisions are absolute at their stride and must be re-estimated.
+                    conf = torch.cat((conf[..., :1], torch.zeros_like(conf[..., 1:])), dim=-1)
+                warp = bhwc_interpolate(warp.detach(), (H // s, W // s), mode="bilinear", align_corners=False)
+                conf = bhwc_interpolate(conf.detach(), (H // s, W // s), mode="bilinear", align_corners=False)
+                f_A, f_B = fine[s][:B], fine[s][B:]
+                if bidir:
+                    f_A, f_B = torch.cat((f_A, f_B)), torch.cat((f_B, f_A))
+                warp, conf = refiner(f_A, f_B, warp, conf, scale_factor, amp=amp)
+                preds[f"refiner_{s}_AB"] = {"warp": warp[:B], "confidence": conf[:B]}
+                preds[f"refiner_{s}_BA"] = {"warp": warp[B:], "confidence": conf[B:]} if bidir else None
+        preds["warp_AB"], preds["confidence_AB"] = warp[:B], conf[:B]
+        preds["warp_BA"], preds["confidence_BA"] = (warp[B:], conf[B:]) if bidir else (None, None)
+        return preds
+
+    # ------------------------------------------------------------------ user API
+    def _resize(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        return F.interpolate(x, size=(H, W), mode="bicubic", align_corners=False, antialias=True)
+
+    @torch.inference_mode()
+    def match(self, img_A: ImageLike, img_B: ImageLike) -> dict[str, torch.Tensor | None]:
+        """Match two images (or two equal-sized batches).
+
+        Args:
+            img_A, img_B: path, PIL image, ``(H, W, 3)`` uint8 ndarray, or ``(3, H, W)`` / ``(B, 3, H, W)``
+                tensor (float in ``[0, 1]`` or uint8). Sizes may differ between A and B.
+
+        Returns:
+            ``warp_AB (B, H, W, 2)`` normalized ``[-1, 1]`` (A's pixel-centre grid -> B),
+            ``confidence_AB (B, H, W, 4)``, ``overlap_AB (B, H, W, 1)`` in ``[0, 1]``,
+            ``precision_AB (B, H, W, 2, 2)`` (of the B-side position), and the ``_BA`` ones (``None``
+            unless bidirectional). ``H, W`` is the finest working resolution (``H_hr`` if set, else ``H_lr``).
+        """
+        self.eval()
+        dev = self.device
+        x_A = to_tensor_image(img_A, name="image A", device=dev)
+        x_B = to_tensor_image(img_B, name="image B", device=dev)
+        if x_A.shape[0] != x_B.shape[0]:
+            raise ValueError(f"Batch sizes differ: {x_A.shape[0]} (A) vs {x_B.shape[0]} (B)")
+        p = self.cfg.backbone.patch_size
+        for name, x in (("image A", x_A), ("image B", x_B)):
+            if min(x.shape[-2:]) < p:
+                raise ValueError(f"{name}: {tuple(x.shape[-2:])} is smaller than one {p}x{p} patch")
+        for name in ("H_lr", "W_lr", "H_hr", "W_hr"):
+            v = getattr(self, name)
+            if v is not None and (int(v) != v or v <= 0 or v % p):
+                raise ValueError(f"{name}={v} must be a positive multiple of {p}")
+        lr_A, lr_B = self._resize(x_A, self.H_lr, self.W_lr), self._resize(x_B, self.H_lr, self.W_lr)
+        hr_A = hr_B = None
+        if self.H_hr is not None and self.W_hr is not None:
+            hr_A, hr_B = self._resize(x_A, self.H_hr, self.W_hr), self._resize(x_B, self.H_hr, self.W_hr)
+        preds = self(lr_A, lr_B, hr_A, hr_B)
+        overlap_AB, precision_AB = _map_confidence(preds["confidence_AB"], self.threshold)
+        out = {
+            "warp_AB": preds["warp_AB"],
+            "confidence_AB": preds["confidence_AB"],
+            "overlap_AB": overlap_AB,
+            "precision_AB": precision_AB,
+            "warp_BA": None,
+            "confidence_BA": None,
+            "overlap_BA": None,
+            "precision_BA": None,
+        }
+        if self.bidirectional:
+            overlap_BA, precision_BA = _map_confidence(preds["confidence_BA"], self.threshold)
+            out.update(
+                warp_BA=preds["warp_BA"],
+                confidence_BA=preds["confidence_BA"],
+                overlap_BA=overlap_BA,
+                precision_BA=precision_BA,
+            )
+        return {k: (v.clone() if v is not None else None) for k, v in out.items()}
+
+    def _candidates(self, preds: Mapping[str, Any], batch_index: int):
+        """All grid matches ``(N, 4)``, their overlap ``(N,)`` and precisions ``(N, 2, 2, 2)`` (or None)."""
+        warp = preds["warp_AB"][batch_index]
+        H, W, _ = warp.shape
+        overlap_AB = preds["overlap_AB"][batch_index].reshape(-1)
+        prec_AB = preds.get("precision_AB")
+        prec_AB = prec_AB[batch_index] if prec_AB is not None else None
+        grid = normalized_grid(1, H, W, device=warp.device)[0]
+        matches = torch.cat((grid, warp), dim=-1).reshape(-1, 4)
+        warp_BA = preds.get("warp_BA")
+        if warp_BA is None:
+            precision = None
+            if prec_AB is not None:
+                # A-side precision is not predicted in one direction: NaN marks it unknown.
+                precision = torch.stack((torch.full_like(prec_AB, float("nan")), prec_AB), dim=-3).reshape(-1, 2, 2, 2)
+            return matches, overlap_AB, precision, H
+        warp_BA = warp_BA[batch_index]
+        if warp_BA.shape != warp.shape:
+            raise ValueError("warp_AB and warp_BA must have the same shape")
+        overlap_BA = preds["overlap_BA"][batch_index].reshape(-1)
+        prec_BA = preds.get("precision_BA")
+        precision = None
+        if prec_AB is not None and prec_BA is not None:
+            prec_BA = prec_BA[batch_index]
+            prec_A = bhwc_grid_sample(prec_BA.reshape(1, H, W, 4), warp[None]).reshape(H, W, 2, 2)
+            prec_B = bhwc_grid_sample(prec_AB.reshape(1, H, W, 4), warp_BA[None]).reshape(H, W, 2, 2)
+            fwd = torch.stack((prec_A, prec_AB), dim=-3).reshape(-1, 2, 2, 2)
+            bwd = torch.stack((prec_BA, prec_B), dim=-3).reshape(-1, 2, 2, 2)
+            precision = torch.cat((fwd, bwd))
+        matches = torch.cat((matches, torch.cat((warp_BA, grid), dim=-1).reshape(-1, 4)))
+        return matches, torch.cat((overlap_AB, overlap_BA)), precision, H
+
+    def sample(
+        self,
+        preds: Mapping[str, Any],
+        num_corresp: int,
+        *,
+        batch_index: int = 0,
+        generator: torch.Generator | int | None = None,
+        min_overlap: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Sample matches from :meth:`match` output (one batch element).
+
+        Same algorithm and random draws as the official sampler (with ``generator=None`` and the same
+        ``torch.manual_seed``), but with bounded KDE memory, an explicit ``generator`` (or int seed), and
+        no crash when fewer candidates exist than requested.
+
+        Args:
+            num_corresp: maximum number of matches.
+            min_overlap: if set, only matches whose overlap exceeds it are candidates, so the count
+                reflects the overlap (unrelated images give few or no matches).
+
+        Returns:
+            matches ``(N, 4)`` normalized ``(x_A, y_A, x_B, y_B)``, overlap ``(N,)``, A-side precision
+            ``(N, 2, 2)`` and B-side precision ``(N, 2, 2)`` (``None`` when unavailable; A-side entries are
+            NaN in unidirectional settings, where only the B side is predicted).
+        """
+        matches, confidence, precision, H = self._candidates(preds, batch_index)
+        confidence = confidence * matches.abs().amax(dim=-1).le(1 - 1 / H).float()
+        if min_overlap is not None:
+            confidence = torch.where(confidence > min_overlap, confidence, torch.zeros_like(confidence))
+        g = resolve_generator(generator, confidence.device)
+        m, c, p = balanced_sample(
+            matches, confidence, num_corresp, extras=precision, balanced=self.balanced_sampling, generator=g
+        )
+        if p is None:
+            return m, c, None, None
+        return m, c, p[:, 0], p[:, 1]
+
+    def grid_matches(
+        self, preds: Mapping[str, Any], threshold: float, *, batch_index: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Every grid match whose overlap exceeds ``threshold`` (no random sampling); same returns as :meth:`sample`."""
+        matches, confidence, precision, H = self._candidates(preds, batch_index)
+        inside = matches.abs().amax(dim=-1).le(1 - 1 / H)
+        keep = (confidence > threshold) & inside
+        if precision is None:
+            return matches[keep], confidence[keep], None, None
+        return matches[keep], confidence[keep], precision[keep][:, 0], precision[keep][:, 1]
+
+    @staticmethod
+    def to_pixel_coordinates(
+        matches: torch.Tensor, H_A: int, W_A: int, H_B: int, W_B: int, *, pixel_center: float = 0.5
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized matches ``(..., 4)`` -> pixel keypoints ``(..., 2)`` in A and in B.
+
+        ``pixel_center=0.5`` (default) is the official convention (top-left pixel centre at (0.5, 0.5));
+        pass ``0.0`` for OpenCV/kornia/hloc keypoints (top-left pixel centre at (0, 0)).
+        """
+        return (
+            to_pixel(matches[..., :2], H_A, W_A, pixel_center=pixel_center),
+            to_pixel(matches[..., 2:], H_B, W_B, pixel_center=pixel_center),
+        )
+
+    @staticmethod
+    def match_keypoints(
+        x_A: torch.Tensor,
+        x_B: torch.Tensor,
+        warp: torch.Tensor,
+        certainty: torch.Tensor,
+        return_tuple: bool = True,
+        return_inds: bool = False,
+        max_dist: float = 0.005,
+        cert_th: float = 0.0,
+    ):
+        """Mutual-nearest matching of given keypoints through the dense warp.
+
+        Args:
+            x_A: ``(N, 2)`` keypoints of A, normalized ``[-1, 1]`` (see :func:`~romav2_plugin.geometry.to_normalized`).
+            x_B: ``(M, 2)`` keypoints of B, normalized.
+            warp: ``(H, W, 2)`` (or ``(1, H, W, 2)``; the last two channels are used) A->B warp.
+            certainty: ``(H, W)`` (or ``(1, H, W, 1)``) overlap of A.
+            max_dist: maximum distance in normalized units between warped ``x_A`` and ``x_B``.
+            cert_th: minimum certainty at ``x_A``.
+
+        Returns:
+            as the official function: matched keypoints ``(x_A[i], x_B[j])`` or indices ``(i, j)``.
+        """
+        if warp.ndim == 4:
+            warp = warp[0]
+        while certainty.ndim > 2:
+            certainty = certainty[0] if certainty.shape[0] == 1 else certainty[..., 0]
+        if x_A.ndim != 2 or x_A.shape[-1] != 2 or x_B.ndim != 2 or x_B.shape[-1] != 2:
+            raise ValueError(f"x_A and x_B must be (N, 2) normalized keypoints, got {tuple(x_A.shape)}, {tuple(x_B.shape)}")
+        x_A = x_A.to(warp.dtype)
+        x_B = x_B.to(warp.dtype)
+        x_A_to_B = F.grid_sample(warp[..., -2:].permute(2, 0, 1)[None], x_A[None, None], align_corners=False)[0, :, 0].mT
+        cert = F.grid_sample(certainty[None, None], x_A[None, None], align_corners=False)[0, 0, 0]
+        if len(x_A) == 0 or len(x_B) == 0:
+            inds_A = inds_B = torch.zeros(0, dtype=torch.long, device=warp.device)
+        else:
+            D = torch.cdist(x_A_to_B, x_B)
+            mutual = (D == D.min(dim=-1, keepdim=True).values) & (D == D.min(dim=-2, keepdim=True).values)
+            inds_A, inds_B = torch.nonzero(mutual & (cert[:, None] > cert_th) & (D < max_dist), as_tuple=True)
+        if return_tuple:
+            return (inds_A, inds_B) if return_inds else (x_A[inds_A], x_B[inds_B])
+        if return_inds:
+            return torch.cat((inds_A, inds_B), dim=-1)
+        return torch.cat((x_A[inds_A], x_B[inds_B]), dim=-1)

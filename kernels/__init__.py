@@ -1,0 +1,270 @@
+"""NVRTC runtime for the plugin's CUDA kernels (installed as ``romav2_plugin.kernels``).
+
+The ``.cu`` sources next to this file are compiled at run time with NVRTC (``cuda.bindings.nvrtc``) for the
+device's ``sm_XY``, the cubin (or PTX when NVRTC cannot emit a cubin for that architecture) is cached on disk
+in ``~/.cache/romav2_plugin`` (override with the ``ROMAV2_PLUGIN_CACHE`` environment variable), keyed by the
+source hash, the architecture, the compile options and the NVRTC version, and loaded once per process and
+device with the CUDA driver API (``cuModuleLoadData``). Kernels are launched on torch's current CUDA stream.
+
+Everything that touches cuda-python is imported lazily inside functions: importing this module has no side
+effects and does not need cuda-python, a driver or a GPU. A missing cuda-python raises an ``ImportError``
+naming the pip extra ``romav2-plugin[cuda]``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "KERNELS",
+    "CompiledKernel",
+    "cache_dir",
+    "compile_kernel",
+    "device_arch",
+    "get_function",
+    "launch",
+    "read_source",
+]
+
+_HERE = Path(__file__).resolve().parent
+
+#: source file -> kernel entry points (``extern "C"`` names) it defines
+KERNELS: dict[str, tuple[str, ...]] = {
+    "local_corr.cu": tuple(
+        f"rv2_{op}_{sfx}"
+        for sfx in ("f32", "f16", "bf16")
+        for op in ("local_corr_fwd", "local_corr_bwd", "bilinear_gather")
+    ),
+}
+
+#: NVRTC options used for every compile (no fast math: parity with torch's grid_sample matters)
+COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++17", "--fmad=true", "-default-device")
+
+_INSTALL_HINT = (
+    "the CUDA kernels need cuda-python (cuda.bindings); install it with `pip install 'romav2-plugin[cuda]'`"
+)
+
+_lock = threading.Lock()
+_modules: dict[tuple[str, int], Any] = {}  # (source, device index) -> CUmodule
+_functions: dict[tuple[str, str, int], Any] = {}  # (source, kernel, device index) -> CUfunction
+_contexts: dict[int, Any] = {}  # device index -> primary CUcontext
+
+
+def _nvrtc():
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(_INSTALL_HINT) from exc
+    return nvrtc
+
+
+def _driver():
+    try:
+        from cuda.bindings import driver
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(_INSTALL_HINT) from exc
+    return driver
+
+
+def _check_nvrtc(result, what: str):
+    nvrtc = _nvrtc()
+    err, *rest = result
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        _, msg = nvrtc.nvrtcGetErrorString(err)
+        raise RuntimeError(f"NVRTC {what} failed: {err.name}: {msg.decode(errors='replace')}")
+    return rest[0] if len(rest) == 1 else (tuple(rest) if rest else None)
+
+
+def _check_cu(result, what: str):
+    driver = _driver()
+    err, *rest = result
+    if err != driver.CUresult.CUDA_SUCCESS:
+        try:
+            _, msg = driver.cuGetErrorString(err)
+            msg = msg.decode(errors="replace") if msg else ""
+        except Exception:  # noqa: BLE001 - best effort message
+            msg = ""
+        raise RuntimeError(f"CUDA driver call {what} failed: {getattr(err, 'name', err)}: {msg}")
+    return rest[0] if len(rest) == 1 else (tuple(rest) if rest else None)
+
+
+def nvrtc_version() -> tuple[int, int]:
+    """NVRTC ``(major, minor)``."""
+    return tuple(_check_nvrtc(_nvrtc().nvrtcVersion(), "nvrtcVersion"))  # type: ignore[return-value]
+
+
+def supported_archs() -> list[int]:
+    """SM numbers (e.g. ``[75, 80, ..., 120]``) this NVRTC can emit cubins for."""
+    return [int(a) for a in _check_nvrtc(_nvrtc().nvrtcGetSupportedArchs(), "nvrtcGetSupportedArchs")]
+
+
+def cache_dir() -> Path:
+    """Directory of the on-disk cubin/PTX cache: ``$ROMAV2_PLUGIN_CACHE`` or ``~/.cache/romav2_plugin``."""
+    env = os.environ.get("ROMAV2_PLUGIN_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "romav2_plugin"
+
+
+def read_source(name: str) -> str:
+    """Text of the kernel source ``name`` (e.g. ``"local_corr.cu"``) shipped with this package."""
+    return (_HERE / name).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    """A compiled kernel image: ``kind`` is ``"cubin"`` or ``"ptx"``; ``log`` is the NVRTC log."""
+
+    source: str
+    arch: str
+    kind: str
+    image: bytes
+    log: str
+    from_cache: bool = False
+
+
+def _compile_uncached(name: str, arch: str, options: tuple[str, ...]) -> tuple[str, bytes, str]:
+    nvrtc = _nvrtc()
+    src = read_source(name).encode()
+    prog = _check_nvrtc(nvrtc.nvrtcCreateProgram(src, name.encode(), 0, [], []), "nvrtcCreateProgram")
+    try:
+        opts = [o.encode() for o in (*options, f"--gpu-architecture={arch}")]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        size = _check_nvrtc(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+        buf = b" " * size
+        _check_nvrtc(nvrtc.nvrtcGetProgramLog(prog, buf), "nvrtcGetProgramLog")
+        log = buf.rstrip(b"\x00").decode(errors="replace").strip()
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise RuntimeError(f"NVRTC failed to compile {name} for {arch} ({err.name}):\n{log}")
+        size = _check_nvrtc(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+        if size:
+            image = b" " * size
+            _check_nvrtc(nvrtc.nvrtcGetCUBIN(prog, image), "nvrtcGetCUBIN")
+            return "cubin", image, log
+        size = _check_nvrtc(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
+        image = b" " * size
+        _check_nvrtc(nvrtc.nvrtcGetPTX(prog, image), "nvrtcGetPTX")
+        return "ptx", image, log
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def compile_kernel(name: str, arch: str, *, use_cache: bool = True) -> CompiledKernel:
+    """Compile the source ``name`` for ``arch`` (``"sm_90"``, or ``"compute_90"`` for PTX only).
+
+    The result is cached on disk (see :func:`cache_dir`). Raises ``RuntimeError`` with the NVRTC log when the
+    compile fails and ``ImportError`` when cuda-python is missing.
+    """
+    ver = nvrtc_version()
+    src = read_source(name)
+    key = hashlib.sha256(
+        "\0".join([src, arch, " ".join(COMPILE_OPTIONS), f"nvrtc{ver[0]}.{ver[1]}"]).encode()
+    ).hexdigest()[:32]
+    stem = f"{Path(name).stem}-{arch}-nvrtc{ver[0]}{ver[1]}-{key}"
+    cdir = cache_dir()
+    if use_cache:
+        for kind in ("cubin", "ptx"):
+            path = cdir / f"{stem}.{kind}"
+            if path.is_file():
+                return CompiledKernel(name, arch, kind, path.read_bytes(), "", from_cache=True)
+    kind, image, log = _compile_uncached(name, arch, COMPILE_OPTIONS)
+    if use_cache:
+        try:
+            cdir.mkdir(parents=True, exist_ok=True)
+            tmp = cdir / f".{stem}.{os.getpid()}.tmp"
+            tmp.write_bytes(image)
+            os.replace(tmp, cdir / f"{stem}.{kind}")
+        except OSError:  # read-only home etc.: the cache is an optimisation only
+            pass
+    return CompiledKernel(name, arch, kind, image, log)
+
+
+def device_arch(device_index: int) -> str:
+    """NVRTC target for a torch CUDA device: ``sm_XY``, or ``compute_XY`` (PTX, JIT-compiled by the driver)
+    with the newest architecture this NVRTC supports when it does not know the device."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    sm = major * 10 + minor
+    archs = supported_archs()
+    if sm in archs:
+        return f"sm_{sm}"
+    older = [a for a in archs if a <= sm]
+    return f"compute_{max(older) if older else min(archs)}"
+
+
+def _ensure_context(device_index: int) -> None:
+    """Make the device's primary context (the one torch's runtime uses) current on this thread."""
+    driver = _driver()
+    ctx = _contexts.get(device_index)
+    if ctx is None:
+        import torch
+
+        torch.cuda.init()
+        _check_cu(driver.cuInit(0), "cuInit")
+        dev = _check_cu(driver.cuDeviceGet(device_index), "cuDeviceGet")
+        ctx = _check_cu(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+        _contexts[device_index] = ctx
+    _check_cu(driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+
+
+def get_function(source: str, kernel: str, device_index: int):
+    """``CUfunction`` of ``kernel`` from ``source`` on a CUDA device (compiled, cached and loaded once)."""
+    fkey = (source, kernel, device_index)
+    fn = _functions.get(fkey)
+    if fn is not None:
+        return fn
+    with _lock:
+        fn = _functions.get(fkey)
+        if fn is not None:
+            return fn
+        driver = _driver()
+        _ensure_context(device_index)
+        mkey = (source, device_index)
+        module = _modules.get(mkey)
+        if module is None:
+            compiled = compile_kernel(source, device_arch(device_index))
+            image = compiled.image if compiled.kind == "cubin" else compiled.image.rstrip(b"\x00") + b"\x00"
+            module = _check_cu(driver.cuModuleLoadData(image), f"cuModuleLoadData({source})")
+            _modules[mkey] = module
+        fn = _check_cu(driver.cuModuleGetFunction(module, kernel.encode()), f"cuModuleGetFunction({kernel})")
+        _functions[fkey] = fn
+        return fn
+
+
+def launch(
+    source: str,
+    kernel: str,
+    grid: tuple[int, int, int],
+    block: tuple[int, int, int],
+    args: list[tuple[Any, type]],
+    *,
+    device_index: int,
+    shared_mem: int = 0,
+) -> None:
+    """Launch ``kernel`` on torch's current stream of ``device_index``.
+
+    ``args`` is a list of ``(value, ctypes_type)``, e.g. ``(tensor.data_ptr(), ctypes.c_void_p)`` or
+    ``(n, ctypes.c_int)``.
+    """
+    import torch
+
+    driver = _driver()
+    fn = get_function(source, kernel, device_index)
+    _ensure_context(device_index)
+    stream = torch.cuda.current_stream(device_index).cuda_stream
+    values = tuple(v for v, _ in args)
+    types = tuple(t for _, t in args)
+    _check_cu(
+        driver.cuLaunchKernel(fn, *grid, *block, shared_mem, driver.CUstream(stream), (values, types), 0),
+        f"cuLaunchKernel({kernel})",
+    )
+
+
+def ptr(t) -> tuple[int, type]:
+    """Kernel argument for a tensor's data pointer (0 for ``None``)."""
+    return (0 if t is None else t.data_ptr(), ctypes.c_void_p)

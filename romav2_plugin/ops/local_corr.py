@@ -1,0 +1,413 @@
+"""Memory-lean local correlation of the RoMa v2 refiner, as a ``torch.library`` custom op.
+
+``local_corr(f_A, f_B, warp, radius)`` computes, for every pixel ``p = (y, x)`` of ``f_A`` and window offset
+``k = i * (2r + 1) + j``::
+
+    out[b, k, y, x] = sum_c f_A[b, c, y, x] / sqrt(C) * grid_sample(f_B, warp[b, y, x] + o_k)[b, c]
+    o_k = ((j - r) * 2 / W, (i - r) * 2 / H)        # normalized (x, y) offsets
+
+with ``grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)``; this is the maths of the
+official ``romav2.local_correlation.local_correlation`` (its ``scale_factor`` argument is unused there).
+
+Implementations:
+
+* CUDA: the NVRTC kernel ``kernels/local_corr.cu`` (fp32 / fp16 / bf16 inputs, fp32 accumulation); it
+  never materialises the ``(B, C, H, W, K)`` window. If the kernel cannot be compiled or loaded (no
+  cuda-python, no driver), a single warning is emitted and the chunked torch path below runs on the GPU.
+* every other device (CPU): rows are processed in chunks so the ``grid_sample`` temporaries stay under a
+  memory budget (:data:`DEFAULT_CHUNK_BYTES`, or the ``chunk_bytes`` keyword); per chunk the computation is
+  exactly the official native one, so the numbers equal ``native_torch_local_corr`` to float rounding.
+
+Autograd: gradients flow to ``f_A`` and ``f_B``; ``warp`` gets none (the official refiner detaches it).
+A fake (meta) implementation makes the op traceable by ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "bilinear_gather", "local_corr", "local_corr_backward"]
+
+#: default budget (bytes) for the temporaries of one chunk of rows in the torch (CPU / fallback) path
+DEFAULT_CHUNK_BYTES: int = 64 * 2**20
+
+_KERNEL_SOURCE = "local_corr.cu"
+_THREADS = 256  # 8 warps per block, one warp per output pixel
+_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+_cuda_state: dict[str, object] = {"failed": None}
+
+
+# --------------------------------------------------------------------------------------------------------
+# shared helpers
+def _window(radius: int, H: int, W: int, device, dtype) -> Tensor:
+    """``(K, 2)`` normalized (x, y) window offsets, built exactly like the official code (float32
+    ``linspace``; ``k = i * (2r + 1) + j``, x offset from ``j``, y offset from ``i``)."""
+    r = radius
+    ys = torch.linspace(-2 * r / H, 2 * r / H, 2 * r + 1, device=device)
+    xs = torch.linspace(-2 * r / W, 2 * r / W, 2 * r + 1, device=device)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack((gx, gy), dim=-1).reshape(-1, 2).to(dtype)
+
+
+def _compute_dtype(*ts: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _check_inputs(f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int) -> None:
+    if f_A.dim() != 4 or f_B.shape != f_A.shape:
+        raise ValueError(
+            f"f_A and f_B must both be (B, C, H, W), got {tuple(f_A.shape)} and {tuple(f_B.shape)}"
+        )
+    B, _, H, W = f_A.shape
+    if tuple(warp.shape) != (B, H, W, 2):
+        raise ValueError(f"warp must be (B, H, W, 2) = {(B, H, W, 2)}, got {tuple(warp.shape)}")
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+
+
+def _rows_per_chunk(C: int, W: int, K: int, elem: int, chunk_bytes: int) -> int:
+    # per row: sampled window (C, W, K) + its product with f_A (C, W, K) + coordinates (W, K, 2)
+    per_row = (2 * C + 2) * W * K * elem
+    return max(1, int(chunk_bytes) // per_row)
+
+
+# --------------------------------------------------------------------------------------------------------
+# chunked torch implementation (CPU, and GPU fallback)
+def _local_corr_torch(f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, chunk_bytes: int) -> Tensor:
+    B, C, H, W = f_A.shape
+    K = (2 * radius + 1) ** 2
+    dt = _compute_dtype(f_A, f_B, warp)
+    window = _window(radius, H, W, f_A.device, dt)
+    out = torch.empty((B, K, H, W), device=f_A.device, dtype=dt)
+    rows = _rows_per_chunk(C, W, K, torch.finfo(dt).bits // 8, chunk_bytes)
+    scale = C**0.5
+    for b in range(B):
+        fb = f_B[b : b + 1].to(dt)
+        for y0 in range(0, H, rows):
+            y1 = min(H, y0 + rows)
+            coords = (warp[b, y0:y1, :, None].to(dt) + window).reshape(1, y1 - y0, W * K, 2)
+            wf = F.grid_sample(fb, coords, mode="bilinear", padding_mode="zeros", align_corners=False)
+            wf = wf.reshape(C, y1 - y0, W, K)
+            out[b, :, y0:y1] = (f_A[b, :, y0:y1, :, None].to(dt) / scale * wf).sum(dim=0).permute(2, 0, 1)
+            del wf, coords
+    return out
+
+
+def _local_corr_backward_torch(
+    grad: Tensor,
+    f_A: Tensor,
+    f_B: Tensor,
+    warp: Tensor,
+    radius: int,
+    chunk_bytes: int,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor]:
+    B, C, H, W = f_A.shape
+    K = (2 * radius + 1) ** 2
+    dt = _compute_dtype(f_A, f_B, warp)
+    window = _window(radius, H, W, f_A.device, dt)
+    rows = _rows_per_chunk(C, W, K, torch.finfo(dt).bits // 8, chunk_bytes)
+    scale = C**0.5
+    g_A = torch.empty((B, C, H, W), device=f_A.device, dtype=dt) if need_a else None
+    g_B = torch.zeros((B, C, H, W), device=f_A.device, dtype=dt) if need_b else None
+    for b in range(B):
+        fb = f_B[b : b + 1].to(dt)
+        for y0 in range(0, H, rows):
+            y1 = min(H, y0 + rows)
+            n = y1 - y0
+            coords = (warp[b, y0:y1, :, None].to(dt) + window).reshape(1, n, W * K, 2)
+            g = grad[b, :, y0:y1].to(dt).permute(1, 2, 0)  # (n, W, K)
+            if need_a:
+                wf = F.grid_sample(fb, coords, mode="bilinear", padding_mode="zeros", align_corners=False)
+                g_A[b, :, y0:y1] = (wf.reshape(C, n, W, K) * g).sum(dim=-1) / scale
+                del wf
+            if need_b:
+                g_wf = (f_A[b, :, y0:y1, :, None].to(dt) / scale * g).reshape(1, C, n, W * K)
+                gb, _ = torch.ops.aten.grid_sampler_2d_backward(
+                    g_wf, fb, coords, 0, 0, False, [True, False]
+                )  # interpolation 0 = bilinear, padding 0 = zeros, align_corners=False
+                g_B[b : b + 1] += gb
+                del g_wf, gb
+    empty = f_A.new_empty((0,))
+    return (
+        g_A.to(f_A.dtype) if need_a else empty,
+        g_B.to(f_B.dtype) if need_b else empty,
+    )
+
+
+def _bilinear_gather_torch(f_B: Tensor, warp: Tensor) -> Tensor:
+    dt = _compute_dtype(f_B, warp)
+    out = F.grid_sample(f_B.to(dt), warp.to(dt), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.permute(0, 2, 3, 1).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------
+# NVRTC kernel path
+def _cuda_kernels():
+    """The ``romav2_plugin.kernels`` runtime, or ``None`` (after one warning) if it cannot be used."""
+    if _cuda_state["failed"] is not None:
+        return None
+    try:
+        from romav2_plugin import kernels
+
+        dev = torch.cuda.current_device()
+        for sfx in _SUFFIX.values():
+            for op in ("local_corr_fwd", "local_corr_bwd", "bilinear_gather"):
+                kernels.get_function(_KERNEL_SOURCE, f"rv2_{op}_{sfx}", dev)
+    except (ImportError, RuntimeError, OSError) as exc:
+        _cuda_state["failed"] = repr(exc)
+        warnings.warn(
+            "romav2_plugin: the NVRTC local-correlation kernel is unavailable "
+            f"({exc}); falling back to the chunked torch implementation on the GPU.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return kernels
+
+
+def _kernel_dtype(*ts: Tensor) -> torch.dtype | None:
+    dts = {t.dtype for t in ts}
+    if len(dts) == 1 and next(iter(dts)) in _SUFFIX:
+        return next(iter(dts))
+    if dts <= set(_SUFFIX):
+        return torch.float32
+    return None  # float64 etc.: torch path
+
+
+def _launch(kernels, name: str, n_pix: int, args, device: torch.device) -> None:
+    c_int = ctypes.c_int
+    warps = _THREADS // 32
+    grid = ((n_pix + warps - 1) // warps, 1, 1)
+    kernels.launch(
+        _KERNEL_SOURCE,
+        name,
+        grid,
+        (_THREADS, 1, 1),
+        [a if isinstance(a, tuple) else (a, c_int) for a in args],
+        device_index=device.index if device.index is not None else torch.cuda.current_device(),
+    )
+
+
+def _local_corr_cuda(f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, chunk_bytes: int) -> Tensor:
+    kdt = _kernel_dtype(f_A, f_B)
+    kernels = _cuda_kernels() if kdt is not None else None
+    if kernels is None:
+        return _local_corr_torch(f_A, f_B, warp, radius, chunk_bytes)
+    B, C, H, W = f_A.shape
+    K = (2 * radius + 1) ** 2
+    a = f_A.to(kdt).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C): free when f_A is channels-last
+    bb = f_B.to(kdt).permute(0, 2, 3, 1).contiguous()
+    w = warp.to(torch.float32).contiguous()
+    out = torch.empty((B, K, H, W), device=f_A.device, dtype=torch.float32)
+    if out.numel():
+        with torch.cuda.device(f_A.device):
+            _launch(
+                kernels,
+                f"rv2_local_corr_fwd_{_SUFFIX[kdt]}",
+                B * H * W,
+                [kernels.ptr(a), kernels.ptr(bb), kernels.ptr(w), kernels.ptr(out), B, H, W, C, radius],
+                f_A.device,
+            )
+    return out
+
+
+def _local_corr_backward_cuda(
+    grad: Tensor,
+    f_A: Tensor,
+    f_B: Tensor,
+    warp: Tensor,
+    radius: int,
+    chunk_bytes: int,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor]:
+    kdt = _kernel_dtype(f_A, f_B)
+    kernels = _cuda_kernels() if kdt is not None else None
+    if kernels is None:
+        return _local_corr_backward_torch(grad, f_A, f_B, warp, radius, chunk_bytes, need_a, need_b)
+    B, C, H, W = f_A.shape
+    a = f_A.to(kdt).permute(0, 2, 3, 1).contiguous()
+    bb = f_B.to(kdt).permute(0, 2, 3, 1).contiguous()
+    w = warp.to(torch.float32).contiguous()
+    g = grad.to(torch.float32).contiguous()
+    g_A = torch.empty((B, H, W, C), device=f_A.device, dtype=torch.float32) if need_a else None
+    g_B = torch.zeros((B, H, W, C), device=f_A.device, dtype=torch.float32) if need_b else None
+    if (need_a or need_b) and a.numel():
+        with torch.cuda.device(f_A.device):
+            _launch(
+                kernels,
+                f"rv2_local_corr_bwd_{_SUFFIX[kdt]}",
+                B * H * W,
+                [
+                    kernels.ptr(g),
+                    kernels.ptr(a),
+                    kernels.ptr(bb),
+                    kernels.ptr(w),
+                    kernels.ptr(g_A),
+                    kernels.ptr(g_B),
+                    B,
+                    H,
+                    W,
+                    C,
+                    radius,
+                ],
+                f_A.device,
+            )
+    empty = f_A.new_empty((0,))
+    return (
+        g_A.permute(0, 3, 1, 2).to(f_A.dtype, memory_format=torch.contiguous_format) if need_a else empty,
+        g_B.permute(0, 3, 1, 2).to(f_B.dtype, memory_format=torch.contiguous_format) if need_b else empty,
+    )
+
+
+def _bilinear_gather_cuda(f_B: Tensor, warp: Tensor) -> Tensor:
+    kdt = _kernel_dtype(f_B)
+    kernels = _cuda_kernels() if kdt is not None else None
+    if kernels is None:
+        return _bilinear_gather_torch(f_B, warp)
+    B, C, Hin, Win = f_B.shape
+    _, Hout, Wout, _ = warp.shape
+    bb = f_B.permute(0, 2, 3, 1).contiguous()
+    w = warp.to(torch.float32).contiguous()
+    out = torch.empty((B, Hout, Wout, C), device=f_B.device, dtype=torch.float32)
+    if out.numel():
+        with torch.cuda.device(f_B.device):
+            _launch(
+                kernels,
+                f"rv2_bilinear_gather_{_SUFFIX[kdt]}",
+                B * Hout * Wout,
+                [kernels.ptr(bb), kernels.ptr(w), kernels.ptr(out), B, Hin, Win, Hout, Wout, C],
+                f_B.device,
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# torch.library registration
+@torch.library.custom_op("romav2_plugin::local_corr", mutates_args=())
+def _local_corr_op(f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, chunk_bytes: int) -> Tensor:
+    return _local_corr_torch(f_A, f_B, warp, radius, chunk_bytes)
+
+
+@torch.library.custom_op("romav2_plugin::local_corr_backward", mutates_args=())
+def _local_corr_backward_op(
+    grad: Tensor,
+    f_A: Tensor,
+    f_B: Tensor,
+    warp: Tensor,
+    radius: int,
+    chunk_bytes: int,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor]:
+    return _local_corr_backward_torch(grad, f_A, f_B, warp, radius, chunk_bytes, need_a, need_b)
+
+
+@torch.library.custom_op("romav2_plugin::bilinear_gather", mutates_args=())
+def _bilinear_gather_op(f_B: Tensor, warp: Tensor) -> Tensor:
+    return _bilinear_gather_torch(f_B, warp)
+
+
+_local_corr_op.register_kernel("cuda")(_local_corr_cuda)
+_local_corr_backward_op.register_kernel("cuda")(_local_corr_backward_cuda)
+_bilinear_gather_op.register_kernel("cuda")(_bilinear_gather_cuda)
+
+
+@_local_corr_op.register_fake
+def _(f_A, f_B, warp, radius, chunk_bytes):
+    B, _, H, W = f_A.shape
+    return f_A.new_empty((B, (2 * radius + 1) ** 2, H, W), dtype=_compute_dtype(f_A, f_B, warp))
+
+
+@_local_corr_backward_op.register_fake
+def _(grad, f_A, f_B, warp, radius, chunk_bytes, need_a, need_b):
+    return (
+        f_A.new_empty(f_A.shape) if need_a else f_A.new_empty((0,)),
+        f_B.new_empty(f_B.shape) if need_b else f_A.new_empty((0,)),
+    )
+
+
+@_bilinear_gather_op.register_fake
+def _(f_B, warp):
+    B, C = f_B.shape[:2]
+    return f_B.new_empty((B, warp.shape[1], warp.shape[2], C), dtype=_compute_dtype(f_B, warp))
+
+
+def _setup_context(ctx, inputs, output):
+    f_A, f_B, warp, radius, chunk_bytes = inputs
+    ctx.save_for_backward(f_A, f_B, warp)
+    ctx.radius = radius
+    ctx.chunk_bytes = chunk_bytes
+
+
+def _backward(ctx, grad):
+    f_A, f_B, warp = ctx.saved_tensors
+    need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_a or need_b):
+        return None, None, None, None, None
+    g_A, g_B = _local_corr_backward_op(grad, f_A, f_B, warp, ctx.radius, ctx.chunk_bytes, need_a, need_b)
+    return (g_A if need_a else None), (g_B if need_b else None), None, None, None
+
+
+_local_corr_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------
+# public API
+def local_corr(
+    f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, *, chunk_bytes: int | None = None
+) -> Tensor:
+    """Local correlation of the RoMa v2 refiner.
+
+    Args:
+        f_A: ``(B, C, H, W)`` features of image A (float32; fp16 / bf16 accepted on CUDA).
+        f_B: ``(B, C, H, W)`` features of image B, same shape and device as ``f_A``.
+        warp: ``(B, H, W, 2)`` normalized ``[-1, 1]`` (x, y) positions in B of every pixel of A. Receives no
+            gradient (the official refiner detaches it).
+        radius: window radius ``r``; the window has ``K = (2r + 1) ** 2`` offsets, ``k = i * (2r + 1) + j``.
+        chunk_bytes: temporaries budget of the chunked torch path (CPU / fallback); default
+            :data:`DEFAULT_CHUNK_BYTES`. Ignored by the CUDA kernel, which needs no temporaries.
+
+    Returns:
+        ``(B, K, H, W)`` float32 (float64 if an input is float64). The official ``native_torch_local_corr``
+        returns ``f_A.dtype`` and the official fused ``local_corr`` path float32; the two agree for the
+        float32 features the refiner feeds it.
+    """
+    _check_inputs(f_A, f_B, warp, radius)
+    cb = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    return _local_corr_op(f_A, f_B, warp.detach(), int(radius), cb)
+
+
+def local_corr_backward(
+    grad: Tensor, f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, *, chunk_bytes: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Gradients ``(dL/df_A, dL/df_B)``, each ``(B, C, H, W)``, of :func:`local_corr` for an upstream
+    ``grad`` of shape ``(B, K, H, W)``; ``warp`` is ``(B, H, W, 2)`` normalized ``[-1, 1]``."""
+    _check_inputs(f_A, f_B, warp, radius)
+    cb = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    return _local_corr_backward_op(grad, f_A, f_B, warp.detach(), int(radius), cb, True, True)
+
+
+def bilinear_gather(f_B: Tensor, warp: Tensor) -> Tensor:
+    """Fused ``grid_sample(f_B, warp, bilinear, zeros, align_corners=False)`` in channels-last output.
+
+    Args:
+        f_B: ``(B, C, H_in, W_in)`` features.
+        warp: ``(B, H, W, 2)`` normalized ``[-1, 1]`` (x, y) sample positions.
+
+    Returns:
+        ``(B, H, W, C)`` float32 (float64 for float64 input), i.e. the refiner's ``f_BA``. No autograd
+        (the refiner computes ``f_BA`` under ``torch.no_grad()``).
+    """
+    if f_B.dim() != 4 or warp.dim() != 4 or warp.shape[0] != f_B.shape[0] or warp.shape[-1] != 2:
+        raise ValueError(
+            f"expected f_B (B, C, H, W) and warp (B, H, W, 2), got {tuple(f_B.shape)}, {tuple(warp.shape)}"
+        )
+    return _bilinear_gather_op(f_B.detach(), warp.detach())

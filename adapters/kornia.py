@@ -149,7 +149,10 @@ class RoMaV2(nn.Module):
 
 def register() -> None:
     """Expose :class:`RoMaV2` as ``kornia.feature.RoMaV2`` (idempotent; alters nothing else)."""
-    import kornia.feature
+    try:
+        import kornia.feature
+    except ImportError as e:
+        raise ImportError(f"The kornia adapter needs kornia: pip install 'romav2-plugin[kornia]' ({e})") from e
 
     existing = getattr(kornia.feature, "RoMaV2", None)
     if existing is not None and existing is not RoMaV2:

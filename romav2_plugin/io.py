@@ -24,7 +24,7 @@ __all__ = ["ImageLike", "load_image", "to_tensor_image", "MAX_PIXELS"]
 ImageLike = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
 
 #: Largest image (in pixels) accepted; matching always resizes to at most a few megapixels anyway.
-MAX_PIXELS = 200_000_000
+MAX_PIXELS = 100_000_000
 
 _EIGHT_BIT_MODES = {"1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "La"}
 
@@ -48,12 +48,17 @@ def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Image not found: {path}")
-    Image.MAX_IMAGE_PIXELS = None  # our own MAX_PIXELS check replaces PIL's decompression-bomb warning
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only
+            if img.width * img.height > MAX_PIXELS:
+                raise ValueError(
+                    f"{path}: {img.width}x{img.height} exceeds the limit of {MAX_PIXELS} pixels; downscale it first."
+                )
             img.load()
             img = ImageOps.exif_transpose(img)
             return _pil_to_rgb(img, str(path))
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: {e}") from None
     except (OSError, SyntaxError) as e:  # PIL raises these for unreadable / truncated files
         raise ValueError(f"Cannot read image {path}: {e}. Is it an image file PIL can open?") from e
 

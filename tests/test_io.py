@@ -73,9 +73,14 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         to_tensor_image(3.0)
 
 
-def test_huge_image_refused(monkeypatch):
+def test_huge_image_refused_before_decoding(monkeypatch, tmp_path):
     import romav2_plugin.io as io
 
     monkeypatch.setattr(io, "MAX_PIXELS", 50)
     with pytest.raises(ValueError, match="exceeds the limit of 50 pixels"):
         io.to_tensor_image(torch.rand(1, 3, 10, 10))
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded a refused image"))
+    with pytest.raises(ValueError, match="10x10 exceeds the limit of 50 pixels"):
+        io.load_image(tmp_path / "big.png")
+    assert Image.MAX_IMAGE_PIXELS is not None  # PIL's own guard is left as it was

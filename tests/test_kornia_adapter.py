@@ -1,0 +1,136 @@
+"""kornia.feature.RoMaV2: registration, LoFTR's contract, pixel conventions, masks, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+kornia = pytest.importorskip("kornia")
+
+import kornia.feature as KF  # noqa: E402
+
+import romav2_plugin  # noqa: E402,F401  (registers KF.RoMaV2)
+from romav2_plugin.adapters.kornia import RoMaV2 as AdapterRoMaV2  # noqa: E402
+from romav2_plugin.testing import HomographyWarpDouble  # noqa: E402
+
+H_TRUE = torch.tensor([[1.05, 0.04, 6.0], [-0.03, 0.97, -3.0], [2e-4, -1e-4, 1.0]], dtype=torch.float64)
+
+
+def _apply(Hm: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    kh = torch.cat((k.double(), torch.ones(len(k), 1, dtype=torch.float64)), 1) @ Hm.T
+    return kh[:, :2] / kh[:, 2:]
+
+
+def test_registered_and_nothing_else_changed():
+    assert KF.RoMaV2 is AdapterRoMaV2
+    assert KF.LoFTR.__module__.startswith("kornia.")  # untouched
+
+
+def test_without_kornia_import_works_and_adapter_names_extra():
+    code = (
+        "import sys; sys.modules['kornia'] = None\n"
+        "import romav2_plugin\n"
+        "try:\n"
+        "    import romav2_plugin.adapters.kornia as a; a.register()\n"
+        "except ImportError as e:\n"
+        "    print('IMPORTERROR', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "IMPORTERROR" in r.stdout and "romav2-plugin[kornia]" in r.stdout
+
+
+@pytest.mark.parametrize("setting", ["turbo", "precise"])
+@pytest.mark.parametrize("B", [1, 2])
+def test_homography_conventions(setting, B):
+    """With the network replaced by a known dense warp, keypoints1 = H(keypoints0) to 0.05 px."""
+    m = KF.RoMaV2(model=HomographyWarpDouble(H_TRUE), setting=setting, num_samples=400, seed=0)
+    img0 = torch.rand(B, 1, 301, 453)  # grayscale, non-square, not multiples of 16
+    img1 = torch.rand(B, 3, 333, 397)
+    out = m({"image0": img0, "image1": img1})
+    assert set(out) >= {"keypoints0", "keypoints1", "confidence", "batch_indexes"}
+    n = len(out["keypoints0"])
+    assert n == B * 400
+    assert out["keypoints0"].shape == out["keypoints1"].shape == (n, 2)
+    assert out["confidence"].shape == (n,) and out["batch_indexes"].dtype == torch.long
+    assert torch.equal(out["batch_indexes"].bincount(), torch.full((B,), 400))
+    err = (_apply(H_TRUE, out["keypoints0"]) - out["keypoints1"].double()).norm(dim=-1)
+    assert err.max() < 0.05, err.max()
+    k0 = out["keypoints0"]
+    assert (k0[:, 0] >= -0.5).all() and (k0[:, 0] <= 453 - 0.5).all()  # inside image 0, OpenCV convention
+    if setting == "precise":
+        assert out["precision0"].shape == out["precision1"].shape == (n, 2, 2)
+    else:
+        assert "precision0" not in out
+
+
+def test_threshold_mode_and_masks():
+    m = KF.RoMaV2(model=HomographyWarpDouble(H_TRUE), setting="turbo", sample_mode="threshold", confidence_threshold=0.5)
+    img0, img1 = torch.rand(1, 3, 200, 260), torch.rand(1, 3, 220, 240)
+    out = m({"image0": img0, "image1": img1})
+    assert len(out["keypoints0"]) > 10000  # every confident grid match
+    mask0 = torch.ones(1, 200, 260, dtype=torch.bool)
+    mask0[:, :, 130:] = False  # right half is padding
+    mask1 = torch.ones(1, 220, 240, dtype=torch.bool)
+    mask1[:, :50] = False
+    out2 = m({"image0": img0, "image1": img1, "mask0": mask0, "mask1": mask1})
+    k0, k1 = out2["keypoints0"], out2["keypoints1"]
+    assert 0 < len(k0) < len(out["keypoints0"])
+    assert (k0[:, 0].round() < 130).all() and (k1[:, 1].round() >= 50).all()
+
+
+def test_kornia_ransac_downstream():
+    m = KF.RoMaV2(model=HomographyWarpDouble(H_TRUE), setting="turbo", num_samples=500, seed=0)
+    out = m({"image0": torch.rand(1, 3, 240, 320), "image1": torch.rand(1, 3, 240, 320)})
+    from kornia.geometry.ransac import RANSAC
+
+    Hest, inliers = RANSAC("homography", inl_th=1.0, max_iter=50)(out["keypoints0"], out["keypoints1"])
+    Hest = Hest / Hest[2, 2]
+    corners = torch.tensor([[0.0, 0.0], [319.0, 0.0], [319.0, 239.0], [0.0, 239.0]])
+    assert (_apply(Hest.double(), corners) - _apply(H_TRUE, corners)).norm(dim=-1).max() < 0.5
+    assert inliers.float().mean() > 0.95
+
+
+def test_random_weights_keypoints_follow_core_warp(random_model):
+    """keypoints1 equals the core's warp_AB sampled at keypoints0 (at the input resolution)."""
+    random_model.apply_setting("turbo")
+    random_model.H_lr = random_model.W_lr = 160
+    try:
+        m = KF.RoMaV2(model=random_model, num_samples=300, seed=0)
+        img0 = torch.rand(1, 3, 150, 210, generator=torch.Generator().manual_seed(0))
+        img1 = torch.rand(1, 3, 170, 190, generator=torch.Generator().manual_seed(1))
+        out = m({"image0": img0, "image1": img1})
+        preds = random_model.match(img0, img1)
+    finally:
+        random_model.apply_setting("turbo")
+    from romav2_plugin.geometry import bhwc_grid_sample, to_normalized, to_pixel
+
+    x0 = to_normalized(out["keypoints0"], 150, 210, pixel_center=0.0)
+    x1 = bhwc_grid_sample(preds["warp_AB"], x0[None, None])[0, 0]
+    k1 = to_pixel(x1, 170, 190, pixel_center=0.0)
+    assert (k1 - out["keypoints1"]).norm(dim=-1).max() < 1e-3
+
+
+def test_module_behaviour_and_bad_input(random_model):
+    m = KF.RoMaV2(model=HomographyWarpDouble(H_TRUE), setting="turbo")
+    assert isinstance(m, torch.nn.Module) and not m.training
+    assert m.to("cpu") is m
+    with pytest.raises(ValueError, match="Unknown sample_mode"):
+        KF.RoMaV2(model=HomographyWarpDouble(H_TRUE), sample_mode="topk")
+    ok = torch.rand(1, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        m({"image0": ok[0], "image1": ok})
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        m({"image0": torch.rand(1, 2, 64, 64), "image1": ok})
+    with pytest.raises(ValueError, match="empty batch"):
+        m({"image0": torch.rand(0, 3, 64, 64), "image1": torch.rand(0, 3, 64, 64)})
+    with pytest.raises(ValueError, match="Missing 'image1'"):
+        m({"image0": ok})
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        m({"image0": ok * 255, "image1": ok})
+    # state_dict of a real model wraps the core's keys
+    wrapped = KF.RoMaV2(model=random_model)
+    assert "model.matcher.omega" in wrapped.state_dict()

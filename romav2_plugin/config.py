@@ -9,9 +9,10 @@ and unknown setting names raise a :class:`ValueError` that lists the valid choic
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 __all__ = [
     "BackboneConfig",

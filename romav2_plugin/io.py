@@ -13,7 +13,6 @@ counts, empty images and images larger than :data:`MAX_PIXELS`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -21,7 +20,7 @@ from PIL import Image, ImageOps
 
 __all__ = ["ImageLike", "load_image", "to_tensor_image", "MAX_PIXELS"]
 
-ImageLike = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
+ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
 
 #: Largest image (in pixels) accepted; matching always resizes to at most a few megapixels anyway.
 MAX_PIXELS = 100_000_000

@@ -18,7 +18,13 @@ from torch import nn
 from romav2_plugin.backbone import DINOv3Backbone
 from romav2_plugin.config import RoMaV2Config, get_setting
 from romav2_plugin.fine_features import FineFeatures
-from romav2_plugin.geometry import bhwc_grid_sample, bhwc_interpolate, normalized_grid, precision_matrix, to_pixel
+from romav2_plugin.geometry import (
+    bhwc_grid_sample,
+    bhwc_interpolate,
+    normalized_grid,
+    precision_matrix,
+    to_pixel,
+)
 from romav2_plugin.io import ImageLike, to_tensor_image
 from romav2_plugin.matcher import Matcher
 from romav2_plugin.refiner import build_refiners
@@ -153,6 +159,48 @@ class RoMaV2(nn.Module):
         return amp
 
     # ------------------------------------------------------------------ network
+    #: Memory knob: the fine-feature CNN and the refiners process at most this many pixels per call
+    #: (images/directions are batched up to it, and run one by one above it). Same numbers either way;
+    #: lower it if high resolutions do not fit, raise it for throughput on large GPUs.
+    max_batch_pixels: int = 2**20
+
+    def _chunk(self, n: int, h: int, w: int) -> int:
+        return max(1, min(n, int(self.max_batch_pixels) // max(1, h * w)))
+
+    def _fine_features(self, imgs: torch.Tensor, *, amp: bool) -> dict[int, torch.Tensor]:
+        n = imgs.shape[0]
+        step = self._chunk(n, *imgs.shape[-2:])
+        if step >= n:
+            return self.refiner_features(imgs, amp=amp)
+        out: dict[int, torch.Tensor] = {}
+        for i in range(0, n, step):  # chunks written into preallocated outputs: no concatenated copy
+            part = self.refiner_features(imgs[i : i + step], amp=amp)
+            for s, x in part.items():
+                if s not in out:
+                    out[s] = x.new_empty((n, *x.shape[1:]))
+                out[s][i : i + step] = x
+        return out
+
+    def _refine(self, refiner, fine: torch.Tensor, warp, conf, scale_factor, *, amp: bool):
+        """Run ``refiner`` on every direction.
+
+        ``fine (2B, h, w, C)`` holds A's then B's features; ``warp``/``conf`` hold the ``n = B`` (A->B) or
+        ``n = 2B`` (A->B then B->A) directions. Row ``i`` refines ``fine[i]`` against ``fine[(i + B) % 2B]``;
+        the pairs are gathered chunk by chunk, so no swapped copy of the whole feature map is made.
+        """
+        n, (h, w) = warp.shape[0], warp.shape[1:3]
+        B2 = fine.shape[0]
+        step = self._chunk(n, h, w)
+        outs = []
+        for i in range(0, n, step):
+            rows = torch.arange(i, min(n, i + step), device=fine.device)
+            f_A = fine[rows] if step < n or n != B2 else fine
+            f_B = fine[(rows + B2 // 2) % B2]
+            outs.append(refiner(f_A, f_B, warp[rows], conf[rows], scale_factor, amp=amp))
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
     def _check_pair(self, img_A: torch.Tensor, img_B: torch.Tensor, stage: str) -> None:
         p = self.cfg.backbone.patch_size
         for name, x in (("img_A_" + stage, img_A), ("img_B_" + stage, img_B)):
@@ -205,7 +253,7 @@ class RoMaV2(nn.Module):
                 continue
             H, W = img_A.shape[-2:]
             scale_factor = torch.tensor((W / self.anchor_width, H / self.anchor_height), device=img_A.device)
-            fine = self.refiner_features(torch.cat((img_A, img_B)), amp=amp)
+            fine = self._fine_features(torch.cat((img_A, img_B)), amp=amp)
             for stride_key, refiner in self.refiners.items():
                 s = int(stride_key)
                 if stage == 1 and s == 4:
@@ -214,10 +262,7 @@ class RoMaV2(nn.Module):
                     conf = torch.cat((conf[..., :1], torch.zeros_like(conf[..., 1:])), dim=-1)
                 warp = bhwc_interpolate(warp.detach(), (H // s, W // s), mode="bilinear", align_corners=False)
                 conf = bhwc_interpolate(conf.detach(), (H // s, W // s), mode="bilinear", align_corners=False)
-                f_A, f_B = fine[s][:B], fine[s][B:]
-                if bidir:
-                    f_A, f_B = torch.cat((f_A, f_B)), torch.cat((f_B, f_A))
-                warp, conf = refiner(f_A, f_B, warp, conf, scale_factor, amp=amp)
+                warp, conf = self._refine(refiner, fine[s], warp, conf, scale_factor, amp=amp)
                 preds[f"refiner_{s}_AB"] = {"warp": warp[:B], "confidence": conf[:B]}
                 preds[f"refiner_{s}_BA"] = {"warp": warp[B:], "confidence": conf[B:]} if bidir else None
         preds["warp_AB"], preds["confidence_AB"] = warp[:B], conf[:B]

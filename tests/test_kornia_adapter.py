@@ -11,9 +11,9 @@ import torch
 kornia = pytest.importorskip("kornia")
 
 import kornia.feature as KF  # noqa: E402
+from romav2_plugin.adapters.kornia import RoMaV2 as AdapterRoMaV2  # noqa: E402
 
 import romav2_plugin  # noqa: E402,F401  (registers KF.RoMaV2)
-from romav2_plugin.adapters.kornia import RoMaV2 as AdapterRoMaV2  # noqa: E402
 from romav2_plugin.testing import HomographyWarpDouble  # noqa: E402
 
 H_TRUE = torch.tensor([[1.05, 0.04, 6.0], [-0.03, 0.97, -3.0], [2e-4, -1e-4, 1.0]], dtype=torch.float64)

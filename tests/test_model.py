@@ -63,6 +63,14 @@ def test_bidirectional_two_stage_outputs(model, images):
         assert out[f"precision_{d}"].shape == (1, 224, 224, 2, 2)
         P = out[f"precision_{d}"]
         assert torch.allclose(P, P.mT) and (torch.linalg.eigvalsh(P) > 0).all()  # Cholesky-parametrised
+    # one image / direction at a time (the memory knob) gives the same numbers as batching them
+    model.max_batch_pixels = 1
+    try:
+        seq = model.match(*images)
+    finally:
+        del model.max_batch_pixels
+    for k in ("warp_AB", "warp_BA", "confidence_AB", "confidence_BA"):
+        torch.testing.assert_close(seq[k], out[k], atol=1e-5, rtol=1e-5)
     m, c, pa, pb = model.sample(out, 200, generator=0)
     assert m.shape == (200, 4) and c.shape == (200,) and pa.shape == pb.shape == (200, 2, 2)
     assert torch.isfinite(pa).all()

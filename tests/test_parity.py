@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from official_reference import build_official, no_autocast
+
 from romav2_plugin import RoMaV2
 from romav2_plugin.weights import load_checkpoint
 

@@ -5,6 +5,7 @@ import threading
 
 import pytest
 import torch
+from conftest import MANIFEST
 
 from romav2_plugin import RoMaV2
 from romav2_plugin.weights import (
@@ -14,8 +15,6 @@ from romav2_plugin.weights import (
     official_layout,
     resolve_weights,
 )
-
-from conftest import MANIFEST
 
 
 @pytest.fixture(scope="module")

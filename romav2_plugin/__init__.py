@@ -22,6 +22,9 @@ def _register_integrations() -> None:
         from romav2_plugin.adapters.kornia import register as _register_kornia
 
         _register_kornia()
+    from romav2_plugin.adapters.hloc import register as _register_hloc
+
+    _register_hloc()  # lazy import hook: hloc.matchers.romav2 + match_dense.confs["romav2*"], only with hloc
 
 
 _register_integrations()

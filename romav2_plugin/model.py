@@ -185,20 +185,22 @@ class RoMaV2(nn.Module):
         """Run ``refiner`` on every direction.
 
         ``fine (2B, h, w, C)`` holds A's then B's features; ``warp``/``conf`` hold the ``n = B`` (A->B) or
-        ``n = 2B`` (A->B then B->A) directions. Row ``i`` refines ``fine[i]`` against ``fine[(i + B) % 2B]``;
-        the pairs are gathered chunk by chunk, so no swapped copy of the whole feature map is made.
+        ``n = 2B`` (A->B then B->A) directions. Row ``i`` refines ``fine[i]`` against ``fine[(i + B) % 2B]``.
+        Above ``max_batch_pixels`` the rows run in chunks within each direction, on views of ``fine``
+        (no copy of the high-resolution feature maps).
         """
         n, (h, w) = warp.shape[0], warp.shape[1:3]
-        B2 = fine.shape[0]
+        B = fine.shape[0] // 2
         step = self._chunk(n, h, w)
+        if step >= n:
+            f_B = fine[B:] if n == B else torch.cat((fine[B:], fine[:B]))
+            return refiner(fine[:n], f_B, warp, conf, scale_factor, amp=amp)
         outs = []
-        for i in range(0, n, step):
-            rows = torch.arange(i, min(n, i + step), device=fine.device)
-            f_A = fine[rows] if step < n or n != B2 else fine
-            f_B = fine[(rows + B2 // 2) % B2]
-            outs.append(refiner(f_A, f_B, warp[rows], conf[rows], scale_factor, amp=amp))
-        if len(outs) == 1:
-            return outs[0]
+        for lo in range(0, n, B):  # per direction, so every chunk's features are views, not copies
+            for i in range(lo, lo + B, step):
+                j = min(i + step, lo + B)
+                ib = (i + B) % (2 * B)
+                outs.append(refiner(fine[i:j], fine[ib : ib + j - i], warp[i:j], conf[i:j], scale_factor, amp=amp))
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
     def _check_pair(self, img_A: torch.Tensor, img_B: torch.Tensor, stage: str) -> None:
@@ -265,6 +267,7 @@ class RoMaV2(nn.Module):
                 warp, conf = self._refine(refiner, fine[s], warp, conf, scale_factor, amp=amp)
                 preds[f"refiner_{s}_AB"] = {"warp": warp[:B], "confidence": conf[:B]}
                 preds[f"refiner_{s}_BA"] = {"warp": warp[B:], "confidence": conf[B:]} if bidir else None
+            del fine  # free this pass's fine features before the next pass computes its own
         preds["warp_AB"], preds["confidence_AB"] = warp[:B], conf[:B]
         preds["warp_BA"], preds["confidence_BA"] = (warp[B:], conf[B:]) if bidir else (None, None)
         return preds

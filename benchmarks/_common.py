@@ -1,0 +1,190 @@
+"""Shared helpers of the benchmark scripts: provenance (machine, versions, command, date), the test pair,
+and process memory probes.
+
+Nothing here imports a matcher; the scripts import the matchers they are asked to run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as _dt
+import importlib.metadata as _md
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARED_PAIR = (REPO.parent / "shared" / "data" / "toronto_A.jpg", REPO.parent / "shared" / "data" / "toronto_B.jpg")
+
+#: Images shipped inside scikit-image (``skimage.data``), all public domain or CC0 (see their docstrings).
+SKIMAGE_IMAGES = {
+    "astronaut": "NASA, public domain",
+    "coffee": "Rachel Michetti, CC0",
+    "chelsea": "Stefan van der Walt, CC0",
+    "rocket": "SpaceX, public domain",
+    "hubble_deep_field": "NASA, public domain",
+}
+
+_PACKAGES = ("torch", "timm", "kornia", "numpy", "romav2", "romatch", "opencv-python-headless", "scikit-image", "pycolmap")
+
+
+# ---------------------------------------------------------------- provenance
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return _md.version(pkg)
+    except _md.PackageNotFoundError:
+        return None
+
+
+def machine_info(device: str = "cpu") -> dict:
+    """CPU model, cores, RAM, GPU (when ``device`` is CUDA), Python and package versions."""
+    info: dict = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "ram_gb": _ram_gb(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(torch.device(device))
+            info["gpu"] = f"{p.name} ({p.total_memory / 1024**3:.0f} GiB)"
+            info["cuda"] = torch.version.cuda
+    info["versions"] = {p: v for p in _PACKAGES if (v := _version(p)) is not None}
+    info["romav2_plugin"] = _version("romav2-plugin") or "source checkout"
+    return info
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [_rel(sys.argv[0]), *sys.argv[1:]])
+
+
+def _rel(p: str) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(REPO))
+    except ValueError:
+        return p
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def provenance_markdown(info: dict, command: str, date: str) -> str:
+    v = ", ".join(f"{k} {x}" for k, x in info["versions"].items())
+    lines = [
+        f"- Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM"
+        + (f"; GPU {info['gpu']}, CUDA {info.get('cuda')}" if "gpu" in info else ""),
+        f"- Python {info['python']} on {info['platform']}",
+        f"- Versions: {v}; romav2_plugin {info['romav2_plugin']}",
+        f"- Command: `{command}`",
+        f"- Date: {date}",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- images
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """``(H, W, 3)`` uint8, EXIF orientation applied."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB")).copy()
+
+
+def skimage_image(name: str) -> np.ndarray:
+    import skimage.data
+
+    img = getattr(skimage.data, name)()
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
+
+
+def benchmark_pair(pair: tuple[str, str] | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """The image pair of the speed benchmark: given paths, else the shared toronto pair, else two
+    scikit-image photos (different sizes, like a real pair). Returns ``(img_A, img_B, description)``."""
+    if pair is not None:
+        a, b = pair
+        return load_rgb(a), load_rgb(b), f"{a}, {b}"
+    if all(p.is_file() for p in SHARED_PAIR):
+        A, B = (load_rgb(p) for p in SHARED_PAIR)
+        return A, B, f"toronto pair ({A.shape[1]}x{A.shape[0]}, {B.shape[1]}x{B.shape[0]})"
+    A, B = skimage_image("astronaut"), skimage_image("coffee")
+    return A, B, f"scikit-image astronaut ({A.shape[1]}x{A.shape[0]}) and coffee ({B.shape[1]}x{B.shape[0]})"
+
+
+# ---------------------------------------------------------------- process memory
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb() -> float | None:
+    """Current resident set size (``VmRSS``) in MiB, ``None`` where /proc is unavailable."""
+    kb = _status_kb("VmRSS")
+    return None if kb is None else kb / 1024
+
+
+def hwm_mb() -> float:
+    """Peak resident set size in MiB: ``VmHWM`` (resettable), else ``ru_maxrss``."""
+    kb = _status_kb("VmHWM")
+    if kb is not None:
+        return kb / 1024
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so that RSS measures live data."""
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux ``clear_refs`` 5). Returns whether it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -1,0 +1,245 @@
+"""The benchmark harness itself: metric functions against hand-computed values, the synthetic benchmark
+with ground-truth test doubles (perfect, and perturbed by a known amount), the speed script's dry run,
+and the error messages for missing data and weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+acc = pytest.importorskip("benchmarks.accuracy")
+speed = pytest.importorskip("benchmarks.speed")
+
+
+# ---------------------------------------------------------------- metrics vs hand-computed values
+def test_pose_auc_hand_computed():
+    # sorted errors 1, 2, 3, 10 -> recall 1/4 .. 1; up to 5: trapezoids 0.125 + 0.375 + 0.625 + 0.75 * 2 = 2.625
+    assert acc.pose_auc([10, 2, 1, 3], [5]) == pytest.approx([2.625 / 5])
+    # up to 20: 2.625 - 1.5 + (0.75 + 1) / 2 * 7 + 1 * 10 = 17.25
+    assert acc.pose_auc([1, 2, 3, 10], [20]) == pytest.approx([17.25 / 20])
+    assert acc.pose_auc([0.0, 0.0], [5, 10]) == pytest.approx([1.0, 1.0])
+    assert acc.pose_auc([90.0, 90.0], [5, 10, 20]) == pytest.approx([0.0, 0.0, 0.0])
+
+
+def test_corner_error_hand_computed():
+    H_gt = np.eye(3)
+    T = np.array([[1, 0, 3], [0, 1, 4], [0, 0, 1.0]])
+    assert acc.homography_corner_error(T, H_gt, 100, 50) == pytest.approx(5.0)
+    # scaling by 2 about the origin, 11x11 image: corners (0,0) (0,10) (10,0) (10,10) move 0, 10, 10, 10*sqrt(2)
+    S = np.diag([2.0, 2.0, 1.0])
+    assert acc.homography_corner_error(S, H_gt, 11, 11) == pytest.approx((20 + 10 * np.sqrt(2)) / 4)
+    assert acc.homography_corner_error(None, H_gt, 11, 11) == float("inf")
+
+
+def test_match_precision_hand_computed():
+    kA = np.array([[0, 0], [1, 1], [2, 2], [3, 3]], dtype=float)
+    kB = kA + np.array([[0, 0], [0, 2.9], [3.1, 0], [10, 10]])
+    assert acc.match_precision(kA, kB, np.eye(3), 3.0) == 0.5
+    assert acc.match_precision(kA, kB, np.eye(3), 3.2) == 0.75
+    assert acc.match_precision(np.zeros((0, 2)), np.zeros((0, 2)), np.eye(3)) == 0.0
+
+
+def test_relative_pose_error_hand_computed():
+    a = np.radians(10)
+    Rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    t = np.array([1.0, 0, 0])
+    e_t, e_R = acc.relative_pose_error(np.eye(3), t, Rz, -2 * t)  # sign and scale of t are unobservable
+    assert e_t == pytest.approx(0.0, abs=1e-6) and e_R == pytest.approx(10.0)
+    e_t, _ = acc.relative_pose_error(np.eye(3), t, np.eye(3), np.array([1.0, 1.0, 0]))
+    assert e_t == pytest.approx(45.0)
+
+
+def test_homography_ransac_recovers_h_with_outliers():
+    rng = np.random.default_rng(0)
+    H = np.array([[1.1, 0.1, 5], [0.05, 0.9, 3], [1e-4, 2e-4, 1]])
+    kA = rng.uniform(0, 500, (400, 2))
+    kB = acc.apply_homography(H, kA)
+    kB[:100] += rng.uniform(20, 60, (100, 2))  # 25 % gross outliers
+    H_est, inl = acc.estimate_homography(kA, kB, 3.0, iters=300)
+    assert inl.sum() == 300 and not inl[:100].any()
+    assert acc.homography_corner_error(H_est, H, 500, 500) < 1e-6
+
+
+def test_essential_ransac_recovers_pose():
+    rng = np.random.default_rng(1)
+    a = np.radians(8)
+    R = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    t = np.array([0.5, 0.1, 0.05])
+    X = np.c_[rng.uniform(-2, 2, (300, 2)), rng.uniform(4, 8, 300)]
+    K = np.array([[500.0, 0, 320], [0, 500, 240], [0, 0, 1]])
+
+    def proj(P):
+        p = P @ K.T
+        return p[:, :2] / p[:, 2:]
+
+    res = acc.estimate_pose(proj(X), proj(X @ R.T + t), K, K, norm_thresh=0.5 / 1000)
+    e_t, e_R = acc.relative_pose_error(R, t, res[0], res[1])
+    assert e_t < 0.1 and e_R < 0.1
+
+
+def test_warp_image_uses_the_opencv_pixel_convention():
+    img = (np.arange(40 * 30 * 3) % 251).reshape(30, 40, 3).astype(np.uint8)
+    T = np.array([[1, 0, 3], [0, 1, 5], [0, 0, 1.0]])  # A pixel (x, y) -> B pixel (x + 3, y + 5)
+    B = acc.warp_image(img, T, (30, 40))
+    np.testing.assert_allclose(B[5:, 3:] * 255, img[:-5, :-3], atol=1e-6)
+    assert np.all(B[:5] == 0) and np.all(B[:, :3] == 0)
+
+
+def test_synthetic_pairs_are_deterministic():
+    p1 = acc.synthetic_pairs(2, seed=3)
+    p2 = acc.synthetic_pairs(2, seed=3)
+    for a, b in zip(p1, p2):
+        assert np.array_equal(a.img_B, b.img_B) and np.array_equal(a.H, b.H)
+        assert a.img_A.shape == a.img_B.shape and max(a.img_A.shape[:2]) <= 640
+
+
+# ---------------------------------------------------------------- harness with ground-truth doubles
+@pytest.fixture(scope="module")
+def two_pairs():
+    return acc.synthetic_pairs(2, seed=0)
+
+
+def _run(shift, pairs):
+    double = acc.ShiftedHomographyDouble(shift, num=300)
+    return acc.run_synthetic({double.name: double}, pairs)[0]
+
+
+def test_ground_truth_double_gives_perfect_metrics(two_pairs):
+    r = _run(0.0, two_pairs)
+    assert r["precision@3px"] == 1.0
+    assert r["median_corner_error_px"] < 1e-3
+    for t in (3, 5, 10):
+        assert r[f"auc@{t}px"] == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("shift", [2.0, 4.0])
+def test_shifted_double_degrades_by_the_expected_amount(two_pairs, shift):
+    """Every match is exactly ``shift`` px off along x: precision@3 is 1 below 3 px and 0 above, the
+    fitted homography is the shifted one (corner error ``shift``), and with n pairs of equal error t the
+    piecewise-linear recall gives AUC@T = (T - t + t / (2n)) / T for t < T, 0 otherwise."""
+    r = _run(shift, two_pairs)
+    n = len(two_pairs)
+    assert r["precision@3px"] == (1.0 if shift < 3 else 0.0)
+    assert r["median_corner_error_px"] == pytest.approx(shift, abs=1e-3)
+    for T in (3, 5, 10):
+        expected = (T - shift + shift / (2 * n)) / T if shift < T else 0.0
+        assert r[f"auc@{T}px"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_romav2_adapter_returns_opencv_pixels():
+    """The adapter's keypoints of the exact double satisfy B = H(A) in the OpenCV convention."""
+    from romav2_plugin.testing import HomographyWarpDouble
+
+    H = np.array([[0.9, 0.05, 12.0], [-0.03, 1.1, -4.0], [1e-4, -5e-5, 1.0]])
+    A = np.zeros((96, 128, 3), np.uint8)
+    B = np.zeros((80, 112, 3), np.uint8)
+    m = acc.RoMaV2Matcher(HomographyWarpDouble(H), num=200)
+    assert isinstance(m, acc.Matcher)
+    kA, kB, s = m.match_pair(A, B)
+    assert len(kA) > 50 and kA.shape == kB.shape and s.shape == (len(kA),)
+    np.testing.assert_allclose(acc.apply_homography(H, kA), kB, atol=2e-3)
+    kA2, _, _ = m.resample()
+    assert kA2.shape[1] == 2
+
+
+# ---------------------------------------------------------------- missing data and weights
+def test_missing_data_errors_say_what_to_download(tmp_path):
+    with pytest.raises(acc.DataMissingError, match="0015_0.1_0.3.npz") as e:
+        acc.megadepth1500_pairs(tmp_path)
+    assert "LoFTR" in str(e.value)
+    with pytest.raises(acc.DataMissingError, match="test.npz"):
+        acc.scannet1500_pairs(tmp_path)
+    with pytest.raises(acc.DataMissingError, match="hpatches-sequences-release"):
+        next(acc.hpatches_pairs(tmp_path))
+
+
+def test_missing_images_are_listed(tmp_path):
+    np.savez(tmp_path / "0015_0.1_0.3.npz", pair_infos=np.array([[(0, 1), 0.2, None]], dtype=object),
+             intrinsics=np.stack([np.eye(3)] * 2), poses=np.stack([np.eye(4)] * 2),
+             image_paths=np.array(["imgs/a.jpg", "imgs/b.jpg"]))
+    for s in acc.MEGADEPTH_SCENES[1:]:
+        (tmp_path / s).write_bytes((tmp_path / "0015_0.1_0.3.npz").read_bytes())
+    with pytest.raises(acc.DataMissingError, match="imgs/a.jpg"):
+        acc.megadepth1500_pairs(tmp_path)
+
+
+def test_cli_reports_missing_data_and_weights(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "accuracy.py")]
+    r = subprocess.run(cmd + ["--benchmark", "megadepth1500", "--data-root", str(tmp_path)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "megadepth_test_1500_scene_info" in r.stderr
+    args = acc.parse_args(["--benchmark", "hpatches", "--data-root", str(tmp_path)])
+    with pytest.raises(acc.WeightsMissingError, match="romav2.0.1.pt"):
+        acc.build_matcher("ours", args, random_ok=False)
+
+
+# ---------------------------------------------------------------- speed harness
+def test_speed_dry_run_writes_table_csv_and_chart(tmp_path):
+    from PIL import Image
+
+    pair = []
+    for i, size in enumerate(((64, 48), (80, 60))):
+        p = tmp_path / f"im{i}.png"
+        Image.fromarray(np.full((size[1], size[0], 3), 40 * i, np.uint8)).save(p)
+        pair.append(str(p))
+    out = tmp_path / "results"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed.py"), "--dry-run", "--repeats", "2",
+                        "--out", str(out), "--pair", *pair], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = (out / "speed_dry.md").read_text()
+    assert "| double | turbo |" in md and "Command:" in md and "Machine:" in md
+    rows = json.loads((out / "speed_dry.json").read_text())["rows"]
+    assert [len(x["times_s"]) for x in rows] == [2, 2]
+    assert all(x["peak_delta_mb"] is not None and x["baseline_mb"] > 0 for x in rows)
+    assert (out / "speed_dry.csv").read_text().count("\n") == 4  # provenance, header, two rows
+    assert (out / "speed_dry.png").stat().st_size > 1000
+
+
+def test_speed_ratios_and_goals():
+    rows = [
+        {"matcher": "ours", "setting": "precise", "median_s": 100.0, "peak_delta_mb": 4000.0},
+        {"matcher": "official", "setting": "precise", "median_s": 200.0, "peak_delta_mb": 10000.0},
+        {"matcher": "ours", "setting": "turbo", "median_s": 9.0, "peak_delta_mb": 600.0},
+        {"matcher": "official", "setting": "turbo", "median_s": 8.0, "peak_delta_mb": 500.0},
+    ]
+    rat = speed.ratios(rows)
+    assert rat["precise"]["time"] == 0.5 and rat["precise"]["memory"] == 0.4
+    text = "\n".join(speed.goals(rows, {"device": "cpu", "batch": 1}))
+    assert "time 0.500x the official (goal <= 0.8x: met)" in text and "0.400x (goal <= 0.5x: met)" in text
+    rows[0]["peak_delta_mb"] = 6000.0
+    assert "goal <= 0.5x: NOT met" in "\n".join(speed.goals(rows, {"device": "cpu", "batch": 1}))
+
+
+# ---------------------------------------------------------------- the official reference of the speed benchmark
+@pytest.mark.slow
+def test_official_standin_computes_the_same_warps_as_ours(random_checkpoint, random_model):
+    """The benchmark's "official" pipeline (official code, unpruned 24-block timm DINOv3) gives the same
+    dense warps as ours on the same weights: the cost comparison is between identical maths."""
+    import torch
+
+    pytest.importorskip("romav2")
+    from benchmarks._official import build_official, no_autocast
+
+    sd = torch.load(random_checkpoint, map_location="cpu", mmap=True, weights_only=True)
+    off = build_official(sd, "turbo", amp=False)
+    assert len(off.f.vit.blocks) == 24
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.rand(1, 3, 96, 128, generator=g), torch.rand(1, 3, 80, 112, generator=g)
+    try:
+        for m in (off, random_model):
+            m.H_lr = m.W_lr = 64
+        with no_autocast():
+            p_off = off.match(A, B)
+        p_ours = random_model.match(A, B)
+    finally:
+        random_model.apply_setting("turbo")  # session fixture: leave it as found
+    for k in ("warp_AB", "overlap_AB", "precision_AB"):
+        torch.testing.assert_close(p_ours[k], p_off[k], atol=1e-4, rtol=1e-4)

@@ -523,7 +523,7 @@ def write_outputs(rows: list[dict], spec: dict, out_dir: Path, tag: str, meta: d
                   f"{r['min_s']:.2f}-{r['max_s']:.2f} | {r['pairs_per_s']:.3f} | {mem} | {r['n_out']} | {r['notes']} |")
     md += ["", "## Ratios and goals", "", *goals(rows, spec), ""]
     if spec["device"] == "cpu":
-        md += ["Reference (official pipeline, toronto pair, fp32, 2 cores, measured earlier on this machine by the lead): "
+        md += ["Reference (official pipeline, toronto pair, fp32, 2 cores, as quoted in issue 6 (measured on this machine class before this project)): "
                "precise 199 s / +9.4 GB, base 44 s / +2.1 GB, turbo 8.1 s.", ""]
     else:
         md += ["Reference (paper, Table 8; H200, batch 8, bf16, 640x640): official RoMa v2 30.9 pairs/s, 4.8 GB; "

@@ -21,7 +21,7 @@ the as-is official code autocasts bf16, which these CPUs execute about 100x slow
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from unittest import mock
 
 import torch
@@ -75,13 +75,15 @@ def build_official(
     *,
     amp: bool,
     device: torch.device | str = "cpu",
+    backbone: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> nn.Module:
     """The official ``romav2.RoMaV2`` object around an official-layout ``state_dict``.
 
     ``amp=True`` is the official code as released (bf16 autocast everywhere it uses it); ``amp=False``
     disables the flags it exposes; run its ``match`` inside :func:`no_autocast` as well for plain fp32.
     The official code places tensors on its own global device (CUDA when available), so ``device`` must
-    agree with it.
+    agree with it. ``backbone``: a callable to use instead of :class:`OfficialDINOv3` (the parity tests pass
+    ours, which is checked separately).
     """
     from romav2.device import device as official_device
     from romav2.features import FineFeatures
@@ -107,7 +109,9 @@ def build_official(
     missing, unexpected = off.load_state_dict(rest, strict=False)
     if unexpected or any(not k.startswith("f.") for k in missing):
         raise ValueError(f"state dict does not fit the official model: missing {missing}, unexpected {unexpected}")
-    off.f = OfficialDINOv3({k[2:]: v for k, v in state_dict.items() if k.startswith("f.")}, amp=amp)
+    if backbone is None:
+        backbone = OfficialDINOv3({k[2:]: v for k, v in state_dict.items() if k.startswith("f.")}, amp=amp)
+    off.f = backbone
     off.apply_setting(setting)
     off.to(device)
     off.eval()

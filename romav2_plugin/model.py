@@ -160,16 +160,20 @@ class RoMaV2(nn.Module):
 
     # ------------------------------------------------------------------ network
     #: Memory knob: the fine-feature CNN and the refiners process at most this many pixels per call
-    #: (images/directions are batched up to it, and run one by one above it). Same numbers either way;
-    #: lower it if high resolutions do not fit, raise it for throughput on large GPUs.
-    max_batch_pixels: int = 2**20
+    #: (images/directions are batched up to it, and run one by one above it). Same numbers either way.
+    #: ``None``: 2**17 on CPU (batching buys nothing there, memory does), 2**22 on GPUs. Lower it if high
+    #: resolutions do not fit; raise it for throughput on large GPUs.
+    max_batch_pixels: int | None = None
 
-    def _chunk(self, n: int, h: int, w: int) -> int:
-        return max(1, min(n, int(self.max_batch_pixels) // max(1, h * w)))
+    def _chunk(self, n: int, h: int, w: int, device: torch.device) -> int:
+        limit = self.max_batch_pixels
+        if limit is None:
+            limit = 2**17 if device.type == "cpu" else 2**22
+        return max(1, min(n, int(limit) // max(1, h * w)))
 
     def _fine_features(self, imgs: torch.Tensor, *, amp: bool) -> dict[int, torch.Tensor]:
         n = imgs.shape[0]
-        step = self._chunk(n, *imgs.shape[-2:])
+        step = self._chunk(n, *imgs.shape[-2:], imgs.device)
         if step >= n:
             return self.refiner_features(imgs, amp=amp)
         out: dict[int, torch.Tensor] = {}
@@ -191,7 +195,7 @@ class RoMaV2(nn.Module):
         """
         n, (h, w) = warp.shape[0], warp.shape[1:3]
         B = fine.shape[0] // 2
-        step = self._chunk(n, h, w)
+        step = self._chunk(n, h, w, fine.device)
         if step >= n:
             f_B = fine[B:] if n == B else torch.cat((fine[B:], fine[:B]))
             return refiner(fine[:n], f_B, warp, conf, scale_factor, amp=amp)

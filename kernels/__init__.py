@@ -127,9 +127,9 @@ class CompiledKernel:
     from_cache: bool = False
 
 
-def _compile_uncached(name: str, arch: str, options: tuple[str, ...]) -> tuple[str, bytes, str]:
+def _compile_uncached(name: str, arch: str, options: tuple[str, ...], source: str | None = None) -> tuple[str, bytes, str]:
     nvrtc = _nvrtc()
-    src = read_source(name).encode()
+    src = (read_source(name) if source is None else source).encode()
     prog = _check_nvrtc(nvrtc.nvrtcCreateProgram(src, name.encode(), 0, [], []), "nvrtcCreateProgram")
     try:
         opts = [o.encode() for o in (*options, f"--gpu-architecture={arch}")]
@@ -153,6 +153,48 @@ def _compile_uncached(name: str, arch: str, options: tuple[str, ...]) -> tuple[s
         nvrtc.nvrtcDestroyProgram(prog)
 
 
+_CHILD = """
+import json, sys
+req = json.loads(sys.stdin.read())
+from romav2_plugin.kernels import _compile_uncached
+try:
+    kind, image, log = _compile_uncached(req["name"], req["arch"], tuple(req["options"]), req["source"])
+except RuntimeError as e:
+    print(json.dumps({"error": str(e)}))
+    sys.exit(0)
+open(req["out"], "wb").write(image)
+print(json.dumps({"kind": kind, "log": log}))
+"""
+
+
+def _compile_isolated(name: str, arch: str, options: tuple[str, ...], source: str) -> tuple[str, bytes, str]:
+    """Run NVRTC in a child process.
+
+    Compiling with NVRTC inside the torch process leaves it unable to ``torch.load`` zip checkpoints
+    afterwards ("record size ... does not match expected size"; seen with NVRTC 13.0 and torch 2.14), so
+    the compiler runs in a short-lived child and only the cubin/PTX bytes come back (loading them with the
+    driver API is unaffected).
+    """
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "image.bin"
+        req = {"name": name, "arch": arch, "options": list(options), "source": source, "out": str(out)}
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD], input=json.dumps(req), capture_output=True, text=True, check=False
+        )
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"NVRTC compiler process failed for {name} ({arch}):\n{proc.stderr[-4000:]}")
+        res = json.loads(lines[-1])
+        if "error" in res:
+            raise RuntimeError(res["error"])
+        return res["kind"], out.read_bytes(), res["log"]
+
+
 def compile_kernel(name: str, arch: str, *, use_cache: bool = True) -> CompiledKernel:
     """Compile the source ``name`` for ``arch`` (``"sm_90"``, or ``"compute_90"`` for PTX only).
 
@@ -171,7 +213,7 @@ def compile_kernel(name: str, arch: str, *, use_cache: bool = True) -> CompiledK
             path = cdir / f"{stem}.{kind}"
             if path.is_file():
                 return CompiledKernel(name, arch, kind, path.read_bytes(), "", from_cache=True)
-    kind, image, log = _compile_uncached(name, arch, COMPILE_OPTIONS)
+    kind, image, log = _compile_isolated(name, arch, COMPILE_OPTIONS, src)
     if use_cache:
         try:
             cdir.mkdir(parents=True, exist_ok=True)

@@ -291,3 +291,15 @@ def test_gpu_benchmark_script_dry_run_and_no_gpu_exit(tmp_path):
             text=True,
         )
         assert res.returncode == 0 and "no CUDA device" in res.stdout, res.stdout + res.stderr
+
+
+@needs_nvrtc
+def test_compiling_leaves_torch_load_working(tmp_path, monkeypatch, random_checkpoint):
+    """Regression: NVRTC 13 run inside the torch process broke later torch.load of the (1.1 GB, official
+    layout) checkpoint ("record size ... does not match expected size"); the compiler now runs in a child
+    process. (Small files did not show the failure, hence the real-size checkpoint.)"""
+    from romav2_plugin.weights import load_checkpoint
+
+    monkeypatch.setenv("ROMAV2_PLUGIN_CACHE", str(tmp_path))
+    kernels.compile_kernel("local_corr.cu", "sm_80", use_cache=False)
+    assert len(load_checkpoint(random_checkpoint)) == 907

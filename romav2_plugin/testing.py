@@ -13,7 +13,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["make_random_official_state_dict", "make_random_official_checkpoint"]
+__all__ = [
+    "make_random_official_state_dict",
+    "make_random_official_checkpoint",
+    "WarpDouble",
+    "HomographyWarpDouble",
+]
 
 
 def make_random_official_state_dict(seed: int = 0, *, k_bias_scale: float = 0.02) -> dict[str, torch.Tensor]:
@@ -77,23 +82,21 @@ def make_random_official_checkpoint(path: str | os.PathLike, seed: int = 0) -> P
     return path
 
 
-class HomographyWarpDouble(torch.nn.Module):
-    """Test double for the *network only*: ``match()`` returns the exact dense warp of a known homography.
+class WarpDouble(torch.nn.Module):
+    """Test double for the *network only*: ``match()`` returns an exact dense warp that a subclass defines.
 
     Everything downstream of the network (sampling, pixel conversion, adapters) is the real code of
-    :class:`~romav2_plugin.RoMaV2`, so coordinate-convention bugs in it show up as errors against ``H``.
+    :class:`~romav2_plugin.RoMaV2`, so coordinate-convention bugs in it show up as errors against the known
+    geometry. Subclasses implement :meth:`pixel_warp`.
 
     Args:
-        H: ``(3, 3)`` homography mapping pixel coordinates of A to pixel coordinates of B, both in the
-            OpenCV convention (top-left pixel centre at ``(0, 0)``).
         setting: which preset's working resolution (and bidirectionality) to mimic.
     """
 
-    def __init__(self, H, setting: str = "turbo") -> None:
+    def __init__(self, setting: str = "turbo") -> None:
         super().__init__()
         from romav2_plugin.model import RoMaV2
 
-        self.H = torch.as_tensor(H, dtype=torch.float64)
         self._dummy = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
         self.amp = False
         RoMaV2.apply_setting(self, setting)  # sets H_lr, W_lr, H_hr, W_hr, bidirectional, ...
@@ -113,39 +116,71 @@ class HomographyWarpDouble(torch.nn.Module):
     def device(self) -> torch.device:
         return self._dummy.device
 
-    @staticmethod
-    def _warp(Hm: torch.Tensor, h: int, w: int, size_A: tuple[int, int], size_B: tuple[int, int]):
+    def pixel_warp(
+        self, pix: torch.Tensor, x_from: torch.Tensor, x_to: torch.Tensor, reverse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where pixels of one image land in the other.
+
+        Args:
+            pix: ``(h, w, 2)`` float64 pixel coordinates ``(x, y)`` in ``x_from`` (OpenCV convention: top-left
+                pixel centre at ``(0, 0)``).
+            x_from, x_to: ``(C, H, W)`` the two images as given to :meth:`match` (B for ``reverse``).
+            reverse: ``False`` for A -> B, ``True`` for B -> A.
+
+        Returns:
+            ``(h, w, 2)`` float64 pixel coordinates in ``x_to`` (same convention) and ``(h, w)`` bool validity
+            (a point also counts as invalid when it lands outside ``x_to``).
+        """
+        raise NotImplementedError
+
+    def _warp(self, x_from: torch.Tensor, x_to: torch.Tensor, h: int, w: int, reverse: bool):
         from romav2_plugin.geometry import normalized_grid, to_normalized, to_pixel
 
+        H_from, W_from = x_from.shape[-2:]
+        H_to, W_to = x_to.shape[-2:]
         grid = normalized_grid(1, h, w, dtype=torch.float64)[0]
-        pix = to_pixel(grid, *size_A, pixel_center=0.0)
-        ph = torch.cat((pix, torch.ones_like(pix[..., :1])), dim=-1) @ Hm.T
-        pb = ph[..., :2] / ph[..., 2:]
-        warp = to_normalized(pb, *size_B, pixel_center=0.0)
-        inside = (warp.abs() < 1).all(dim=-1, keepdim=True) & (ph[..., 2:] > 0)
-        return warp.float(), inside.float()
+        pix_to, valid = self.pixel_warp(to_pixel(grid, H_from, W_from, pixel_center=0.0), x_from, x_to, reverse)
+        warp = to_normalized(pix_to.double(), H_to, W_to, pixel_center=0.0)
+        inside = (warp.abs() < 1).all(dim=-1) & valid.bool()
+        return warp.float(), inside[..., None].float()
 
     @torch.inference_mode()
     def match(self, img_A, img_B):
         from romav2_plugin.io import to_tensor_image
 
-        x_A = to_tensor_image(img_A, name="image A")
-        x_B = to_tensor_image(img_B, name="image B")
-        size_A, size_B = tuple(x_A.shape[-2:]), tuple(x_B.shape[-2:])
+        x_A = to_tensor_image(img_A, name="image A").cpu()
+        x_B = to_tensor_image(img_B, name="image B").cpu()
         h = self.H_hr if self.H_hr is not None else self.H_lr
         w = self.W_hr if self.W_hr is not None else self.W_lr
-        Bn = x_A.shape[0]
         out = {}
-        dirs = [("AB", self.H, size_A, size_B)]
-        if self.bidirectional:
-            dirs.append(("BA", torch.linalg.inv(self.H), size_B, size_A))
-        for name, Hm, sa, sb in dirs:
-            warp, overlap = self._warp(Hm, h, w, sa, sb)
-            eye = torch.eye(2).expand(h, w, 2, 2)
-            out[f"warp_{name}"] = warp[None].expand(Bn, -1, -1, -1).to(self.device)
-            out[f"overlap_{name}"] = overlap[None].expand(Bn, -1, -1, -1).to(self.device)
-            out[f"confidence_{name}"] = torch.logit(overlap.clamp(1e-4, 1 - 1e-4))[None].expand(Bn, -1, -1, -1).to(self.device)
-            out[f"precision_{name}"] = eye[None].expand(Bn, -1, -1, -1, -1).to(self.device)
+        dirs = [("AB", x_A, x_B, False)] + ([("BA", x_B, x_A, True)] if self.bidirectional else [])
+        for name, xs_from, xs_to, reverse in dirs:
+            warps, overlaps = zip(*(self._warp(a, b, h, w, reverse) for a, b in zip(xs_from, xs_to)))
+            warp, overlap = torch.stack(warps), torch.stack(overlaps)
+            eye = torch.eye(2).expand(len(warp), h, w, 2, 2)
+            out[f"warp_{name}"] = warp.to(self.device)
+            out[f"overlap_{name}"] = overlap.to(self.device)
+            out[f"confidence_{name}"] = torch.logit(overlap.clamp(1e-4, 1 - 1e-4)).to(self.device)
+            out[f"precision_{name}"] = eye.to(self.device)
         for name in ("warp_BA", "overlap_BA", "confidence_BA", "precision_BA"):
             out.setdefault(name, None)
         return out
+
+
+class HomographyWarpDouble(WarpDouble):
+    """:class:`WarpDouble` whose warp is a known homography.
+
+    Args:
+        H: ``(3, 3)`` homography mapping pixel coordinates of A to pixel coordinates of B, both in the
+            OpenCV convention (top-left pixel centre at ``(0, 0)``).
+        setting: which preset's working resolution (and bidirectionality) to mimic.
+    """
+
+    def __init__(self, H, setting: str = "turbo") -> None:
+        super().__init__(setting)
+        self.H = torch.as_tensor(H, dtype=torch.float64)
+
+    def pixel_warp(self, pix, x_from, x_to, reverse):
+        Hm = torch.linalg.inv(self.H) if reverse else self.H
+        ph = torch.cat((pix, torch.ones_like(pix[..., :1])), dim=-1) @ Hm.T
+        return ph[..., :2] / ph[..., 2:], ph[..., 2] > 0

@@ -36,15 +36,44 @@ class RopeEmbedding(nn.Module):
         periods = base ** (2 * torch.arange(n, dtype=dtype) / (head_dim // 2))
         self.register_buffer("periods", periods, persistent=True)
 
-    def forward(self, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
-        dd = {"device": self.periods.device, "dtype": self.rope_dtype}
-        ch = torch.arange(0.5, H, **dd) / H
-        cw = torch.arange(0.5, W, **dd) / W
+    def forward(self, H: int, W: int, *, emulate: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sin, cos)`` tables.
+
+        ``emulate``: compute in float32, rounding to the RoPE dtype after every operation (the result, held
+        in float32, equals the low-precision one: eager CPU bf16 arithmetic is float32 arithmetic rounded
+        per operation). ONNX runtimes lack bf16 kernels for these operations. Default: while exporting.
+        """
+        if emulate is None:
+            emulate = self.rope_dtype != torch.float32 and torch.compiler.is_exporting()
+        if emulate:
+            rnd = _rounder(self.rope_dtype)
+            dd = {"device": self.periods.device, "dtype": torch.float32}
+        else:
+            rnd = _identity
+            dd = {"device": self.periods.device, "dtype": self.rope_dtype}
+        ch = rnd(rnd(torch.arange(0.5, H, **dd)) / H)
+        cw = rnd(rnd(torch.arange(0.5, W, **dd)) / W)
         coords = torch.stack(torch.meshgrid(ch, cw, indexing="ij"), dim=-1).flatten(0, 1)  # (HW, 2) as (y, x)
-        coords = 2.0 * coords - 1.0
-        angles = 2 * math.pi * coords[:, :, None] / self.periods.to(self.rope_dtype)[None, None, :]
+        coords = rnd(rnd(2.0 * coords) - 1.0)
+        periods = self.periods.to(dd["dtype"])
+        angles = rnd(rnd(2 * math.pi * coords[:, :, None]) / periods[None, None, :])
         angles = angles.flatten(1, 2).tile(2)  # (HW, D_head)
-        return torch.sin(angles), torch.cos(angles)
+        return rnd(torch.sin(angles)), rnd(torch.cos(angles))
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _rounder(dtype: torch.dtype):
+    def rnd(x: torch.Tensor) -> torch.Tensor:
+        return x.to(dtype).float()
+
+    return rnd
+
+
+#: ``(sin, cos, emulated dtype or None)`` passed to the RoPE blocks
+Rope = tuple[torch.Tensor, torch.Tensor, "torch.dtype | None"]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -52,9 +81,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x (B, heads, N, D_head)`` in the dtype of ``sin``/``cos``; returns ``x.dtype``."""
+def apply_rope(
+    x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, *, emulate: torch.dtype | None = None
+) -> torch.Tensor:
+    """Rotate ``x (B, heads, N, D_head)`` in the dtype of ``sin``/``cos``; returns ``x.dtype``.
+
+    ``emulate``: the low-precision dtype to emulate in float32 (``sin``/``cos`` from
+    ``RopeEmbedding(..., emulate=True)``), rounding after every operation as eager CPU arithmetic does.
+    """
     dtype = x.dtype
+    if emulate is not None:
+        rnd = _rounder(emulate)
+        xr = rnd(x)
+        return rnd(rnd(xr * cos) + rnd(_rotate_half(xr) * sin)).to(dtype)
     xr = x.to(sin.dtype)
     return (xr * cos + _rotate_half(xr) * sin).to(dtype)
 
@@ -66,14 +105,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope | None) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         if rope is not None:
-            sin, cos = rope
-            q = apply_rope(q, sin, cos)
-            k = apply_rope(k, sin, cos)
+            sin, cos, emulate = rope
+            q = apply_rope(q, sin, cos, emulate=emulate)
+            k = apply_rope(k, sin, cos, emulate=emulate)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
@@ -99,7 +138,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope)
         return x + self.mlp(self.norm2(x))
 
@@ -127,7 +166,10 @@ class MultiViewTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, V, H, W, _ = x.shape
         x = self.projector(x.flatten(1, -2))  # (B, V*H*W, dim)
-        rope = self.rope_embed(H, W)
+        # While exporting (ONNX), bf16 RoPE arithmetic is emulated in float32 (same numbers, see RopeEmbedding).
+        low = self.rope_embed.rope_dtype
+        emulate = low if low != torch.float32 and torch.compiler.is_exporting() else None
+        rope = (*self.rope_embed(H, W, emulate=emulate is not None), emulate)
         D = x.shape[-1]
         for idx, blk in enumerate(self.blocks):
             if idx % 2 == 1:  # per-view attention with RoPE

@@ -243,3 +243,19 @@ def test_official_standin_computes_the_same_warps_as_ours(random_checkpoint, ran
         random_model.apply_setting("turbo")  # session fixture: leave it as found
     for k in ("warp_AB", "overlap_AB", "precision_AB"):
         torch.testing.assert_close(p_ours[k], p_off[k], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_onnx_speed_benchmark_runs_and_records(tmp_path, random_checkpoint):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    cmd = [sys.executable, "benchmarks/onnx_speed.py", "--settings", "turbo", "--repeats", "1"]
+    cmd += ["--weights", str(random_checkpoint), "--out", str(tmp_path), "--tag", "t"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "onnx_t.json").read_text())
+    (row,) = data["rows"]
+    assert row["setting"] == "turbo" and row["eager_median_s"] > 0 and row["onnxruntime_median_s"] > 0
+    assert max(row["max_abs_diff"].values()) < 1e-4
+    md = (tmp_path / "onnx_t.md").read_text()
+    assert "| turbo |" in md and "Command: `" in md and "Machine:" in md

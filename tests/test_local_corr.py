@@ -61,6 +61,28 @@ def test_forward_matches_official_native(B, C, H, W, r, chunk_bytes):
     assert (ref == 0).any()
 
 
+@pytest.mark.parametrize("B,C,H,W,r", CASES)
+def test_reference_path_matches_official_native(B, C, H, W, r):
+    """The standard-operator version used while exporting (ONNX) computes the same numbers."""
+    f_A, f_B, warp = _inputs(B, C, H, W, seed=B * 100 + C + r)
+    ref = _official(f_A, f_B, warp, r)
+    torch.testing.assert_close(
+        lcm.local_corr_reference(f_A, f_B, warp, r), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()
+    )
+
+
+def test_exporting_routes_to_the_reference_path(monkeypatch):
+    f_A, f_B, warp = _inputs(1, 4, 5, 6)
+    calls = []
+    real = lcm.local_corr_reference
+    monkeypatch.setattr(lcm, "local_corr_reference", lambda *a: calls.append(1) or real(*a))
+    lc_fn(f_A, f_B, warp, 1)
+    assert calls == []
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    torch.testing.assert_close(lc_fn(f_A, f_B, warp, 1), real(f_A, f_B, warp, 1))
+    assert calls == [1]
+
+
 def test_forward_window_geometry_integer_shift():
     """With an identity warp the offsets are integer pixel shifts: k = i*(2r+1)+j samples (y+i-r, x+j-r)."""
     B, C, H, W, r = 1, 3, 5, 7, 2

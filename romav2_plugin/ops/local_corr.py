@@ -19,7 +19,9 @@ Implementations:
   exactly the official native one, so the numbers equal ``native_torch_local_corr`` to float rounding.
 
 Autograd: gradients flow to ``f_A`` and ``f_B``; ``warp`` gets none (the official refiner detaches it).
-A fake (meta) implementation makes the op traceable by ``torch.compile``.
+A fake (meta) implementation makes the op traceable by ``torch.compile``. While exporting (``torch.export``,
+ONNX), :func:`local_corr` is written with standard operators instead (:func:`local_corr_reference`), since
+exported graphs cannot carry the custom op.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "bilinear_gather", "local_corr", "local_corr_backward"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "bilinear_gather", "local_corr", "local_corr_backward", "local_corr_reference"]
 
 #: default budget (bytes) for the temporaries of one chunk of rows in the torch (CPU / fallback) path
 DEFAULT_CHUNK_BYTES: int = 64 * 2**20
@@ -381,8 +383,25 @@ def local_corr(
         float32 features the refiner feeds it.
     """
     _check_inputs(f_A, f_B, warp, radius)
+    if torch.compiler.is_exporting():
+        return local_corr_reference(f_A, f_B, warp.detach(), int(radius))
     cb = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
     return _local_corr_op(f_A, f_B, warp.detach(), int(radius), cb)
+
+
+def local_corr_reference(f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int) -> Tensor:
+    """:func:`local_corr` in standard operators, in one piece (one ``grid_sample`` of the whole window).
+
+    Used while exporting (the custom op cannot be exported). Its temporaries hold ``2 * B * C * H * W * K``
+    values, which an exported graph at a fixed resolution can afford; eager code should call
+    :func:`local_corr`. Shapes and dtype as in :func:`local_corr`.
+    """
+    B, C, H, W = f_A.shape
+    K = (2 * radius + 1) ** 2
+    dt = _compute_dtype(f_A, f_B, warp)
+    coords = (warp.to(dt)[:, :, :, None] + _window(radius, H, W, f_A.device, dt)).reshape(B, H, W * K, 2)
+    wf = F.grid_sample(f_B.to(dt), coords, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (f_A.to(dt)[..., None] / C**0.5 * wf.reshape(B, C, H, W, K)).sum(dim=1).permute(0, 3, 1, 2)
 
 
 def local_corr_backward(

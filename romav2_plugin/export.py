@@ -1,0 +1,245 @@
+"""ONNX export of the RoMa v2 network, for ONNX Runtime, TensorRT and other ONNX consumers.
+
+The exported graph is the network of :meth:`romav2_plugin.RoMaV2.match` after resizing, at the fixed working
+resolution and batch size of one setting, in float32:
+
+* inputs ``image_A``, ``image_B``: ``(B, 3, H_lr, W_lr)`` float32 in ``[0, 1]``, the images resized to the
+  setting's low resolution (bicubic, antialiased, as :meth:`~romav2_plugin.RoMaV2.match` does:
+  :func:`prepare_inputs` does it); plus ``image_A_hr``, ``image_B_hr`` ``(B, 3, H_hr, W_hr)`` for settings
+  with a high-resolution pass (``precise``, ``mega1500``, ...).
+* outputs, as in :meth:`~romav2_plugin.RoMaV2.match`: ``warp_AB (B, H, W, 2)`` normalized ``[-1, 1]``
+  (A's pixel-centre grid -> B), ``overlap_AB (B, H, W, 1)`` in ``[0, 1]``, ``precision_AB (B, H, W, 2, 2)``,
+  and the ``_BA`` ones for bidirectional settings. ``H, W`` is the finest working resolution.
+
+:func:`preds_from_outputs` turns a runtime's outputs back into the dict that
+:meth:`~romav2_plugin.RoMaV2.sample`, :meth:`~romav2_plugin.RoMaV2.to_pixel_coordinates` and
+:meth:`~romav2_plugin.RoMaV2.match_keypoints` take, so sampling stays in the core.
+
+How: ``torch.onnx.export(dynamo=True)``. Two parts of the eager model are written differently while
+exporting, with the same numbers: the refiners' local correlation (a custom op eagerly) uses standard
+operators (:func:`romav2_plugin.ops.local_corr.local_corr_reference`), and the matcher's bf16 RoPE is
+emulated in float32 with a rounding after every operation (ONNX runtimes have no bf16 ``Sin``).
+
+Needs the ``export`` extra (``pip install "romav2-plugin[export]"``: onnx, onnxscript; onnxruntime to run).
+Command line: ``python -m romav2_plugin.export --setting turbo --out romav2_turbo.onnx [--weights PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "EXPORT_HINT",
+    "input_names",
+    "output_names",
+    "prepare_inputs",
+    "export_onnx",
+    "preds_from_outputs",
+    "main",
+]
+
+EXPORT_HINT = 'ONNX export needs onnx and onnxscript: pip install "romav2-plugin[export]"'
+_DIRECTIONAL = ("warp", "overlap", "precision")
+
+
+def _require_onnx() -> None:
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"{EXPORT_HINT} (missing: {', '.join(missing)})")
+
+
+def _has_hr(model) -> bool:
+    return model.H_hr is not None and model.W_hr is not None
+
+
+def input_names(model) -> list[str]:
+    """Graph input names for ``model``'s current setting."""
+    return ["image_A", "image_B"] + (["image_A_hr", "image_B_hr"] if _has_hr(model) else [])
+
+
+def output_names(model) -> list[str]:
+    """Graph output names for ``model``'s current setting."""
+    dirs = ("AB", "BA") if model.bidirectional else ("AB",)
+    return [f"{k}_{d}" for d in dirs for k in _DIRECTIONAL]
+
+
+def prepare_inputs(model, img_A: Any, img_B: Any) -> dict[str, torch.Tensor]:
+    """The exported graph's inputs for two images (or equal batches), resized as :meth:`match` does.
+
+    Args:
+        model: the :class:`~romav2_plugin.RoMaV2` (its setting gives the resolutions).
+        img_A, img_B: anything :meth:`~romav2_plugin.RoMaV2.match` takes.
+
+    Returns:
+        ``{name: (B, 3, h, w) float32 tensor}`` (call ``.numpy()`` for ONNX Runtime).
+    """
+    from romav2_plugin.io import to_tensor_image
+
+    x_A = to_tensor_image(img_A, name="image A", device="cpu")
+    x_B = to_tensor_image(img_B, name="image B", device="cpu")
+    if x_A.shape[0] != x_B.shape[0]:
+        raise ValueError(f"Batch sizes differ: {x_A.shape[0]} (A) vs {x_B.shape[0]} (B)")
+    out = {"image_A": model._resize(x_A, model.H_lr, model.W_lr), "image_B": model._resize(x_B, model.H_lr, model.W_lr)}
+    if _has_hr(model):
+        out["image_A_hr"] = model._resize(x_A, model.H_hr, model.W_hr)
+        out["image_B_hr"] = model._resize(x_B, model.H_hr, model.W_hr)
+    return out
+
+
+def preds_from_outputs(model, outputs: Sequence[Any] | Mapping[str, Any]) -> dict[str, torch.Tensor | None]:
+    """A runtime's outputs (in :func:`output_names` order, or by name) as a :meth:`match`-style dict."""
+    names = output_names(model)
+    if not isinstance(outputs, Mapping):
+        if len(outputs) != len(names):
+            raise ValueError(f"expected {len(names)} outputs {names}, got {len(outputs)}")
+        outputs = dict(zip(names, outputs))
+    missing = [n for n in names if n not in outputs]
+    if missing:
+        raise ValueError(f"outputs lack {missing} (the graph was exported for another setting?)")
+    preds: dict[str, torch.Tensor | None] = {f"{k}_{d}": None for d in ("AB", "BA") for k in _DIRECTIONAL}
+    preds.update({n: torch.as_tensor(outputs[n]) for n in names})
+    return preds
+
+
+class _Graph(nn.Module):
+    """``forward(*inputs) -> outputs`` in the order of :func:`input_names` / :func:`output_names`."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from romav2_plugin.model import _map_confidence
+
+        m = self.model
+        preds = m(*images)
+        outs = []
+        for d in ("AB", "BA") if m.bidirectional else ("AB",):
+            overlap, precision = _map_confidence(preds[f"confidence_{d}"], m.threshold)
+            outs += [preds[f"warp_{d}"], overlap, precision]
+        return tuple(outs)
+
+
+def export_onnx(
+    model,
+    path: str | os.PathLike,
+    *,
+    batch_size: int = 1,
+    opset: int = 18,
+    overwrite: bool = False,
+) -> Path:
+    """Export ``model`` (its current setting, float32) to ``path``, weights in ``path`` + ``.data``.
+
+    Args:
+        model: a :class:`~romav2_plugin.RoMaV2` (e.g. ``RoMaV2.from_pretrained(setting="turbo")``). It is put
+            in eval mode; ``amp`` is ignored (the graph is float32) and restored afterwards.
+        path: output ``.onnx`` file. Both files are written to a temporary folder beside it and moved into
+            place at the end, so an interrupted export leaves nothing half written.
+        batch_size: the graph's fixed batch size.
+        opset: ONNX opset (18 or newer).
+        overwrite: replace existing files; otherwise an existing ``path`` (or its ``.data``) is an error.
+
+    Returns:
+        ``path``.
+    """
+    _require_onnx()
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    if path.suffix != ".onnx":
+        raise ValueError(f"{path}: the output file name must end in .onnx")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if opset < 18:
+        raise ValueError(f"opset must be >= 18 (GridSample and Resize as used here), got {opset}")
+    existing = [str(p) for p in (path, data) if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); pass overwrite=True (--overwrite) to replace")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    device = model.device
+    args = tuple(
+        torch.rand(batch_size, 3, h, w, device=device)
+        for h, w in [(model.H_lr, model.W_lr)] * 2 + ([(model.H_hr, model.W_hr)] * 2 if _has_hr(model) else [])
+    )
+    was_training, amp = model.training, model.amp
+    model.eval()
+    model.amp = False
+    try:
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".romav2-export-") as tmp:
+            staged = Path(tmp) / path.name
+            with torch.no_grad():
+                torch.onnx.export(
+                    _Graph(model).eval(),
+                    args,
+                    str(staged),
+                    dynamo=True,
+                    opset_version=opset,
+                    input_names=input_names(model),
+                    output_names=output_names(model),
+                    external_data=True,
+                    verbose=False,
+                )
+            staged_data = staged.with_name(staged.name + ".data")
+            if not staged_data.exists():
+                raise RuntimeError(f"torch.onnx.export wrote no {staged_data.name}")
+            os.replace(staged_data, data)  # the .onnx names its data file by base name: same folder, same name
+            os.replace(staged, path)
+    finally:
+        model.amp = amp
+        model.train(was_training)
+    return path
+
+
+def _copy_note(path: Path) -> str:
+    size = sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.exists())
+    return f"{path} (+ {path.name}.data), {size / 2**20:.0f} MiB"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m romav2_plugin.export``; returns the exit code (0 ok, 1 runtime failure, 2 usage)."""
+    from romav2_plugin.config import SETTINGS
+
+    p = argparse.ArgumentParser(prog="python -m romav2_plugin.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path, help="output .onnx file (weights go to OUT.data)")
+    p.add_argument("--setting", default="turbo", choices=sorted(SETTINGS), help="preset (default: turbo)")
+    p.add_argument("--weights", default=None, help="checkpoint path or URL (default: $ROMAV2_WEIGHTS / release)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    args = p.parse_args(argv)
+    try:
+        _require_onnx()
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.out.exists() and not args.overwrite:
+        print(f"error: {args.out} already exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    from romav2_plugin.model import RoMaV2
+
+    try:
+        model = RoMaV2.from_pretrained(args.weights, setting=args.setting, amp=False)
+        out = export_onnx(model, args.out, batch_size=args.batch_size, opset=args.opset, overwrite=args.overwrite)
+    except (ValueError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {_copy_note(out)}")
+    print(f"inputs: {', '.join(input_names(model))}; outputs: {', '.join(output_names(model))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

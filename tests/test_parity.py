@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from official_reference import build_official, no_autocast
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from romav2_plugin import RoMaV2
 from romav2_plugin.weights import load_checkpoint
@@ -123,6 +124,35 @@ def test_sampler_draws_the_official_matches(pair, toronto_preds):
     assert torch.equal(a[0], b[0]) and torch.equal(torch.get_rng_state(), state)
 
 
+class _DtypeLog(TorchDispatchMode):
+    """Records the input dtypes of every convolution, linear layer, matrix product and attention.
+
+    Layers are keyed by ``(op, weight shape)``; products of two activations (``bmm``, ``einsum``, ...:
+    implementations may pick either) by ``("product",)``, attention by ``("attention",)``. The value is the
+    set of input dtypes seen. Recorded below autocast, so it shows where autocast really cast. (Under
+    inference mode composite ops such as ``linear`` arrive undecomposed; both spellings are covered.)
+    """
+
+    WEIGHTED = {"conv2d": (0, 1), "convolution": (0, 1), "conv_transpose2d": (0, 1), "linear": (0, 1), "addmm": (1, 2)}
+    PRODUCTS = {"bmm", "mm", "matmul", "einsum", "baddbmm"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[tuple, set] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.WEIGHTED:
+            i, w = self.WEIGHTED[name]
+            self.seen.setdefault((name, tuple(args[w].shape)), set()).add(args[i].dtype)
+        elif name in self.PRODUCTS:
+            operands = args[1] if name == "einsum" else args[:2]
+            self.seen.setdefault(("product",), set()).update(t.dtype for t in operands)
+        elif "scaled_dot_product" in name:
+            self.seen.setdefault(("attention",), set()).add(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
 def test_amp_matches_the_official_autocast_placement(sd):
     """amp=True: bf16 autocast exactly where the official code (as released) uses it."""
     from benchmarks._official import build_official as build_as_released
@@ -136,9 +166,19 @@ def test_amp_matches_the_official_autocast_placement(sd):
     off.H_hr = off.W_hr = 96
     g = torch.Generator().manual_seed(3)
     A, B = torch.rand(1, 3, 70, 90, generator=g), torch.rand(1, 3, 80, 60, generator=g)
-    po, pr = ours.match(A, B), off.match(A, B)  # no no_autocast(): the official autocasts run
+    with _DtypeLog() as log_ours:
+        po = ours.match(A, B)
+    with _DtypeLog() as log_off:
+        pr = off.match(A, B)  # no no_autocast(): the official autocasts run
+    # Placement: every layer (identified by its weight's shape) and every activation product runs in the
+    # same dtype(s) in both; this does not depend on how close fp32 and bf16 results happen to be.
+    assert log_ours.seen.keys() == log_off.seen.keys(), log_ours.seen.keys() ^ log_off.seen.keys()
+    diff = {k: (log_ours.seen[k], log_off.seen[k]) for k in log_ours.seen if log_ours.seen[k] != log_off.seen[k]}
+    assert not diff, diff
+    assert {torch.bfloat16, torch.float32} <= set().union(*log_ours.seen.values())  # both regimes occur
     # bf16 rounding differs where we reorder work (channels-last convolutions, batched directions)
     errs = {k: (po[k] - pr[k]).abs().max().item() for k in ("warp_AB", "warp_BA", "overlap_AB", "overlap_BA")}
     assert max(errs.values()) < 1e-3, errs
-    # Note: with random weights fp32 and bf16 results are also only ~1e-4 apart, so this bounds the amp
-    # path's error but does not by itself prove the placement of every autocast region.
+    # With random weights fp32 and bf16 results are also only ~1e-4 apart: this bound alone would not prove
+    # the placement of the autocast regions; the dtype log above does (turning off the refiners' autocast
+    # fails it, checked 2026-11-29).

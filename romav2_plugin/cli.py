@@ -287,7 +287,8 @@ def match_pair(
     )
     t2 = time.perf_counter()
     (hA, wA), (hB, wB) = a.hw, b.hw
-    kA, kB = model.to_pixel_coordinates(matches.double(), hA, wA, hB, wB, pixel_center=0.0)
+    # float64 on the CPU: MPS has no float64
+    kA, kB = model.to_pixel_coordinates(matches.cpu().double(), hA, wA, hB, wB, pixel_center=0.0)
     n = matches.shape[0]
     nan = np.full((n, 2, 2), np.nan, dtype=np.float32)
 

@@ -200,7 +200,7 @@ def export_onnx(
     return path
 
 
-def _copy_note(path: Path) -> str:
+def _describe(path: Path) -> str:
     size = sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.exists())
     return f"{path} (+ {path.name}.data), {size / 2**20:.0f} MiB"
 
@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {_copy_note(out)}")
+    print(f"wrote {_describe(out)}")
     print(f"inputs: {', '.join(input_names(model))}; outputs: {', '.join(output_names(model))}")
     return 0
 

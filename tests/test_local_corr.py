@@ -62,20 +62,42 @@ def test_forward_matches_official_native(B, C, H, W, r, chunk_bytes):
 
 
 @pytest.mark.parametrize("B,C,H,W,r", CASES)
-def test_reference_path_matches_official_native(B, C, H, W, r):
+@pytest.mark.parametrize("chunk_bytes", [None, 1, 3000])  # one chunk / one row per chunk / a few rows
+def test_reference_path_matches_official_native(B, C, H, W, r, chunk_bytes):
     """The standard-operator version used while exporting (ONNX) computes the same numbers."""
     f_A, f_B, warp = _inputs(B, C, H, W, seed=B * 100 + C + r)
     ref = _official(f_A, f_B, warp, r)
-    torch.testing.assert_close(
-        lcm.local_corr_reference(f_A, f_B, warp, r), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()
-    )
+    out = lcm.local_corr_reference(f_A, f_B, warp, r, chunk_bytes=chunk_bytes)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_reference_path_bounds_its_temporaries():
+    """Its largest temporary stays near the budget instead of the (B, C, H, W, K) window."""
+    B, C, H, W, r = 2, 32, 40, 48, 3
+    f_A, f_B, warp = _inputs(B, C, H, W)
+    window_bytes = B * C * H * W * (2 * r + 1) ** 2 * 4
+    budget = window_bytes // 20
+    biggest = 0
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal biggest
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    biggest = max(biggest, t.numel() * t.element_size())
+            return out
+
+    with Sizes():
+        lcm.local_corr_reference(f_A, f_B, warp, r, chunk_bytes=budget)
+    assert biggest <= budget, (biggest, budget, window_bytes)
 
 
 def test_exporting_routes_to_the_reference_path(monkeypatch):
     f_A, f_B, warp = _inputs(1, 4, 5, 6)
     calls = []
     real = lcm.local_corr_reference
-    monkeypatch.setattr(lcm, "local_corr_reference", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(lcm, "local_corr_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
     lc_fn(f_A, f_B, warp, 1)
     assert calls == []
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)

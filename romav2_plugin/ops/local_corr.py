@@ -383,25 +383,37 @@ def local_corr(
         float32 features the refiner feeds it.
     """
     _check_inputs(f_A, f_B, warp, radius)
-    if torch.compiler.is_exporting():
-        return local_corr_reference(f_A, f_B, warp.detach(), int(radius))
     cb = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    if torch.compiler.is_exporting():
+        return local_corr_reference(f_A, f_B, warp.detach(), int(radius), chunk_bytes=cb)
     return _local_corr_op(f_A, f_B, warp.detach(), int(radius), cb)
 
 
-def local_corr_reference(f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int) -> Tensor:
-    """:func:`local_corr` in standard operators, in one piece (one ``grid_sample`` of the whole window).
+def local_corr_reference(
+    f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, *, chunk_bytes: int | None = None
+) -> Tensor:
+    """:func:`local_corr` in standard operators only (``grid_sample``, multiply, sum, ``cat``).
 
-    Used while exporting (the custom op cannot be exported). Its temporaries hold ``2 * B * C * H * W * K``
-    values, which an exported graph at a fixed resolution can afford; eager code should call
-    :func:`local_corr`. Shapes and dtype as in :func:`local_corr`.
+    Used while exporting (the custom op cannot be exported). Rows are processed in chunks whose
+    ``grid_sample`` temporaries stay under ``chunk_bytes`` (default :data:`DEFAULT_CHUNK_BYTES`), all batch
+    elements at once; with fixed shapes the chunks become separate graph nodes, so an exported graph never
+    materialises the whole ``(B, C, H, W, K)`` window either. Shapes and dtype as in :func:`local_corr`.
     """
     B, C, H, W = f_A.shape
     K = (2 * radius + 1) ** 2
     dt = _compute_dtype(f_A, f_B, warp)
-    coords = (warp.to(dt)[:, :, :, None] + _window(radius, H, W, f_A.device, dt)).reshape(B, H, W * K, 2)
-    wf = F.grid_sample(f_B.to(dt), coords, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return (f_A.to(dt)[..., None] / C**0.5 * wf.reshape(B, C, H, W, K)).sum(dim=1).permute(0, 3, 1, 2)
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    rows = max(1, _rows_per_chunk(C, W, K, torch.finfo(dt).bits // 8, budget) // B)
+    window = _window(radius, H, W, f_A.device, dt)
+    f_B = f_B.to(dt)
+    outs = []
+    for y0 in range(0, H, rows):
+        y1 = min(H, y0 + rows)
+        coords = (warp[:, y0:y1, :, None].to(dt) + window).reshape(B, y1 - y0, W * K, 2)
+        wf = F.grid_sample(f_B, coords, mode="bilinear", padding_mode="zeros", align_corners=False)
+        prod = f_A[:, :, y0:y1, :, None].to(dt) / C**0.5 * wf.reshape(B, C, y1 - y0, W, K)
+        outs.append(prod.sum(dim=1).permute(0, 3, 1, 2))  # (B, K, rows, W)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def local_corr_backward(

@@ -3,7 +3,8 @@
 For each setting: build the model (random official-layout weights unless ``--weights``), export it with
 :func:`romav2_plugin.export.export_onnx`, then time the network on the same resized inputs, alternating
 eager / ONNX Runtime runs after one warm-up each. Timed: the network only (inputs already resized; neither
-side samples). Reported: medians, min-max, ratio, and the max output difference.
+side samples). Reported: medians, min-max, ratio, the median peak RSS increase of a run (ONNX Runtime's
+memory arena off, so that every run allocates what it needs), and the max output difference.
 
     python benchmarks/onnx_speed.py                       # turbo, base; 5 runs each
     python benchmarks/onnx_speed.py --settings turbo --repeats 3 --out /tmp/onnx
@@ -22,7 +23,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, benchmark_pair, command_line, machine_info, now_utc, provenance_markdown  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    benchmark_pair,
+    command_line,
+    hwm_mb,
+    machine_info,
+    now_utc,
+    provenance_markdown,
+    release_memory,
+    reset_peak_rss,
+    rss_mb,
+)
 
 
 def _bench_setting(setting, weights, img_A, img_B, repeats: int, threads: int | None, tmp: Path) -> dict:
@@ -36,6 +48,7 @@ def _bench_setting(setting, weights, img_A, img_B, repeats: int, threads: int | 
     path = export_onnx(model, tmp / f"{setting}.onnx")
     export_s = time.perf_counter() - t0
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = False  # otherwise the arena keeps its peak and later runs show no increase
     if threads:
         so.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -51,11 +64,17 @@ def _bench_setting(setting, weights, img_A, img_B, repeats: int, threads: int | 
 
     eager(), onnx()  # warm-up
     times = {"eager": [], "onnxruntime": []}
+    peaks = {"eager": [], "onnxruntime": []}
     for _ in range(repeats):
         for name, fn in (("eager", eager), ("onnxruntime", onnx)):
+            release_memory()
+            before = rss_mb()
+            reset_peak_rss()
             t0 = time.perf_counter()
-            fn()
+            out = fn()
             times[name].append(time.perf_counter() - t0)
+            peaks[name].append(hwm_mb() - before if before is not None else float("nan"))
+            del out
     ref = model.match(img_A, img_B)
     got = preds_from_outputs(model, onnx())
     diff = {n: float((ref[n] - got[n]).abs().max()) for n in output_names(model)}
@@ -68,6 +87,8 @@ def _bench_setting(setting, weights, img_A, img_B, repeats: int, threads: int | 
         "onnxruntime_median_s": round(med["onnxruntime"], 3),
         "onnxruntime_range_s": [round(min(times["onnxruntime"]), 3), round(max(times["onnxruntime"]), 3)],
         "ratio_onnxruntime_over_eager": round(med["onnxruntime"] / med["eager"], 3),
+        "eager_peak_rss_increase_mib": round(statistics.median(peaks["eager"])),
+        "onnxruntime_peak_rss_increase_mib": round(statistics.median(peaks["onnxruntime"])),
         "max_abs_diff": {k: float(f"{v:.2e}") for k, v in diff.items()},
     }
 
@@ -110,10 +131,12 @@ def main(argv=None) -> int:
         "",
         provenance_markdown(info, cmd, date),
         f"- Pair: {pair_name}; weights: {'given' if args.weights else 'seeded random (official layout)'}; "
-        f"{args.repeats} alternating runs after one warm-up each",
+        f"{args.repeats} alternating runs after one warm-up each; peak RSS increase per run (median; VmHWM reset "
+        "before each run, ONNX Runtime's memory arena off)",
         "",
-        "| setting | eager (median, min-max) | ONNX Runtime (median, min-max) | ratio | max abs diff (warp / overlap / precision) | export |",
-        "|---|---|---|---|---|---|",
+        "| setting | eager (median, min-max) | ONNX Runtime (median, min-max) | time ratio "
+        "| peak RSS increase eager / ORT | max abs diff (warp / overlap / precision) | export |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         d = r["max_abs_diff"]
@@ -121,6 +144,7 @@ def main(argv=None) -> int:
             f"| {r['setting']} | {r['eager_median_s']:.2f} s ({r['eager_range_s'][0]:.2f}-{r['eager_range_s'][1]:.2f}) "
             f"| {r['onnxruntime_median_s']:.2f} s ({r['onnxruntime_range_s'][0]:.2f}-{r['onnxruntime_range_s'][1]:.2f}) "
             f"| {r['ratio_onnxruntime_over_eager']:.2f}x "
+            f"| {r['eager_peak_rss_increase_mib']} / {r['onnxruntime_peak_rss_increase_mib']} MiB "
             f"| {d['warp_AB']:.1e} / {d['overlap_AB']:.1e} / {d['precision_AB']:.1e} | {r['export_s']:.0f} s |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

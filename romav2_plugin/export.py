@@ -130,6 +130,22 @@ class _Graph(nn.Module):
         return tuple(outs)
 
 
+def _check_request(path: str | os.PathLike, batch_size: int, opset: int, overwrite: bool) -> tuple[Path, Path]:
+    """Validate an export request before any work; returns ``(path, its .data file)``."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    if path.suffix != ".onnx":
+        raise ValueError(f"{path}: the output file name must end in .onnx")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if opset < 18:
+        raise ValueError(f"opset must be >= 18 (GridSample and Resize as used here), got {opset}")
+    existing = [str(p) for p in (path, data) if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); pass overwrite=True (--overwrite) to replace")
+    return path, data
+
+
 def export_onnx(
     model,
     path: str | os.PathLike,
@@ -153,17 +169,7 @@ def export_onnx(
         ``path``.
     """
     _require_onnx()
-    path = Path(path)
-    data = path.with_name(path.name + ".data")
-    if path.suffix != ".onnx":
-        raise ValueError(f"{path}: the output file name must end in .onnx")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if opset < 18:
-        raise ValueError(f"opset must be >= 18 (GridSample and Resize as used here), got {opset}")
-    existing = [str(p) for p in (path, data) if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} already exist(s); pass overwrite=True (--overwrite) to replace")
+    path, data = _check_request(path, batch_size, opset, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
 
     device = model.device
@@ -222,12 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.out.exists() and not args.overwrite:
-        print(f"error: {args.out} already exists; pass --overwrite to replace it", file=sys.stderr)
-        return 2
     from romav2_plugin.model import RoMaV2
 
     try:
+        _check_request(args.out, args.batch_size, args.opset, args.overwrite)  # before loading the weights
         model = RoMaV2.from_pretrained(args.weights, setting=args.setting, amp=False)
         out = export_onnx(model, args.out, batch_size=args.batch_size, opset=args.opset, overwrite=args.overwrite)
     except (ValueError, FileExistsError) as e:

@@ -209,9 +209,10 @@ class SceneWarpDouble(WarpDouble):
         sa = torch.tensor([ca.width / x_from.shape[-1], ca.height / x_from.shape[-2]], dtype=torch.float64)
         sb = torch.tensor([cb.width / x_to.shape[-1], cb.height / x_to.shape[-2]], dtype=torch.float64)
         pa = (pix.reshape(-1, 2) + 0.5) * sa  # COLMAP pixels of view a
-        t, face, _ = self.scene.cast(torch.from_numpy(ca.C), self.scene.rays(ca, pa))
+        rays = self.scene.rays(ca, pa)
+        t, face, _ = self.scene.cast(torch.from_numpy(ca.C), rays)
         hit = face >= 0
-        X = torch.from_numpy(ca.C) + torch.where(hit, t, 0)[:, None] * self.scene.rays(ca, pa)
+        X = torch.from_numpy(ca.C) + torch.where(hit, t, 0)[:, None] * rays
         pb, z = self.scene.project(cb, X)
         # Visible in b: in front, and the first surface along b's ray is this point.
         tb, _, _ = self.scene.cast(torch.from_numpy(cb.C), (X - torch.from_numpy(cb.C)))

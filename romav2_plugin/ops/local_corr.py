@@ -87,17 +87,24 @@ def _local_corr_torch(f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, chunk
     window = _window(radius, H, W, f_A.device, dt)
     out = torch.empty((B, K, H, W), device=f_A.device, dtype=dt)
     rows = _rows_per_chunk(C, W, K, torch.finfo(dt).bits // 8, chunk_bytes)
-    scale = C**0.5
     for b in range(B):
         fb = f_B[b : b + 1].to(dt)
         for y0 in range(0, H, rows):
             y1 = min(H, y0 + rows)
-            coords = (warp[b, y0:y1, :, None].to(dt) + window).reshape(1, y1 - y0, W * K, 2)
-            wf = F.grid_sample(fb, coords, mode="bilinear", padding_mode="zeros", align_corners=False)
-            wf = wf.reshape(C, y1 - y0, W, K)
-            out[b, :, y0:y1] = (f_A[b, :, y0:y1, :, None].to(dt) / scale * wf).sum(dim=0).permute(2, 0, 1)
-            del wf, coords
+            out[b : b + 1, :, y0:y1] = _corr_rows(f_A[b : b + 1, :, y0:y1], fb, warp[b : b + 1, y0:y1], window, dt)
     return out
+
+
+def _corr_rows(f_A: Tensor, f_B: Tensor, warp: Tensor, window: Tensor, dt: torch.dtype) -> Tensor:
+    """Local correlation of a band of rows: ``f_A (B, C, rows, W)``, ``warp (B, rows, W, 2)`` against the
+    whole ``f_B (B, C, H, W)`` (already ``dt``); ``window (K, 2)``. Returns ``(B, K, rows, W)``; the
+    ``grid_sample`` window of the band is its only large temporary."""
+    B, C, rows, W = f_A.shape
+    K = window.shape[0]
+    coords = (warp.to(dt)[:, :, :, None] + window).reshape(B, rows, W * K, 2)
+    wf = F.grid_sample(f_B, coords, mode="bilinear", padding_mode="zeros", align_corners=False)
+    prod = f_A.to(dt)[..., None] / C**0.5 * wf.reshape(B, C, rows, W, K)
+    return prod.sum(dim=1).permute(0, 3, 1, 2)
 
 
 def _local_corr_backward_torch(
@@ -406,13 +413,9 @@ def local_corr_reference(
     rows = max(1, _rows_per_chunk(C, W, K, torch.finfo(dt).bits // 8, budget) // B)
     window = _window(radius, H, W, f_A.device, dt)
     f_B = f_B.to(dt)
-    outs = []
-    for y0 in range(0, H, rows):
-        y1 = min(H, y0 + rows)
-        coords = (warp[:, y0:y1, :, None].to(dt) + window).reshape(B, y1 - y0, W * K, 2)
-        wf = F.grid_sample(f_B, coords, mode="bilinear", padding_mode="zeros", align_corners=False)
-        prod = f_A[:, :, y0:y1, :, None].to(dt) / C**0.5 * wf.reshape(B, C, y1 - y0, W, K)
-        outs.append(prod.sum(dim=1).permute(0, 3, 1, 2))  # (B, K, rows, W)
+    outs = [
+        _corr_rows(f_A[:, :, y0 : y0 + rows], f_B, warp[:, y0 : y0 + rows], window, dt) for y0 in range(0, H, rows)
+    ]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from romav2_plugin._layout import extend_path as _extend_path
-
-__path__ = _extend_path(list(__path__))  # noqa: F821 - source checkout: kernels/, adapters/ at top level
+# romav2_plugin.kernels and romav2_plugin.adapters live in the repository's top-level kernels/ and adapters/;
+# pyproject.toml maps them into this package ([tool.setuptools.package-dir]), for wheels and editable installs.
+from romav2_plugin.config import SETTINGS, RoMaV2Config, get_setting
+from romav2_plugin.model import RoMaV2
 
 __version__ = "0.1.0"
-
-from romav2_plugin.config import SETTINGS, RoMaV2Config, get_setting  # noqa: E402
-from romav2_plugin.model import RoMaV2  # noqa: E402
 
 __all__ = ["RoMaV2", "RoMaV2Config", "SETTINGS", "get_setting"]
 

@@ -1,12 +1,15 @@
 """``romav2-match``: match two images (or a list of pairs) with RoMa v2 and look at the result.
 
 Run ``romav2-match --help`` for the options; :func:`main` is callable in-process (returns the exit code).
+Exit codes and error reporting are shared with the other commands (:mod:`romav2_plugin.commands`); result
+files are written by :mod:`romav2_plugin.results`, summaries by :mod:`romav2_plugin.summary`. Everything that
+does not need the model (arguments, images, pairs file, output path, free space, an existing results file) is
+checked before the model loads.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -19,22 +22,60 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from romav2_plugin.commands import (
+    EXIT_CODES_HELP,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PAIRS_FAILED,
+    EXIT_RUNTIME,
+    EXIT_SETUP,
+    EXIT_USAGE,
+    WEIGHTS_HELP,
+    CommandError,
+    WeightsChoice,
+    cached_official_weights,
+    check_output,
+    choose_weights,
+    human_bytes,
+    interrupt_code,
+    is_weights_error,
+    run_command,
+    weights_error,
+)
+from romav2_plugin.results import (
+    ResultsFile,
+    Unreadable,
+    WriteFailed,
+    estimate_pair_bytes,
+    import_h5py,
+    pair_key,
+    write_npz,
+)
+from romav2_plugin.summary import CONFIDENT, pairs_summary, reprojection_errors, single_summary
 from romav2_plugin.visualize import PANEL_HEIGHT
 
-__all__ = ["main", "build_parser", "load_model", "EXIT_OK", "EXIT_RUNTIME", "EXIT_USAGE", "EXIT_PAIRS_FAILED"]
+__all__ = [
+    "main",
+    "build_parser",
+    "load_model",
+    "pair_key",
+    "reprojection_errors",
+    "EXIT_OK",
+    "EXIT_RUNTIME",
+    "EXIT_USAGE",
+    "EXIT_PAIRS_FAILED",
+    "EXIT_SETUP",
+    "EXIT_INTERRUPTED",
+]
 
-EXIT_OK = 0
-EXIT_RUNTIME = 1  # weights missing/unreachable/wrong, model or device failure, missing optional dependency
-EXIT_USAGE = 2  # bad arguments or unusable input files (argparse uses 2 as well)
-EXIT_PAIRS_FAILED = 3  # --pairs: some pairs failed (reported); every other pair was written
-EXIT_INTERRUPTED = 130
-
+PROG = "romav2-match"
 DEFAULT_OUT = "romav2-match-output"
-CONFIDENT = 0.5  # a sampled match counts as "confident" when its overlap exceeds this
+DEFAULT_MIN_OVERLAP = 0.5
 PIXEL_CONVENTION = (
     "opencv: pixel coordinates of the original images, top-left pixel centre at (0, 0), x right, y down"
 )
-H5_EXTRA = "romav2-plugin[h5]"
+PICTURES_BYTES = 8 << 20  # two PNGs, generous
+CLIError = CommandError  # earlier name
 
 EPILOG = f"""\
 outputs:
@@ -43,33 +84,30 @@ outputs:
   FILE_warp.png). Arrays: keypoints_A, keypoints_B (N, 2) pixel coordinates in the original images
   (OpenCV convention: top-left pixel centre at (0, 0)), confidence (N,) (the overlap), precision_A,
   precision_B (N, 2, 2) (NaN where the setting does not predict them), matches_normalized (N, 4);
-  metadata: setting, image sizes (image_hw_A/B = height, width), pixel_convention, weights file name
-  and sha256 prefix, package version, seed.
-  --pairs: one HDF5 group per pair, "<name A>/<name B>" ('/' inside a name becomes '-'), written and
-  flushed after each pair; rerunning the same command skips finished pairs (--overwrite redoes them).
+  metadata: setting, image sizes (image_hw_A/B = height, width), pixel_convention, weights (file name
+  or 'tiny') and sha256 prefix, package version, seed, num_samples, min_overlap.
+  --pairs: one HDF5 group per pair, "<name A>/<name B>" with '%' written '%25' and '/' inside a name
+  written '%2F' (exact names in the group attributes image_A, image_B), written and flushed after each
+  pair; rerunning the same command skips finished pairs (--overwrite redoes them). Files of earlier
+  versions are migrated in place.
+sampling: --num-samples matches drawn among those with overlap > --min-overlap (default
+  {DEFAULT_MIN_OVERLAP}), so unrelated images give few or no matches; --min-overlap 0 samples like the
+  official RoMaV2.sample(). The summary warns when no match is confident.
 pictures (PNG): every panel is {PANEL_HEIGHT} px high. matches.png: A | B, up to --max-draw matches coloured
   by confidence (red low, yellow, green high). warp.png: top row A | B warped into A's frame (masked by
   the overlap, white where it is low); bottom row B | A warped into B's frame, only for bidirectional
   settings (precise, mega1500, ...) or with --warp-both (runs a second match B->A).
 images: any format PIL reads; EXIF orientation is applied (coordinates refer to the image as displayed);
   grayscale, palette and RGBA images are converted to RGB; 16-bit and float images are refused (convert
-  them to 8 bit first), as are images above romav2_plugin.io.MAX_PIXELS pixels. --pairs writes no pictures.
-weights: --weights PATH or URL, else $ROMAV2_WEIGHTS, else the official release
-  (https://github.com/Parskatt/RoMaV2/releases/download/v2.0.1/romav2.0.1.pt), downloaded once into
-  $ROMAV2_PLUGIN_CACHE (default ~/.cache/romav2_plugin).
-exit codes:
-  0 success; 1 weights missing/unreachable/invalid, missing optional dependency (h5py) or a runtime
-  failure; 2 bad arguments or unusable input (missing/unreadable/16-bit/too large image, bad pairs
-  file); 3 --pairs finished but some pairs failed (listed; the others are saved); 130 interrupted.
+  them to 8 bit first), as are images above romav2_plugin.io.MAX_PIXELS pixels and below 16x16.
+  --pairs writes no pictures.
+weights: --weights PATH, URL or 'tiny' (small model shipped with the package), else $ROMAV2_WEIGHTS,
+  else the official release (https://github.com/Parskatt/RoMaV2/releases/download/v2.0.1/romav2.0.1.pt),
+  downloaded once into $ROMAV2_PLUGIN_CACHE (default ~/.cache/romav2_plugin). --demo uses the official
+  weights when they are on this machine (--weights, $ROMAV2_WEIGHTS or the cache; it never downloads)
+  and 'tiny' otherwise, and says which.
+{EXIT_CODES_HELP}
 """
-
-
-class CLIError(Exception):
-    """A message for the user (printed without a traceback) and the exit code."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 # ----------------------------------------------------------------------------------------------- parser
@@ -77,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     from romav2_plugin.config import SETTINGS
 
     p = argparse.ArgumentParser(
-        prog="romav2-match",
+        prog=PROG,
         description=(
             "Match two images with RoMa v2; write the sampled matches and two pictures.\n"
             "  romav2-match IMAGE_A IMAGE_B [--out DIR]    one pair\n"
@@ -92,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", metavar="IMAGE", help="IMAGE_A IMAGE_B (any format PIL reads)")
     p.add_argument("--demo", action="store_true", help="match the image pair shipped with the package")
     p.add_argument(
-        "--pairs", metavar="FILE", help="text file, one 'nameA nameB' pair per line ('#' comments)"
+        "--pairs", metavar="FILE", help="text file (UTF-8), one 'nameA nameB' pair per line ('#' comments)"
     )
     p.add_argument(
         "--image-dir",
@@ -107,11 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--setting", default="precise", choices=list(SETTINGS), help="resolution preset (default: precise)"
     )
-    p.add_argument(
-        "--weights",
-        metavar="PATH|URL",
-        help="checkpoint (default: $ROMAV2_WEIGHTS, else the official release)",
-    )
+    p.add_argument("--weights", metavar="PATH|URL|tiny", help=WEIGHTS_HELP)
     p.add_argument(
         "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps, ..."
     )
@@ -121,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed, for reproducible output (default 0)")
     p.add_argument(
-        "--min-overlap", type=float, default=None, metavar="T", help="only sample matches with overlap > T"
+        "--min-overlap",
+        type=float,
+        default=DEFAULT_MIN_OVERLAP,
+        metavar="T",
+        help=f"only sample matches with overlap > T, in [0, 1) (default {DEFAULT_MIN_OVERLAP})",
     )
     p.add_argument(
         "--max-draw", type=int, default=300, metavar="N", help="matches drawn in matches.png (default 300)"
@@ -148,49 +186,21 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--image-dir only applies to --pairs")
     if args.num_samples <= 0:
         p.error("--num-samples must be positive")
-    if args.min_overlap is not None and not 0.0 <= args.min_overlap < 1.0:
-        p.error("--min-overlap must lie in [0, 1)")
+    if not 0.0 <= args.min_overlap < 1.0:
+        p.error(f"--min-overlap must lie in [0, 1), got {args.min_overlap:g}")
     if args.max_draw < 0:
         p.error("--max-draw must be >= 0")
 
 
 # ------------------------------------------------------------------------------------------------ utils
 def _err(msg: str) -> None:
-    print(f"romav2-match: {msg}", file=sys.stderr, flush=True)
+    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
 
 def _package_version() -> str:
     from romav2_plugin import __version__
 
     return __version__
-
-
-def _sha256_prefix(path: Path, n: int = 16) -> str:
-    """First ``n`` hex digits of the file's sha256, cached by (path, size, mtime) in the weights cache."""
-    from romav2_plugin.weights import cache_dir
-
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    cache = cache_dir() / "sha256.json"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if isinstance(known, dict) and isinstance(known.get(key), str):
-        return known[key][:n]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    digest = h.hexdigest()
-    try:
-        known = known if isinstance(known, dict) else {}
-        known[key] = digest
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(known))
-    except OSError:
-        pass
-    return digest[:n]
 
 
 def resolve_device(name: str):
@@ -201,38 +211,38 @@ def resolve_device(name: str):
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError) as e:
-        raise CLIError(f"--device {name!r} is not a device torch knows ({e})", EXIT_USAGE) from None
+        raise CommandError(f"--device {name!r} is not a device torch knows ({e})", EXIT_USAGE) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(
+        raise CommandError(
             f"--device {name}: CUDA is not available in this PyTorch installation / machine. Use --device cpu.",
             EXIT_USAGE,
         )
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise CLIError(
+        raise CommandError(
             f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present", EXIT_USAGE
         )
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise CLIError("--device mps: MPS is not available on this machine. Use --device cpu.", EXIT_USAGE)
+        raise CommandError(
+            "--device mps: MPS is not available on this machine. Use --device cpu.", EXIT_USAGE
+        )
     return dev
 
 
-def load_model(weights: str | None, setting: str, device, amp: bool | None):
-    """Resolve and load the weights; returns ``(model, {"weights": file name, "weights_sha256": prefix})``.
+def load_model(weights: WeightsChoice | str | None, setting: str, device, amp: bool | None):
+    """Load the model; returns ``(model, {"weights": file name or 'tiny', "weights_sha256": prefix})``.
 
-    Errors become :class:`CLIError` with exit code 1 and the message of :mod:`romav2_plugin.weights`.
+    Weights problems become :class:`CommandError` with exit code 4 (:func:`commands.weights_error`).
     """
     from romav2_plugin import RoMaV2
-    from romav2_plugin.weights import resolve_weights
 
+    choice = weights if isinstance(weights, WeightsChoice) else choose_weights(weights)
     try:
-        path = resolve_weights(weights)
-    except (RuntimeError, FileNotFoundError) as e:
-        raise CLIError(str(e), EXIT_RUNTIME) from None
-    info = {"weights": path.name, "weights_sha256": _sha256_prefix(path)}
-    try:
-        model = RoMaV2.from_pretrained(path, setting=setting, device=device, amp=amp)
-    except ValueError as e:
-        raise CLIError(str(e), EXIT_RUNTIME) from None
+        info = choice.info()  # downloads the official release once if needed
+        model = RoMaV2.from_pretrained(choice.spec, setting=setting, device=device, amp=amp)
+    except (OSError, ValueError, RuntimeError, IndexError, KeyError, TypeError) as e:
+        if isinstance(e, OSError | ValueError) or is_weights_error(e):
+            raise weights_error(e, choice) from None
+        raise
     return model, info
 
 
@@ -256,9 +266,13 @@ class LoadedImage:
 
 
 def _load(path: Path) -> LoadedImage:
-    from romav2_plugin.io import load_image
+    from romav2_plugin.io import check_min_size, load_image
 
-    img = load_image(path)  # ValueError / FileNotFoundError with a message for the user
+    try:
+        img = load_image(path)
+        check_min_size(img.width, img.height, str(path))
+    except (ValueError, FileNotFoundError) as e:
+        raise CommandError(str(e), EXIT_USAGE) from None
     return LoadedImage(path, img, _exif_orientation(path))
 
 
@@ -275,16 +289,25 @@ class PairResult:
     def confidence(self) -> np.ndarray:
         return self.arrays["confidence"]
 
+    @property
+    def n_confident(self) -> int:
+        return int((self.confidence > CONFIDENT).sum())
+
 
 def match_pair(
-    model, a: LoadedImage, b: LoadedImage, args: argparse.Namespace, *, warp_both: bool = False
+    model,
+    a: LoadedImage,
+    b: LoadedImage,
+    *,
+    num_samples: int,
+    seed: int,
+    min_overlap: float | None,
+    warp_both: bool = False,
 ) -> PairResult:
     t0 = time.perf_counter()
     preds = model.match(a.image, b.image)
     t1 = time.perf_counter()
-    matches, conf, prec_A, prec_B = model.sample(
-        preds, args.num_samples, generator=args.seed, min_overlap=args.min_overlap
-    )
+    matches, conf, prec_A, prec_B = model.sample(preds, num_samples, generator=seed, min_overlap=min_overlap)
     t2 = time.perf_counter()
     (hA, wA), (hB, wB) = a.hw, b.hw
     # float64 on the CPU: MPS has no float64
@@ -312,19 +335,21 @@ def match_pair(
     return res
 
 
-def _metadata(args, model, info: dict[str, str]) -> dict[str, Any]:
+def _run_metadata(
+    *, setting: str, model, info: dict[str, str], seed: int, num_samples: int, min_overlap: float | None
+) -> dict[str, Any]:
     hr = f" + {model.H_hr}x{model.W_hr}" if model.H_hr is not None else ""
     return {
-        "setting": args.setting,
+        "setting": setting,
         "working_resolution": f"{model.H_lr}x{model.W_lr}{hr}",
         "bidirectional": bool(model.bidirectional),
         "pixel_convention": PIXEL_CONVENTION,
         "weights": info["weights"],
         "weights_sha256": info["weights_sha256"],
         "package_version": _package_version(),
-        "seed": int(args.seed),
-        "num_samples": int(args.num_samples),
-        "min_overlap": float("nan") if args.min_overlap is None else float(args.min_overlap),
+        "seed": int(seed),
+        "num_samples": int(num_samples),
+        "min_overlap": float("nan") if min_overlap is None else float(min_overlap),
     }
 
 
@@ -339,165 +364,50 @@ def _pair_metadata(a: LoadedImage, b: LoadedImage, name_A: str, name_B: str) -> 
     }
 
 
-# ---------------------------------------------------------------------------------------------- writing
-def _import_h5py():
-    try:
-        import h5py
-    except ImportError:
-        raise CLIError(
-            f'writing .h5 files needs h5py, which is not installed. Install it with: pip install "{H5_EXTRA}" '
-            "(or pip install h5py), or write .npz instead (--out matches.npz).",
-            EXIT_RUNTIME,
-        ) from None
-    return h5py
-
-
-def pair_key(name_A: str, name_B: str) -> str:
-    """HDF5 group of a pair: ``"<name A>/<name B>"`` with ``/`` inside each name replaced by ``-`` (as hloc)."""
-    return f"{name_A.replace('/', '-')}/{name_B.replace('/', '-')}"
-
-
-def write_npz(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    payload = dict(arrays)
-    for k, v in meta.items():
-        payload[k] = np.asarray(v)
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **payload)
-    tmp.replace(path)
-
-
-def _h5_root_diff(path: Path, meta: dict[str, Any]) -> list[str]:
-    """Differences between the options recorded in an existing results file and ``meta``."""
-    h5py = _import_h5py()
-    keys = ("setting", "weights_sha256", "seed", "num_samples", "min_overlap")
-    try:
-        with h5py.File(path, "r") as f:
-            if "setting" not in f.attrs:
-                return []
-            old = {k: f.attrs.get(k) for k in keys}
-    except OSError as e:
-        raise CLIError(
-            f"{path} exists but is not a readable HDF5 file ({e}); remove it or choose another --out",
-            EXIT_USAGE,
-        ) from None
-    old = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in old.items()}
-    return [f"{k}: {old[k]} (file) vs {meta[k]} (now)" for k in keys if str(old[k]) != str(meta[k])]
-
-
-def write_h5_pair(
-    path: Path, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any], pair_meta: dict[str, Any]
-) -> None:
-    """Add (or replace) one pair group; the file is closed afterwards so it is complete on disk."""
-    h5py = _import_h5py()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "a") as f:
-        for k, v in meta.items():
-            f.attrs[k] = v
-        if key in f:
-            del f[key]
-        g = f.create_group(key)
-        for k, v in arrays.items():
-            g.create_dataset(k, data=v)
-        for k, v in pair_meta.items():
-            g.attrs[k] = v
-        g.attrs["complete"] = True  # set last: a group without it is redone on resume
-        f.flush()
-
-
-def finished_pairs(path: Path) -> set[str]:
-    if not path.is_file():
-        return set()
-    h5py = _import_h5py()
-    done: set[str] = set()
-    try:
-        with h5py.File(path, "r") as f:
-
-            def visit(name, obj):
-                if isinstance(obj, h5py.Group) and obj.attrs.get("complete", False):
-                    done.add(name)
-
-            f.visititems(visit)
-    except OSError as e:
-        raise CLIError(
-            f"{path} exists but is not a readable HDF5 file ({e}); remove it or choose another --out",
-            EXIT_USAGE,
-        ) from None
-    return done
-
-
 def write_pictures(
-    res: PairResult, a: LoadedImage, b: LoadedImage, matches_png: Path, warp_png: Path, args
-) -> None:
+    res: PairResult,
+    a: LoadedImage,
+    b: LoadedImage,
+    matches_png: Path,
+    warp_png: Path,
+    *,
+    max_draw: int,
+    seed: int,
+) -> list[Path]:
+    """Draw both pictures; each is written atomically. Returns what was written."""
     from romav2_plugin.visualize import draw_matches, draw_warp
 
     p = res.preds
-    draw_matches(
+    pic_m = draw_matches(
         a.image,
         b.image,
         res.arrays["keypoints_A"],
         res.arrays["keypoints_B"],
         res.confidence,
-        max_draw=args.max_draw,
-        seed=args.seed,
-    ).save(matches_png)
+        max_draw=max_draw,
+        seed=seed,
+    )
     if p.get("warp_BA") is not None:
         w_BA, o_BA = p["warp_BA"][0], p["overlap_BA"][0]
     elif res.preds_BA is not None:
         w_BA, o_BA = res.preds_BA["warp_AB"][0], res.preds_BA["overlap_AB"][0]
     else:
         w_BA = o_BA = None
-    draw_warp(a.image, b.image, p["warp_AB"][0], p["overlap_AB"][0], w_BA, o_BA).save(warp_png)
-
-
-# ---------------------------------------------------------------------------------------------- summary
-def reprojection_errors(H: np.ndarray, kpts_A: np.ndarray, kpts_B: np.ndarray) -> np.ndarray:
-    """``|H(kpts_A) - kpts_B|`` in pixels of B (OpenCV convention)."""
-    pa = (
-        np.concatenate((kpts_A.astype(np.float64), np.ones((len(kpts_A), 1))), axis=1)
-        @ np.asarray(H, dtype=np.float64).T
-    )
-    proj = pa[:, :2] / pa[:, 2:]
-    return np.linalg.norm(proj - kpts_B.astype(np.float64), axis=1)
-
-
-def _summary(
-    args,
-    model,
-    info,
-    a: LoadedImage,
-    b: LoadedImage,
-    res: PairResult,
-    t_load: float,
-    written: list[Path],
-    gt_H: np.ndarray | None,
-    device,
-) -> str:
-    conf = res.confidence
-    n = len(conf)
-    n_conf = int((conf > CONFIDENT).sum())
-    hr = f" then {model.H_hr}x{model.W_hr}" if model.H_hr is not None else ""
-    direction = "bidirectional" if model.bidirectional else "A->B only"
-    times = ", ".join(f"{k} {v:.1f} s" for k, v in res.times.items())
-    lines = [
-        "RoMa v2 matches",
-        f"  image A    {a.path}  ({a.image.width}x{a.image.height}{'' if a.exif_orientation == 1 else ', EXIF-rotated'})",
-        f"  image B    {b.path}  ({b.image.width}x{b.image.height}{'' if b.exif_orientation == 1 else ', EXIF-rotated'})",
-        f"  setting    {args.setting}: {model.H_lr}x{model.W_lr}{hr}, {direction}; device {device}",
-        f"  weights    {info['weights']} (sha256 {info['weights_sha256']})",
-        f"  time       load {t_load:.1f} s, {times}",
-        f"  matches    {n} sampled (seed {args.seed}), {n_conf} confident (overlap > {CONFIDENT}); "
-        f"{100 * res.coverage_A:.0f}% of A covisible",
-    ]
-    if gt_H is not None and n:
-        e = reprojection_errors(gt_H, res.arrays["keypoints_A"], res.arrays["keypoints_B"])
-        lines.append(
-            f"  vs truth   reprojection error against the known homography: median {np.median(e):.2f} px, "
-            f"{100 * np.mean(e < 1):.0f}% < 1 px, {100 * np.mean(e < 3):.0f}% < 3 px, {100 * np.mean(e < 10):.0f}% < 10 px"
-        )
-    lines.append("  wrote      " + "\n             ".join(str(p) for p in written))
-    return "\n".join(lines)
+    pic_w = draw_warp(a.image, b.image, p["warp_AB"][0], p["overlap_AB"][0], w_BA, o_BA)
+    written = []
+    for pic, path in ((pic_m, matches_png), (pic_w, warp_png)):
+        tmp = path.with_name(path.name + ".part")
+        try:
+            pic.save(tmp, format="PNG")
+            tmp.replace(path)
+        except OSError as e:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise WriteFailed(f"cannot write the picture {path} ({e})", EXIT_RUNTIME) from None
+        written.append(path)
+    return written
 
 
 # ------------------------------------------------------------------------------------------------ modes
@@ -506,7 +416,7 @@ def _out_paths(out: str | None) -> tuple[Path, Path, Path]:
     if o.suffix.lower() in (".npz", ".h5", ".hdf5"):
         return o, o.with_name(o.stem + "_matches.png"), o.with_name(o.stem + "_warp.png")
     if o.exists() and not o.is_dir():
-        raise CLIError(
+        raise CommandError(
             f"--out {o} exists and is not a folder; give a folder or a .npz / .h5 file name", EXIT_USAGE
         )
     return o / "matches.npz", o / "matches.png", o / "warp.png"
@@ -519,7 +429,22 @@ def _cpu_note(setting: str, device) -> None:
         )
 
 
-def _run_single(args) -> int:
+def _demo_weights(arg: str | None) -> tuple[WeightsChoice, str]:
+    """--demo: the official weights when present (no download), else the shipped 'tiny' model."""
+    choice = choose_weights(arg)
+    if choice.spec is not None:
+        return choice, f" (from {choice.source})"
+    cached = cached_official_weights()
+    if cached is not None:
+        return WeightsChoice(str(cached), "cache"), " (official weights found in the cache)"
+    return (
+        WeightsChoice("tiny", "demo", named=True),
+        " (the official weights are not on this machine, so the demo uses the small shipped model 'tiny'; "
+        "pass --weights PATH or set ROMAV2_WEIGHTS for the real ones)",
+    )
+
+
+def _run_single(args: argparse.Namespace) -> int:
     gt_H = None
     with ExitStack() as stack:
         if args.demo:
@@ -527,64 +452,130 @@ def _run_single(args) -> int:
             path_A = stack.enter_context(resources.as_file(assets / "demo_A.jpg"))
             path_B = stack.enter_context(resources.as_file(assets / "demo_B.jpg"))
             gt_H = np.asarray(json.loads((assets / "demo_pair.json").read_text())["homography_A_to_B"])
+            choice, weights_note = _demo_weights(args.weights)
         else:
             path_A, path_B = Path(args.images[0]), Path(args.images[1])
+            choice, weights_note = choose_weights(args.weights), ""
         matches_path, matches_png, warp_png = _out_paths(args.out)
         is_h5 = matches_path.suffix.lower() in (".h5", ".hdf5")
         if is_h5:
-            _import_h5py()
-        try:
-            a, b = _load(path_A), _load(path_B)
-        except (ValueError, FileNotFoundError) as e:
-            raise CLIError(str(e), EXIT_USAGE) from None
-        try:  # fail before the (slow) matching if the output cannot be written
-            matches_path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CLIError(
-                f"cannot create the output folder {matches_path.parent}: {e}", EXIT_USAGE
-            ) from None
+            import_h5py()
+        a, b = _load(path_A), _load(path_B)
+        need = estimate_pair_bytes(args.num_samples) + (0 if args.no_pictures else PICTURES_BYTES)
+        check_output(matches_path, need)
+        results = ResultsFile(matches_path) if is_h5 else None
+        if results is not None and matches_path.exists():
+            _read_or_repair(results)  # locked / not HDF5: refused now, not after matching
         device = resolve_device(args.device)
         _cpu_note(args.setting, device)
         t0 = time.perf_counter()
-        model, info = load_model(args.weights, args.setting, device, False if args.fp32 else None)
+        model, info = load_model(choice, args.setting, device, False if args.fp32 else None)
         t_load = time.perf_counter() - t0
         try:
-            res = match_pair(model, a, b, args, warp_both=args.warp_both and not args.no_pictures)
+            res = match_pair(
+                model,
+                a,
+                b,
+                num_samples=args.num_samples,
+                seed=args.seed,
+                min_overlap=args.min_overlap,
+                warp_both=args.warp_both and not args.no_pictures,
+            )
         except ValueError as e:
-            raise CLIError(str(e), EXIT_USAGE) from None
+            raise CommandError(str(e), EXIT_USAGE) from None
         except RuntimeError as e:  # e.g. out of device memory
-            raise CLIError(f"matching failed: {e}", EXIT_RUNTIME) from None
-        meta = _metadata(args, model, info)
+            raise CommandError(f"matching failed: {e}", EXIT_RUNTIME) from None
+        meta = _run_metadata(
+            setting=args.setting,
+            model=model,
+            info=info,
+            seed=args.seed,
+            num_samples=args.num_samples,
+            min_overlap=args.min_overlap,
+        )
         name_A = "demo_A.jpg" if args.demo else str(path_A)
         name_B = "demo_B.jpg" if args.demo else str(path_B)
         pmeta = _pair_metadata(a, b, name_A, name_B)
-        written = [matches_path]
-        try:
-            if is_h5:
-                write_h5_pair(matches_path, pair_key(name_A, name_B), res.arrays, meta, pmeta)
-            else:
-                write_npz(matches_path, res.arrays, {**meta, **pmeta})
-            if not args.no_pictures:
-                write_pictures(res, a, b, matches_png, warp_png, args)
-                written += [matches_png, warp_png]
-        except OSError as e:
-            raise CLIError(f"cannot write the results: {e}", EXIT_RUNTIME) from None
-        print(_summary(args, model, info, a, b, res, t_load, written, gt_H, device), flush=True)
+        written: list[Path] = []
+        if results is not None:
+            results.write_pair(
+                name_A, name_B, res.arrays, meta, pmeta, saved_note="Nothing else was changed."
+            )
+        else:
+            write_npz(matches_path, res.arrays, {**meta, **pmeta})
+        written.append(matches_path)
+        if not args.no_pictures:
+            try:
+                written += write_pictures(
+                    res, a, b, matches_png, warp_png, max_draw=args.max_draw, seed=args.seed
+                )
+            except WriteFailed as e:
+                raise WriteFailed(
+                    f"{e.message}; the matches were written to {matches_path}", e.code
+                ) from None
+        hr = f" then {model.H_hr}x{model.W_hr}" if model.H_hr is not None else ""
+        print(
+            single_summary(
+                path_A=a.path,
+                path_B=b.path,
+                hw_A=a.hw,
+                hw_B=b.hw,
+                exif_A=a.exif_orientation,
+                exif_B=b.exif_orientation,
+                setting=args.setting,
+                resolution=f"{model.H_lr}x{model.W_lr}{hr}",
+                bidirectional=bool(model.bidirectional),
+                device=device,
+                weights=info["weights"],
+                weights_sha256=info["weights_sha256"],
+                weights_note=weights_note,
+                times=res.times,
+                t_load=t_load,
+                confidence=res.confidence,
+                seed=args.seed,
+                min_overlap=args.min_overlap,
+                coverage_A=res.coverage_A,
+                written=written,
+                reprojection=None
+                if gt_H is None
+                else reprojection_errors(gt_H, res.arrays["keypoints_A"], res.arrays["keypoints_B"]),
+            ),
+            flush=True,
+        )
     return EXIT_OK
 
 
 def read_pairs(path: Path) -> list[tuple[str, str]]:
+    """Unique ``(name A, name B)`` pairs of a UTF-8 pairs file; problems name the line (and byte)."""
+    if path.is_dir():
+        raise CommandError(f"pairs file {path} is a folder", EXIT_USAGE)
     if not path.is_file():
-        raise CLIError(f"pairs file not found: {path}", EXIT_USAGE)
+        raise CommandError(f"pairs file not found: {path}", EXIT_USAGE)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CommandError(f"cannot read the pairs file {path} ({e.strerror or e})", EXIT_USAGE) from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
     pairs: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    offset = 0
+    for i, raw in enumerate(data.splitlines(keepends=True), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CommandError(
+                f"{path}:{i}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}, byte offset "
+                f"{offset + e.start} of the file). Save the pairs file as UTF-8 (e.g. iconv -f latin1 -t utf-8).",
+                EXIT_USAGE,
+            ) from None
+        offset += len(raw)
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         parts = line.split()
         if len(parts) != 2:
-            raise CLIError(
+            raise CommandError(
                 f"{path}:{i}: expected 'nameA nameB' (two names separated by white space), got {line!r}",
                 EXIT_USAGE,
             )
@@ -593,95 +584,224 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
             seen.add(pair)
             pairs.append(pair)
     if not pairs:
-        raise CLIError(f"{path}: no pairs found", EXIT_USAGE)
+        raise CommandError(f"{path}: no pairs found", EXIT_USAGE)
     return pairs
 
 
-def _run_pairs(args) -> int:
+def _read_or_repair(results: ResultsFile) -> tuple[dict[str, Any], set[tuple[str, str]], int]:
+    """Read an existing results file; one that an interrupted write damaged is repaired (what reads back is
+    kept, the damaged file is kept as ``.damaged``). A locked file or one that is not HDF5 is refused."""
+    try:
+        return results.read()
+    except Unreadable:
+        if not results.looks_like_hdf5():
+            raise
+    check_output(results.path, results.path.stat().st_size + (1 << 20), what="repairing")
+    kept, aside = results.repair()
+    _err(
+        f"{results.path} was damaged (an interrupted or failed write); repaired: {kept} finished pair(s) kept, "
+        f"the damaged file is kept as {aside}. Pairs that were lost are redone."
+    )
+    return results.read()
+
+
+def _probe_images(image_dir: Path, pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Header-only check of every image of ``pairs``: name -> problem."""
+    from romav2_plugin.io import probe_image
+
+    bad: dict[str, str] = {}
+    for name in sorted({n for p in pairs for n in p}):
+        try:
+            probe_image(image_dir / name)
+        except (ValueError, FileNotFoundError) as e:
+            bad[name] = str(e)
+    return bad
+
+
+def _run_pairs(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     pairs_path = Path(args.pairs).expanduser()
     pairs = read_pairs(pairs_path)
     image_dir = Path(args.image_dir).expanduser() if args.image_dir else pairs_path.parent
     if not image_dir.is_dir():
-        raise CLIError(f"--image-dir {image_dir} is not a folder", EXIT_USAGE)
+        raise CommandError(f"--image-dir {image_dir} is not a folder", EXIT_USAGE)
     out = Path(args.out if args.out is not None else DEFAULT_OUT).expanduser()
     if out.suffix.lower() == ".npz":
-        raise CLIError(
+        raise CommandError(
             "--pairs writes HDF5: give --out RESULTS.h5 (or a folder for FOLDER/results.h5)", EXIT_USAGE
         )
     if out.suffix.lower() not in (".h5", ".hdf5"):
         out = out / "results.h5"
-    _import_h5py()
-    done = set() if args.overwrite else finished_pairs(out)
-    todo = [(na, nb) for na, nb in pairs if pair_key(na, nb) not in done]
+    import_h5py()
+    choice = choose_weights(args.weights)
+    results = ResultsFile(out)
+    per_pair = estimate_pair_bytes(args.num_samples)
+    check_output(out, per_pair)
+    attrs: dict[str, Any] = {}
+    done: set[tuple[str, str]] = set()
+    fmt = 2
+    damaged = False
+    if out.exists():
+        try:
+            attrs, done, fmt = _read_or_repair(results)
+        except Unreadable:
+            if not args.overwrite:
+                raise
+            damaged = True
+    if args.overwrite:
+        done = set()
+    todo = [p for p in pairs if p not in done]
     skipped = len(pairs) - len(todo)
     if skipped:
         _err(f"{skipped} of {len(pairs)} pairs already in {out}: skipped (--overwrite redoes them)")
     if not todo:
         print(f"all {len(pairs)} pairs already in {out}; nothing to do")
         return EXIT_OK
+    try:
+        import shutil
+
+        free = shutil.disk_usage(out.parent).free
+        if free < per_pair * len(todo):
+            _err(
+                f"note: {len(todo)} pairs need about {human_bytes(per_pair * len(todo))}, {human_bytes(free)} are free: "
+                "the run will stop cleanly when the disk is full (finished pairs are kept)."
+            )
+    except OSError:
+        pass
+    failures: list[tuple[str, str, str]] = []
+    bad = _probe_images(image_dir, todo)
+    if bad:
+        runnable = []
+        for na, nb in todo:
+            problem = bad.get(na) or bad.get(nb)
+            if problem:
+                failures.append((na, nb, problem))
+                _err(f"pair {na} {nb} will be skipped: {problem}")
+            else:
+                runnable.append((na, nb))
+        todo = runnable
+    t0 = time.perf_counter()
+    if not todo:
+        print(
+            pairs_summary(
+                n_listed=len(pairs),
+                n_done=0,
+                n_skipped=skipped,
+                failures=failures,
+                setting=args.setting,
+                device="-",
+                weights=choice.label,
+                weights_sha256="",
+                elapsed=0.0,
+                total_matches=0,
+                num_samples=args.num_samples,
+                n_meaningless=0,
+                out=out,
+                out_exists=out.exists(),
+            ),
+            flush=True,
+        )
+        return EXIT_PAIRS_FAILED
     device = resolve_device(args.device)
     _cpu_note(args.setting, device)
-    t0 = time.perf_counter()
-    model, info = load_model(args.weights, args.setting, device, False if args.fp32 else None)
-    meta = _metadata(args, model, info)
-    diff = _h5_root_diff(out, meta) if out.is_file() else []
+    model, info = load_model(choice, args.setting, device, False if args.fp32 else None)
+    meta = _run_metadata(
+        setting=args.setting,
+        model=model,
+        info=info,
+        seed=args.seed,
+        num_samples=args.num_samples,
+        min_overlap=args.min_overlap,
+    )
+    diff = results.option_diff(attrs, meta) if out.exists() and not damaged else []
     if diff and not args.overwrite:
-        raise CLIError(
+        raise CommandError(
             f"{out} holds results made with other options ({'; '.join(diff)}). "
             "Use the same options to resume, --overwrite to start the file afresh, or another --out.",
             EXIT_USAGE,
         )
-    if diff:
+    if damaged:
+        aside = results.move_damaged_aside()
+        _err(f"--overwrite: {out} could not be read; kept as {aside}, starting a new file")
+    elif diff:
         _err(f"--overwrite: {out} was made with other options ({'; '.join(diff)}); starting it afresh")
         out.unlink()
+    elif out.exists() and fmt < 2:
+        moved = results.migrate()
+        _err(f"{out}: migrated from the earlier layout ({moved} group(s) renamed to injective pair keys)")
+    if not out.exists():
+        results.create(meta)
+    elif damaged or diff or "setting" not in attrs:
+        results.set_run_attrs(meta)
     _err(f"model loaded in {time.perf_counter() - t0:.1f} s ({args.setting}, {device}, {info['weights']})")
-    failures: list[tuple[str, str, str]] = []
-    n_done = 0
-    total_matches = 0
+    n_done = total_matches = n_meaningless = 0
+    stopped: str | None = None
+    code = EXIT_OK
     bar = tqdm(todo, desc="matching", unit="pair", file=sys.stderr, dynamic_ncols=True)
     try:
         for na, nb in bar:
             try:
-                try:
-                    a, b = _load(image_dir / na), _load(image_dir / nb)
-                except (ValueError, FileNotFoundError) as e:
-                    raise CLIError(str(e), EXIT_USAGE) from None
-                res = match_pair(model, a, b, args)
-                pmeta = _pair_metadata(a, b, na, nb)
-                pmeta["time_match_s"] = res.times["match"]
-                write_h5_pair(out, pair_key(na, nb), res.arrays, meta, pmeta)
-                n_done += 1
-                total_matches += len(res.confidence)
-            except CLIError as e:
-                failures.append((na, nb, str(e)))
-                tqdm.write(f"romav2-match: pair {na} {nb} failed: {e}", file=sys.stderr)
+                a, b = _load(image_dir / na), _load(image_dir / nb)
+                res = match_pair(
+                    model, a, b, num_samples=args.num_samples, seed=args.seed, min_overlap=args.min_overlap
+                )
+            except CommandError as e:
+                failures.append((na, nb, e.message))
+                tqdm.write(f"{PROG}: pair {na} {nb} failed: {e.message}", file=sys.stderr)
+                continue
             except Exception as e:  # a failing pair must not lose the others
                 failures.append((na, nb, f"{type(e).__name__}: {e}"))
-                tqdm.write(f"romav2-match: pair {na} {nb} failed: {type(e).__name__}: {e}", file=sys.stderr)
-    except KeyboardInterrupt:
+                tqdm.write(f"{PROG}: pair {na} {nb} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                continue
+            pmeta = _pair_metadata(a, b, na, nb)
+            pmeta["time_match_s"] = res.times["match"]
+            try:
+                results.write_pair(
+                    na,
+                    nb,
+                    res.arrays,
+                    meta,
+                    pmeta,
+                    saved_note=f"The {skipped + n_done} pairs finished before are kept.",
+                )
+            except WriteFailed as e:  # disk full / I/O error: stop writing to this file at once
+                stopped = e.message
+                code = EXIT_RUNTIME
+                break
+            n_done += 1
+            total_matches += len(res.confidence)
+            n_meaningless += res.n_confident == 0
+    except KeyboardInterrupt as e:
         bar.close()
         _err(
             f"interrupted; {n_done} pairs finished in this run are saved in {out}. Rerun the same command to resume."
         )
-        return EXIT_INTERRUPTED
+        return interrupt_code(e)
     bar.close()
-    elapsed = time.perf_counter() - t0
-    lines = [
-        "RoMa v2 pairs",
-        f"  pairs      {len(pairs)} listed: {n_done} matched now, {skipped} already done, {len(failures)} failed",
-        f"  setting    {args.setting}; device {device}; weights {info['weights']} (sha256 {info['weights_sha256']})",
-        f"  time       {elapsed:.1f} s ({elapsed / max(n_done, 1):.1f} s per pair, model load included)",
-        f"  matches    {total_matches} written ({args.num_samples} requested per pair)",
-        f"  wrote      {out}",
-    ]
-    if failures:
-        lines.append(
-            "  failed     " + "\n             ".join(f"{na} {nb}: {msg}" for na, nb, msg in failures)
-        )
-        lines.append("             (fix them and rerun the same command: finished pairs are skipped)")
-    print("\n".join(lines), flush=True)
+    print(
+        pairs_summary(
+            n_listed=len(pairs),
+            n_done=n_done,
+            n_skipped=skipped,
+            failures=failures,
+            setting=args.setting,
+            device=device,
+            weights=info["weights"],
+            weights_sha256=info["weights_sha256"],
+            elapsed=time.perf_counter() - t0,
+            total_matches=total_matches,
+            num_samples=args.num_samples,
+            n_meaningless=n_meaningless,
+            out=out,
+            out_exists=out.exists(),
+            stopped=stopped,
+        ),
+        flush=True,
+    )
+    if stopped:
+        _err(stopped)
+        return code
     return EXIT_PAIRS_FAILED if failures else EXIT_OK
 
 
@@ -690,17 +810,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    try:
-        return _run_pairs(args) if args.pairs is not None else _run_single(args)
-    except CLIError as e:
-        _err(str(e))
-        return e.code
-    except KeyboardInterrupt:
-        _err("interrupted")
-        return EXIT_INTERRUPTED
-    except MemoryError:
-        _err("out of memory; try a smaller --setting (turbo, fast) or fewer --num-samples")
-        return EXIT_RUNTIME
+    return run_command(PROG, lambda: _run_pairs(args) if args.pairs is not None else _run_single(args))
 
 
 if __name__ == "__main__":

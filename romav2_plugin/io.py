@@ -18,12 +18,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-__all__ = ["ImageLike", "load_image", "to_tensor_image", "MAX_PIXELS"]
+__all__ = ["ImageLike", "load_image", "probe_image", "to_tensor_image", "MAX_PIXELS", "MIN_SIDE"]
 
 ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
 
 #: Largest image (in pixels) accepted; matching always resizes to at most a few megapixels anyway.
 MAX_PIXELS = 100_000_000
+#: Smallest side the network can use: one 16x16 patch of the backbone.
+MIN_SIDE = 16
 
 _EIGHT_BIT_MODES = {"1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "La"}
 
@@ -45,8 +47,7 @@ def _pil_to_rgb(img: Image.Image, name: str) -> Image.Image:
 def load_image(path: str | Path) -> Image.Image:
     """Open ``path`` with PIL, apply EXIF orientation and convert to 8-bit RGB."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Image not found: {path}")
+    _check_is_file(path)
     try:
         with Image.open(path) as img:  # reads the header only
             if img.width * img.height > MAX_PIXELS:
@@ -62,6 +63,53 @@ def load_image(path: str | Path) -> Image.Image:
         raise ValueError(f"Cannot read image {path}: {e}. Is it an image file PIL can open?") from e
 
 
+def _check_is_file(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not an image file")
+    if not path.is_file():
+        raise FileNotFoundError(f"Image not found: {path}")
+
+
+def probe_image(path: str | Path, *, min_side: int = MIN_SIDE) -> tuple[int, int]:
+    """Check an image file from its header only (no decoding): it exists, is a file PIL can identify, is
+    8-bit, within :data:`MAX_PIXELS` and at least ``min_side`` pixels on each side. Returns ``(width, height)``
+    as stored (before EXIF rotation). Raises ``FileNotFoundError`` / ``ValueError`` as :func:`load_image`."""
+    path = Path(path)
+    _check_is_file(path)
+    try:
+        with Image.open(path) as img:
+            w, h, mode = img.width, img.height, img.mode
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: {e}") from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"Cannot read image {path}: {e}. Is it an image file PIL can open?") from None
+    if mode not in _EIGHT_BIT_MODES:
+        raise ValueError(
+            f"{path}: image mode {mode!r} (16-bit or floating point) is not supported. Convert it to 8-bit RGB first."
+        )
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"{path}: {w}x{h} exceeds the limit of {MAX_PIXELS} pixels; downscale it first.")
+    check_min_size(w, h, str(path), min_side)
+    return w, h
+
+
+def check_min_size(w: int, h: int, name: str, min_side: int = MIN_SIDE) -> None:
+    if min(w, h) < min_side:
+        raise ValueError(
+            f"{name}: {w}x{h} is too small: the network needs at least {min_side}x{min_side} pixels "
+            f"(one patch); upscale it first."
+        )
+
+
+def _fmt(v: float) -> str:
+    """A value as short as possible but never rounded into the valid range (1.000001 is not shown as 1)."""
+    for digits in (4, 7, 10, 17):
+        s = f"{v:.{digits}g}"
+        if (float(s) < 0.0 or float(s) > 1.0) == (v < 0.0 or v > 1.0):
+            return s
+    return repr(v)
+
+
 def _check_values(x: torch.Tensor, name: str) -> None:
     if x.numel() == 0:
         raise ValueError(f"{name}: empty image tensor of shape {tuple(x.shape)}")
@@ -71,7 +119,7 @@ def _check_values(x: torch.Tensor, name: str) -> None:
         lo, hi = float(x.min()), float(x.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(
-                f"{name}: float values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]. "
+                f"{name}: float values must lie in [0, 1], got [{_fmt(lo)}, {_fmt(hi)}]. "
                 "Divide 8-bit data by 255 (or pass it as uint8)."
             )
 

@@ -211,38 +211,87 @@ def _describe(path: Path) -> str:
     return f"{path} (+ {path.name}.data), {size / 2**20:.0f} MiB"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m romav2_plugin.export``; returns the exit code (0 ok, 1 runtime failure, 2 usage)."""
+def _cli_parser() -> argparse.ArgumentParser:
+    from romav2_plugin.commands import EXIT_CODES_HELP, WEIGHTS_HELP
     from romav2_plugin.config import SETTINGS
 
-    p = argparse.ArgumentParser(prog="python -m romav2_plugin.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, type=Path, help="output .onnx file (weights go to OUT.data)")
+    p = argparse.ArgumentParser(
+        prog="romav2-export",
+        description=(
+            "Export the RoMa v2 network of one setting to ONNX: float32, fixed working resolution and batch\n"
+            "size. The graph is tested against the eager model in ONNX Runtime; other runtimes have not been\n"
+            "tried. Sampling stays in Python: romav2_plugin.export.preds_from_outputs turns the runtime's\n"
+            'outputs into what RoMaV2.sample takes. Needs: pip install "romav2-plugin[export]".'
+        ),
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", required=True, type=Path, help="output .onnx file (the weights go to OUT.data next to it)")
     p.add_argument("--setting", default="turbo", choices=sorted(SETTINGS), help="preset (default: turbo)")
-    p.add_argument("--weights", default=None, help="checkpoint path or URL (default: $ROMAV2_WEIGHTS / release)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--opset", type=int, default=18)
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    args = p.parse_args(argv)
-    try:
-        _require_onnx()
-    except ImportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    from romav2_plugin.model import RoMaV2
+    p.add_argument("--weights", default=None, metavar="PATH|URL|tiny", help=WEIGHTS_HELP)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="image pairs per run; fixed in the graph (default 1)",
+    )
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=18,
+        metavar="V",
+        help="ONNX opset version, >= 18 (GridSample and Resize as used here; default 18)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT and OUT.data if they exist (default: refuse)")
+    return p
 
-    try:
-        _check_request(args.out, args.batch_size, args.opset, args.overwrite)  # before loading the weights
-        model = RoMaV2.from_pretrained(args.weights, setting=args.setting, amp=False)
-        out = export_onnx(model, args.out, batch_size=args.batch_size, opset=args.opset, overwrite=args.overwrite)
-    except (ValueError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {_describe(out)}")
-    print(f"inputs: {', '.join(input_names(model))}; outputs: {', '.join(output_names(model))}")
-    return 0
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``romav2-export`` / ``python -m romav2_plugin.export``; returns the exit code (see ``--help``)."""
+    from romav2_plugin.commands import (
+        EXIT_RUNTIME,
+        EXIT_SETUP,
+        EXIT_USAGE,
+        CommandError,
+        check_output,
+        choose_weights,
+        is_disk_full,
+        run_command,
+        weights_error,
+    )
+
+    args = _cli_parser().parse_args(argv)
+
+    def body() -> int:
+        try:
+            _require_onnx()
+        except ImportError as e:
+            raise CommandError(str(e), EXIT_SETUP) from None
+        try:  # before loading the weights
+            _check_request(args.out, args.batch_size, args.opset, args.overwrite)
+        except (ValueError, FileExistsError) as e:
+            raise CommandError(str(e), EXIT_USAGE) from None
+        check_output(args.out, 0)
+        choice = choose_weights(args.weights)
+        from romav2_plugin.model import RoMaV2
+
+        try:
+            model = RoMaV2.from_pretrained(choice.spec, setting=args.setting, amp=False)
+        except (OSError, ValueError, RuntimeError, IndexError, KeyError, TypeError) as e:
+            raise weights_error(e, choice) from None
+        try:
+            out = export_onnx(model, args.out, batch_size=args.batch_size, opset=args.opset, overwrite=args.overwrite)
+        except FileExistsError as e:
+            raise CommandError(str(e), EXIT_USAGE) from None
+        except (OSError, RuntimeError, ValueError) as e:
+            what = f"the disk is full ({e})" if is_disk_full(e) else f"export failed: {e}"
+            raise CommandError(what, EXIT_RUNTIME) from None
+        print(f"wrote {_describe(out)}")
+        print(f"inputs: {', '.join(input_names(model))}; outputs: {', '.join(output_names(model))}")
+        return 0
+
+    return run_command("romav2-export", body)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import copy
 import logging
 import os
 import shutil
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -190,12 +189,21 @@ def run_match_dense(
 
 
 # --------------------------------------------------------------------------- command line
-def _parser(conf_names: list[str], default_conf: str) -> argparse.ArgumentParser:
+PROG = "python -m romav2_plugin.hloc"
+
+
+def _parser(
+    conf_names: list[str] | None, default_conf: str, hloc_missing: str | None = None
+) -> argparse.ArgumentParser:
+    from romav2_plugin.commands import EXIT_CODES_HELP, WEIGHTS_HELP
     from romav2_plugin.config import SETTINGS
 
+    note = f"\n\nhloc is not installed here: {hloc_missing}" if hloc_missing else ""
     parser = argparse.ArgumentParser(
-        prog="python -m romav2_plugin.hloc",
-        description="hloc tools with the RoMa v2 matchers registered.",
+        prog=PROG,
+        description="hloc tools with the RoMa v2 matchers registered." + note,
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
@@ -203,7 +211,9 @@ def _parser(conf_names: list[str], default_conf: str) -> argparse.ArgumentParser
         help="hloc.match_dense.main with all of hloc's confs plus RoMa v2's",
         description="Dense matching with hloc.match_dense.main (hloc's arguments, plus --weights, --setting, "
         "--overwrite). Pairs already in the matches file are skipped; an interrupted run leaves the "
-        "outputs as they were.",
+        "outputs as they were." + note,
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--pairs", type=Path, required=True, help="pairs file: one 'name0 name1' per line")
     p.add_argument("--image_dir", type=Path, required=True)
@@ -220,8 +230,9 @@ def _parser(conf_names: list[str], default_conf: str) -> argparse.ArgumentParser
         default=None,
         help="features file (*.h5, needs --matches) or name prefix (default 'feats_': EXPORT_DIR/feats_<output>.h5)",
     )
-    p.add_argument("--conf", type=str, default=default_conf, choices=conf_names)
-    p.add_argument("--weights", default=None, help="RoMa v2 weights: path or URL (default: official release)")
+    conf_help = "hloc conf (default: romav2)" + ("" if conf_names else "; the list needs hloc installed")
+    p.add_argument("--conf", type=str, default=default_conf, choices=conf_names, help=conf_help)
+    p.add_argument("--weights", default=None, metavar="PATH|URL|tiny", help="RoMa v2 " + WEIGHTS_HELP)
     p.add_argument(
         "--setting", default=None, choices=list(SETTINGS), help="RoMa v2 setting (overrides the conf)"
     )
@@ -229,54 +240,84 @@ def _parser(conf_names: list[str], default_conf: str) -> argparse.ArgumentParser
     return parser
 
 
-def _on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: h5 files closed, staging files removed
-
-
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code (the codes of :mod:`romav2_plugin.commands`)."""
+    from romav2_plugin.commands import (
+        EXIT_RUNTIME,
+        EXIT_SETUP,
+        EXIT_USAGE,
+        CommandError,
+        choose_weights,
+        interrupt_code,
+        is_disk_full,
+        is_weights_error,
+        run_command,
+        weights_error,
+    )
+
+    hloc_missing = None
+    confs: dict[str, Any] | None = None
     try:
         from romav2_plugin.adapters.hloc import ensure_registered
 
-        match_dense = ensure_registered()
+        confs = ensure_registered().confs
     except ImportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    confs = match_dense.confs
-    parser = _parser(list(confs), "romav2")
+        hloc_missing = str(e)
+    parser = _parser(list(confs) if confs else None, "romav2", hloc_missing)
     args = parser.parse_args(argv)
-    conf = copy.deepcopy(confs[args.conf])
-    if args.weights is not None or args.setting is not None:
-        if conf["model"].get("name") != "romav2":
-            parser.error(f"--weights/--setting apply to RoMa v2 confs only, not {args.conf!r}")
-        if args.weights is not None:
-            conf["model"]["weights"] = args.weights
-        if args.setting is not None:
-            conf["model"]["setting"] = args.setting
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        features, matches = run_match_dense(
-            conf,
-            args.pairs,
-            args.image_dir,
-            args.export_dir,
-            args.matches,
-            args.features,
-            overwrite=args.overwrite,
-        )
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, SystemExit) as e:
-        print(
-            "interrupted: the output files were left as they were; run the same command again to resume.",
-            file=sys.stderr,
-        )
-        return 130 if isinstance(e, KeyboardInterrupt) else int(e.code or 1)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}\nThe output files were left as they were.", file=sys.stderr)
-        return 1
-    print(f"features: {features}\nmatches: {matches}")
-    return 0
+
+    def body() -> int:
+        if confs is None:
+            raise CommandError(str(hloc_missing), EXIT_SETUP)
+        if args.conf not in confs:
+            parser.error(f"unknown --conf {args.conf!r}")
+        conf = copy.deepcopy(confs[args.conf])
+        choice = None
+        if conf["model"].get("name") == "romav2":
+            choice = choose_weights(
+                args.weights if args.weights is not None else conf["model"].get("weights")
+            )
+        if args.weights is not None or args.setting is not None:
+            if choice is None:
+                parser.error(f"--weights/--setting apply to RoMa v2 confs only, not {args.conf!r}")
+            if args.weights is not None:
+                conf["model"]["weights"] = args.weights
+            if args.setting is not None:
+                conf["model"]["setting"] = args.setting
+        try:
+            features, matches = run_match_dense(
+                conf,
+                args.pairs,
+                args.image_dir,
+                args.export_dir,
+                args.matches,
+                args.features,
+                overwrite=args.overwrite,
+            )
+        except InputError as e:
+            raise CommandError(str(e), EXIT_USAGE) from None
+        except KeyboardInterrupt as e:
+            raise CommandError(
+                "interrupted: the output files were left as they were; run the same command again to resume.",
+                interrupt_code(e),
+            ) from None
+        except ImportError as e:
+            raise CommandError(f"{e} ({_hint_extra()})", EXIT_SETUP) from None
+        except (OSError, ValueError, RuntimeError, IndexError, KeyError) as e:
+            if is_weights_error(e) or (
+                choice is not None and isinstance(e, ValueError) and "checkpoint" in str(e)
+            ):
+                raise weights_error(e, choice) from None
+            what = "the disk is full" if is_disk_full(e) else str(e)
+            raise CommandError(f"{what}\nThe output files were left as they were.", EXIT_RUNTIME) from None
+        print(f"features: {features}\nmatches: {matches}")
+        return 0
+
+    return run_command(PROG, body)
+
+
+def _hint_extra() -> str:
+    return 'pip install "romav2-plugin[hloc]" and hloc itself'
 
 
 if __name__ == "__main__":

@@ -248,7 +248,7 @@ def test_usage_errors_exit_2(no_model, capsys, argv, expect):
 def test_h5_without_h5py_names_the_extra(no_model, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "h5py", None)  # import h5py -> ImportError
     rc = cli.main([str(ASSETS / "demo_A.jpg"), str(ASSETS / "demo_B.jpg"), "--out", str(tmp_path / "r.h5")])
-    assert rc == 1
+    assert rc == cli.EXIT_SETUP == 4  # missing optional dependency: same code in the three commands
     assert 'pip install "romav2-plugin[h5]"' in capsys.readouterr().err
 
 
@@ -306,7 +306,7 @@ def test_pairs_resume_options_mismatch_and_overwrite_inprocess(double, tmp_path,
 
 
 # ------------------------------------------------------------------- subprocess, as a user runs it
-def test_offline_without_weights_prints_one_paragraph_exit_1(tmp_path):
+def test_offline_without_weights_prints_one_paragraph_exit_4(tmp_path):
     (tmp_path / "torch_home").mkdir()
     r = run_cli(
         ["--demo", "--setting", "turbo", "--out", tmp_path / "o"],
@@ -314,13 +314,14 @@ def test_offline_without_weights_prints_one_paragraph_exit_1(tmp_path):
         {"ROMAV2_WEIGHTS": "http://127.0.0.1:9/romav2.0.1.pt", "TORCH_HOME": str(tmp_path / "torch_home")},
         timeout=300,
     )
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == cli.EXIT_SETUP, r.stderr
     assert "Traceback" not in r.stderr
     assert "ROMAV2_WEIGHTS" in r.stderr and OFFICIAL_URL in r.stderr and "--weights PATH" in r.stderr
+    assert "--weights tiny" in r.stderr
     assert not (tmp_path / "o" / "matches.npz").exists()
 
 
-def test_wrong_weights_file_exit_1(tmp_path):
+def test_wrong_weights_file_exit_4(tmp_path):
     bogus = tmp_path / "romav2.0.1.pt"
     bogus.write_bytes(b"not a checkpoint")
     r = run_cli(
@@ -328,9 +329,8 @@ def test_wrong_weights_file_exit_1(tmp_path):
         tmp_path,
         timeout=300,
     )
-    assert (
-        r.returncode == 1 and "not a loadable PyTorch checkpoint" in r.stderr and "Traceback" not in r.stderr
-    )
+    assert r.returncode == cli.EXIT_SETUP, r.stderr
+    assert "not a loadable PyTorch checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow  # ~30-90 s on 2 shared CPU cores (model load + one turbo match per pair)
@@ -354,6 +354,8 @@ def test_single_pair_subprocess_exif_and_palette(random_checkpoint, tmp_path):
             "cpu",
             "--num-samples",
             "1000",
+            "--min-overlap",
+            "0",
             "--out",
             tmp_path / "out",
         ],
@@ -400,6 +402,8 @@ def test_pairs_subprocess_failure_skipped_then_resumed(random_checkpoint, tmp_pa
         "cpu",
         "--num-samples",
         "500",
+        "--min-overlap",
+        "0",
     ]
     r1 = run_cli(args, tmp_path)
     assert r1.returncode == cli.EXIT_PAIRS_FAILED == 3, r1.stderr
@@ -407,12 +411,12 @@ def test_pairs_subprocess_failure_skipped_then_resumed(random_checkpoint, tmp_pa
     assert "Traceback" not in r1.stderr and "matching: 100%" in r1.stderr and "3/3 [" in r1.stderr  # tqdm bar
     assert "2 matched now, 0 already done, 1 failed" in r1.stdout
     with h5py.File(out, "r") as f:
-        assert set(f["a.jpg"]) == {"sub-b.jpg"} and set(f["sub-b.jpg"]) == {"a.jpg"}
+        assert set(f["a.jpg"]) == {"sub%2Fb.jpg"} and set(f["sub%2Fb.jpg"]) == {"a.jpg"}
         before = {
             k: (f[k].attrs["time_match_s"], f[k]["keypoints_A"][:])
-            for k in ("a.jpg/sub-b.jpg", "sub-b.jpg/a.jpg")
+            for k in ("a.jpg/sub%2Fb.jpg", "sub%2Fb.jpg/a.jpg")
         }
-        assert f["a.jpg/sub-b.jpg"].attrs["image_B"] == "sub/b.jpg"
+        assert f["a.jpg/sub%2Fb.jpg"].attrs["image_B"] == "sub/b.jpg"
     # the user fixes the broken image and reruns the same command: only that pair is computed
     (d / "broken.jpg").write_bytes((ASSETS / "demo_B.jpg").read_bytes())
     r2 = run_cli(args, tmp_path)
@@ -438,6 +442,8 @@ def test_demo_subprocess_with_random_weights(random_checkpoint, tmp_path):
             "cpu",
             "--num-samples",
             "1000",
+            "--min-overlap",
+            "0",
         ],
         tmp_path,
     )

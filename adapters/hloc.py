@@ -20,6 +20,10 @@ Contract with hloc: ``match_dense`` passes ``image0``/``image1`` ``(1, C, H, W)`
 integers (it rescales them with ``(k + 0.5) * scale - 0.5``) and ``scores``. Here: keypoints from
 :meth:`romav2_plugin.RoMaV2.sample` via :meth:`~romav2_plugin.RoMaV2.to_pixel_coordinates` with
 ``pixel_center=0.0`` (done by the kornia adapter's module, reused as is), scores = overlap.
+
+Like hloc's LoFTR adapter ("we refine kpts in image0"), ``image1`` is given to the core as image A and
+``image0`` as B: in one-direction settings ``image1``'s keypoints are grid points, the same in every pair,
+and ``image0``'s are the refined ones (where the warp lands), which hloc keeps unquantised for a query.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import torch
 __all__ = [
     "MODULE_NAME",
     "DEFAULT_MODEL_CONF",
+    "check_model_conf",
     "CONFS",
     "INSTALL_HINT",
     "register",
@@ -56,13 +61,15 @@ INSTALL_HINT = (
     "'hloc @ git+https://github.com/cvg/Hierarchical-Localization'"
 )
 
-#: ``conf["model"]`` defaults of the ``romav2`` matcher (merged by hloc's ``BaseModel``).
+#: ``conf["model"]`` defaults of the ``romav2`` matcher (merged by hloc's ``BaseModel``); with ``name``, the
+#: only keys accepted (:func:`check_model_conf`).
 DEFAULT_MODEL_CONF: dict[str, Any] = {
-    "weights": None,  # None: official release ($ROMAV2_WEIGHTS, else the cached download); a path or URL
+    # None: official release ($ROMAV2_WEIGHTS, else the cached download); a path, a URL, or a name that
+    # RoMaV2.from_pretrained knows ("tiny": the small model shipped with the package); passed through.
+    "weights": None,
     "setting": "precise",  # RoMa v2 preset: turbo, fast, base, precise, mega1500, ...
     "amp": None,  # bf16 autocast; None: on for CUDA
     "max_num_matches": 5000,  # matches per pair (balanced sampling) / top-k by overlap (threshold mode)
-    "num_samples": None,  # alias of max_num_matches (the kornia adapter's name); wins when set
     "sample_mode": "balanced",  # "balanced" (KDE-balanced, official) or "threshold" (all grid matches)
     "confidence_threshold": 0.5,  # overlap threshold of "threshold" mode
     "seed": 0,  # sampling seed (fresh generator per pair: reproducible, order-independent); None: global RNG
@@ -106,9 +113,15 @@ def _load_core(conf: dict[str, Any]) -> torch.nn.Module:
     return RoMaV2.from_pretrained(conf["weights"], setting=conf["setting"], amp=conf["amp"])
 
 
-def _num_matches(conf: dict[str, Any]) -> int | None:
-    conf = {**DEFAULT_MODEL_CONF, **conf}
-    return conf["num_samples"] if conf["num_samples"] is not None else conf["max_num_matches"]
+def check_model_conf(conf: dict[str, Any]) -> dict[str, Any]:
+    """``conf["model"]`` merged with :data:`DEFAULT_MODEL_CONF`; ``ValueError`` naming unknown keys (typos)."""
+    unknown = sorted(set(conf) - set(DEFAULT_MODEL_CONF) - {"name"})
+    if unknown:
+        valid = ", ".join(["name", *DEFAULT_MODEL_CONF])
+        raise ValueError(
+            f"unknown key(s) in the romav2 conf['model']: {', '.join(unknown)}; valid keys: {valid}"
+        )
+    return {**DEFAULT_MODEL_CONF, **conf}
 
 
 def build_dense_matcher(conf: dict[str, Any], core: torch.nn.Module | None = None) -> torch.nn.Module:
@@ -118,8 +131,8 @@ def build_dense_matcher(conf: dict[str, Any], core: torch.nn.Module | None = Non
     """
     from romav2_plugin.adapters.kornia import RoMaV2 as DenseMatcher
 
-    conf = {**DEFAULT_MODEL_CONF, **conf}
-    num = _num_matches(conf)
+    conf = check_model_conf(conf)
+    num = conf["max_num_matches"]
     if conf["sample_mode"] == "balanced" and (num is None or int(num) <= 0):
         raise ValueError(f"max_num_matches must be a positive int in balanced mode, got {num!r}")
     if core is None:
@@ -138,6 +151,9 @@ def build_dense_matcher(conf: dict[str, Any], core: torch.nn.Module | None = Non
 def dense_predict(net: torch.nn.Module, data: dict[str, torch.Tensor], max_num_matches: int | None) -> dict:
     """hloc's dense-matcher output for one pair: keypoints in pixels of the given tensors (centre at 0).
 
+    ``image1`` is the core's image A (grid side in one-direction settings), ``image0`` its B (refined side),
+    as in hloc's LoFTR adapter.
+
     Args:
         net: from :func:`build_dense_matcher`.
         data: ``image0``, ``image1``: ``(1, C, H, W)`` float in ``[0, 1]`` (hloc's preprocessed images).
@@ -147,8 +163,8 @@ def dense_predict(net: torch.nn.Module, data: dict[str, torch.Tensor], max_num_m
         ``keypoints0 (N, 2)``, ``keypoints1 (N, 2)``, ``scores (N,)`` (overlap in ``[0, 1]``).
     """
     # torchvision's resize may overshoot [0, 1] by rounding; the core rejects out-of-range floats.
-    pred = net({"image0": data["image0"].clamp(0, 1), "image1": data["image1"].clamp(0, 1)})
-    k0, k1, scores = pred["keypoints0"], pred["keypoints1"], pred["confidence"]
+    pred = net({"image0": data["image1"].clamp(0, 1), "image1": data["image0"].clamp(0, 1)})  # swapped
+    k0, k1, scores = pred["keypoints1"], pred["keypoints0"], pred["confidence"]
     if max_num_matches is not None and len(scores) > max_num_matches:
         keep = torch.argsort(scores, descending=True)[: int(max_num_matches)]
         k0, k1, scores = k0[keep], k1[keep], scores[keep]
@@ -175,7 +191,7 @@ def matcher_class() -> type:
 
         def _init(self, conf):
             self.net = build_dense_matcher(conf)
-            self.max_matches = _num_matches(conf)
+            self.max_matches = conf["max_num_matches"]
 
         def _forward(self, data):
             return dense_predict(self.net, data, self.max_matches)

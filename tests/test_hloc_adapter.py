@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from romav2_plugin.adapters import hloc as adapter
 
+from romav2_plugin.adapters import hloc as adapter
 from romav2_plugin.config import SETTINGS
 from romav2_plugin.testing import HomographyWarpDouble
 
@@ -44,6 +44,15 @@ def _hloc_rescale(k: torch.Tensor, scale: np.ndarray) -> np.ndarray:
     return ((k.double() + 0.5) * torch.as_tensor(scale) - 0.5).numpy()
 
 
+def _double(H_0to1: np.ndarray, setting: str) -> HomographyWarpDouble:
+    """Network double for hloc pairs whose ``image1 = H_0to1(image0)``.
+
+    The adapter gives hloc's ``image1`` to the core as image A (hloc's convention for dense matchers), so the
+    double's A -> B homography is the inverse.
+    """
+    return HomographyWarpDouble(np.linalg.inv(H_0to1), setting=setting)
+
+
 # ---------------------------------------------------------------------------------------- no hloc needed
 @pytest.mark.parametrize("setting", ["turbo", "precise"])
 def test_keypoints_follow_homography_after_hloc_rescaling(setting):
@@ -54,7 +63,7 @@ def test_keypoints_follow_homography_after_hloc_rescaling(setting):
     scale0, scale1 = orig0 / np.array(t0[::-1]), orig1 / np.array(t1[::-1])
     # The homography the double sees lives in the tensors' pixel frames.
     H_t = np.linalg.inv(_tensor_to_orig(scale1)) @ H_ORIG @ _tensor_to_orig(scale0)
-    double = HomographyWarpDouble(H_t, setting="turbo")
+    double = _double(H_t, setting="turbo")
     net = adapter.build_dense_matcher({"setting": setting, "max_num_matches": 3000}, core=double)
     assert double.bidirectional == SETTINGS[setting].bidirectional
     data = {"image0": torch.rand(1, 3, *t0), "image1": torch.rand(1, 3, *t1)}
@@ -71,6 +80,31 @@ def test_keypoints_follow_homography_after_hloc_rescaling(setting):
     assert err.max() < 0.05, err.max()
 
 
+def test_image1_is_the_grid_side_and_image0_is_refined():
+    """hloc's convention for dense matchers (its LoFTR adapter: "we refine kpts in image0"). In a
+    one-direction setting the core's A side is its working grid: image1's keypoints are grid points (the same
+    in every pair that image1 is part of), image0's are where the warp lands."""
+    t0, t1 = (240, 300), (270, 330)  # tensor sizes (H, W)
+    s = SETTINGS["turbo"]
+    assert not s.bidirectional
+    net = adapter.build_dense_matcher(
+        {"setting": "turbo", "max_num_matches": 2000}, core=_double(H_ORIG, "turbo")
+    )
+    pred = adapter.dense_predict(
+        net, {"image0": torch.rand(1, 3, *t0), "image1": torch.rand(1, 3, *t1)}, 2000
+    )
+    k0, k1 = pred["keypoints0"].double().numpy(), pred["keypoints1"].double().numpy()
+    assert len(k0) > 1000
+
+    def grid_coords(k, hw):  # keypoints in cells of the s.W_lr x s.H_lr grid over the tensor
+        return (k + 0.5) * np.array([s.W_lr / hw[1], s.H_lr / hw[0]]) - 0.5
+
+    g1, g0 = grid_coords(k1, t1), grid_coords(k0, t0)
+    assert np.abs(g1 - g1.round()).max() < 1e-3
+    assert np.abs(g0 - g0.round()).max() > 0.2  # off the grid: refined
+    assert np.abs(_apply_h(H_ORIG, k0) - k1).max() < 0.02
+
+
 def test_threshold_mode_keeps_top_scores():
     double = HomographyWarpDouble(np.eye(3), setting="turbo")
     net = adapter.build_dense_matcher(
@@ -84,19 +118,47 @@ def test_threshold_mode_keeps_top_scores():
     torch.testing.assert_close(top["keypoints1"], top["keypoints0"], atol=1e-3, rtol=0)
 
 
-def test_sampling_is_reproducible_and_num_samples_alias():
-    double = HomographyWarpDouble(np.eye(3), setting="turbo")
+def test_sampling_is_reproducible():
+    double = _double(H_ORIG, setting="turbo")
     data = {"image0": torch.rand(1, 3, 64, 64), "image1": torch.rand(1, 3, 64, 64)}
-    a = adapter.dense_predict(
-        adapter.build_dense_matcher({"setting": "turbo", "num_samples": 200}, core=double), data, 200
-    )
-    b = adapter.dense_predict(
-        adapter.build_dense_matcher({"setting": "turbo", "num_samples": 200}, core=double), data, 200
-    )
+
+    def run(seed):
+        conf = {"setting": "turbo", "max_num_matches": 200, "seed": seed}
+        return adapter.dense_predict(adapter.build_dense_matcher(conf, core=double), data, 200)
+
+    a, b, c = run(0), run(0), run(1)
     assert len(a["scores"]) == 200
     torch.testing.assert_close(a["keypoints0"], b["keypoints0"])
+    torch.testing.assert_close(a["keypoints1"], b["keypoints1"])
+    assert not torch.equal(a["keypoints0"], c["keypoints0"])  # the seed is used
     with pytest.raises(ValueError, match="max_num_matches"):
         adapter.build_dense_matcher({"max_num_matches": None}, core=double)
+
+
+@pytest.mark.parametrize("typo", ["num_sample", "max_num_match", "sede", "num_samples"])
+def test_unknown_model_keys_are_rejected_with_the_valid_ones(typo):
+    double = HomographyWarpDouble(np.eye(3), setting="turbo")
+    with pytest.raises(
+        ValueError, match=rf"unknown key\(s\) .*: {typo}; valid keys: name, weights, setting"
+    ) as e:
+        adapter.build_dense_matcher({"name": "romav2", "setting": "turbo", typo: 1}, core=double)
+    assert all(k in str(e.value) for k in adapter.DEFAULT_MODEL_CONF)
+
+
+def test_weights_are_passed_through_to_from_pretrained(monkeypatch):
+    """``weights: "tiny"`` (the shipped small model), a path or a URL reach ``RoMaV2.from_pretrained`` as given."""
+    from romav2_plugin.model import RoMaV2
+
+    seen = []
+
+    def fake(weights=None, **kwargs):
+        seen.append((weights, kwargs))
+        return HomographyWarpDouble(np.eye(3), setting=kwargs["setting"])
+
+    monkeypatch.setattr(RoMaV2, "from_pretrained", staticmethod(fake))
+    for weights in ("tiny", "/some/romav2.pt", None):
+        adapter.build_dense_matcher({"name": "romav2", "weights": weights, "setting": "base", "amp": False})
+    assert seen == [(w, {"setting": "base", "amp": False}) for w in ("tiny", "/some/romav2.pt", None)]
 
 
 def test_without_hloc_nothing_happens_and_errors_name_the_extra(monkeypatch):
@@ -121,14 +183,20 @@ def test_import_romav2_plugin_does_not_import_hloc():
 
 
 # ---------------------------------------------------------------------------------------- with hloc
-@pytest.fixture
-def hloc():
-    return pytest.importorskip("hloc")
-
-
+# The ``hloc`` fixture (conftest.py) takes upstream hloc from ../shared/thirdparty/hloc when none is installed.
 @pytest.fixture
 def match_dense(hloc):
     return adapter.ensure_registered()
+
+
+def test_hloc_and_the_parts_we_use_import_here_and_in_subprocesses(hloc):
+    """CI guard: where hloc is available, the pipeline modules import (in-process and for the CLI tests)."""
+    from hloc import match_dense, reconstruction, triangulation  # noqa: F401
+
+    assert adapter.register() is True
+    code = "import hloc.match_dense, hloc.reconstruction, hloc.triangulation, pycolmap"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_registration_is_idempotent_and_adds_only_ours(match_dense):
@@ -161,27 +229,38 @@ def test_conf_sanity(match_dense, name):
     conf = match_dense.confs[name]
     assert set(conf) == {"output", "model", "preprocessing", "max_error", "cell_size"}
     assert conf["output"] not in {c["output"] for k, c in match_dense.confs.items() if k != name}
-    model = {**adapter.DEFAULT_MODEL_CONF, **conf["model"]}
-    assert {"weights", "setting", "amp", "max_num_matches", "num_samples", "sample_mode"} <= set(model)
-    assert model["weights"] is None and model["sample_mode"] in ("balanced", "threshold")
-    s = SETTINGS[model["setting"]]
-    assert {"romav2": "precise", "romav2_fast": "base"}.get(name, model["setting"]) == model["setting"]
+    model = adapter.check_model_conf(conf["model"])  # only known keys
+    assert model["weights"] is None and model["sample_mode"] == "balanced"
+    # The README's table: setting, resize_max, max_error / cell_size, matches per pair.
+    expected = {
+        "romav2": ("precise", 1280, 1, 1, 5000),
+        "romav2_fast": ("base", 1024, 1, 1, 5000),
+        "romav2_aachen": ("precise", 1280, 2, 8, 10000),
+    }[name]
     pre = conf["preprocessing"]
+    got = (
+        model["setting"],
+        pre["resize_max"],
+        conf["max_error"],
+        conf["cell_size"],
+        model["max_num_matches"],
+    )
+    assert got == expected
+    s = SETTINGS[model["setting"]]
     assert pre["grayscale"] is False and pre["dfactor"] >= 1
     assert pre["resize_max"] >= max(s.H_hr or s.H_lr, s.W_hr or s.W_lr)  # the core does the downsizing
-    assert conf["cell_size"] >= conf["max_error"] > 0
 
 
 def test_hloc_model_forward_with_double(match_dense, monkeypatch):
     import hloc.matchers
     from hloc.utils.base_model import dynamic_load
 
-    monkeypatch.setattr(
-        adapter, "_load_core", lambda conf: HomographyWarpDouble(H_ORIG, setting=conf["setting"])
-    )
+    monkeypatch.setattr(adapter, "_load_core", lambda conf: _double(H_ORIG, setting=conf["setting"]))
     Model = dynamic_load(hloc.matchers, "romav2")
     model = Model({**match_dense.confs["romav2"]["model"], "setting": "turbo", "max_num_matches": 500}).eval()
     assert model.conf["sample_mode"] == "balanced"  # hloc's BaseModel merged our defaults
+    with pytest.raises(ValueError, match="max_num_match; valid keys"):  # through hloc's BaseModel too
+        Model({**match_dense.confs["romav2"]["model"], "max_num_match": 500})
     pred = model({"image0": torch.rand(1, 3, 200, 260), "image1": torch.rand(1, 3, 210, 250)})
     assert len(pred["scores"]) == 500
     err = np.linalg.norm(
@@ -220,9 +299,7 @@ def scene(tmp_path, hloc):
 @pytest.fixture
 def double_conf(match_dense, monkeypatch):
     """``romav2`` conf (turbo) whose network is the homography double (no weights needed)."""
-    monkeypatch.setattr(
-        adapter, "_load_core", lambda conf: HomographyWarpDouble(H_ORIG, setting=conf["setting"])
-    )
+    monkeypatch.setattr(adapter, "_load_core", lambda conf: _double(H_ORIG, setting=conf["setting"]))
     conf = copy.deepcopy(match_dense.confs["romav2"])
     conf["model"].update(setting="turbo", max_num_matches=1000)
     return conf
@@ -324,7 +401,7 @@ def test_bad_inputs_are_reported_before_anything_is_written(double_conf, scene):
 
 
 def test_pycolmap_import_and_geometric_verification(double_conf, scene, match_dense):
-    pycolmap = pytest.importorskip("pycolmap")
+    import pycolmap
     from hloc import reconstruction, triangulation
 
     tmp, images, pairs = scene
@@ -380,21 +457,22 @@ def test_match_dense_main_random_weights_agrees_with_core_warp(
         raw0, raw1 = fd["A.jpg/B.jpg/keypoints0"][()], fd["A.jpg/B.jpg/keypoints1"][()]
     assert 0 < len(raw0) <= conf["model"]["max_num_matches"]
 
-    # The core's dense warp on exactly the tensors hloc fed (turbo: one direction, A's grid).
+    # The core's dense warp on exactly the tensors hloc fed (turbo: one direction). hloc's image1 (B.jpg) is
+    # the core's A: its keypoints are the grid points, image0's (A.jpg) where the warp takes them.
     img0, img1, scale0, scale1, _, _ = ImagePairDataset(images, conf["preprocessing"], [("A.jpg", "B.jpg")])[
         0
     ]
-    preds = random_model.match(img0[None], img1[None])
+    preds = random_model.match(img1[None], img0[None])
     warp = preds["warp_AB"][0].double()
     h, w = warp.shape[:2]
     (H0, W0), (H1, W1) = img0.shape[-2:], img1.shape[-2:]
-    t0 = (torch.from_numpy(raw0).double() + 0.5) / torch.from_numpy(scale0) - 0.5  # back into the tensor
-    g = to_pixel(to_normalized(t0, H0, W0, pixel_center=0.0), h, w, pixel_center=0.0)
+    t1 = (torch.from_numpy(raw1).double() + 0.5) / torch.from_numpy(scale1) - 0.5  # back into the tensor
+    g = to_pixel(to_normalized(t1, H1, W1, pixel_center=0.0), h, w, pixel_center=0.0)
     gi = g.round()
-    assert (g - gi).abs().max() < 1e-3  # every A keypoint is a grid point of the warp
-    xb = warp[gi[:, 1].long(), gi[:, 0].long()]
-    expect1 = _hloc_rescale(to_pixel(xb, H1, W1, pixel_center=0.0), scale1)
-    assert np.abs(expect1 - raw1).max() < 0.01
+    assert (g - gi).abs().max() < 1e-3  # every image1 keypoint is a grid point of the warp
+    x0 = warp[gi[:, 1].long(), gi[:, 0].long()]
+    expect0 = _hloc_rescale(to_pixel(x0, H0, W0, pixel_center=0.0), scale0)
+    assert np.abs(expect0 - raw0).max() < 0.01
 
     # Final (quantised) matches: each comes from a raw match within max_error at both ends.
     m, _ = get_matches(matches, "A.jpg", "B.jpg")

@@ -11,6 +11,11 @@ kornia is touched). Example::
 
 Keypoints are pixel coordinates of each *input* image with the kornia/OpenCV convention: the centre of
 the top-left pixel is ``(0, 0)``. Float values outside ``[0, 1]`` are rejected (``ValueError``), not clipped.
+Inputs (images and masks: shape, dtype, batch) are checked before the network runs.
+
+Sampling default: only matches with overlap above ``min_overlap=0.5`` are drawn, so, as with LoFTR's
+confidence threshold, unrelated images give few or no matches instead of ``num_samples`` random ones;
+``min_overlap=None`` samples exactly as the official ``RoMaV2.sample()``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from romav2_plugin.model import RoMaV2 as _CoreRoMaV2
 __all__ = ["RoMaV2", "register"]
 
 _SAMPLE_MODES = ("balanced", "threshold")
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def _scale_precision(P: torch.Tensor, work_hw: tuple[int, int], img_hw: tuple[int, int]) -> torch.Tensor:
@@ -49,6 +55,8 @@ class RoMaV2(nn.Module):
         device: where to put the model.
         seed: ``None`` (torch's global RNG), an int or a ``torch.Generator`` for reproducible sampling.
         model: an already-built core model (e.g. ``romav2_plugin.RoMaV2``) instead of ``weights``.
+        min_overlap: ``"balanced"`` mode: only matches with overlap above it are drawn (default 0.5: unrelated
+            images give few or no matches); ``None``: the official sampler's behaviour.
     """
 
     def __init__(
@@ -62,8 +70,11 @@ class RoMaV2(nn.Module):
         device: torch.device | str | None = None,
         seed: int | torch.Generator | None = None,
         model: nn.Module | None = None,
+        min_overlap: float | None = 0.5,
     ) -> None:
         super().__init__()
+        if min_overlap is not None and not 0.0 <= float(min_overlap) < 1.0:
+            raise ValueError(f"min_overlap must lie in [0, 1) or be None, got {min_overlap}")
         if sample_mode not in _SAMPLE_MODES:
             raise ValueError(f"Unknown sample_mode {sample_mode!r}; choose one of {_SAMPLE_MODES}")
         if int(num_samples) <= 0:
@@ -79,6 +90,7 @@ class RoMaV2(nn.Module):
         self.sample_mode = sample_mode
         self.confidence_threshold = float(confidence_threshold)
         self.seed = seed
+        self.min_overlap = None if min_overlap is None else float(min_overlap)
         self.eval()
 
     @staticmethod
@@ -98,6 +110,40 @@ class RoMaV2(nn.Module):
         return data["image0"], data["image1"]
 
     @staticmethod
+    def _check_mask(key: str, mask: Any, image: torch.Tensor) -> torch.Tensor:
+        """A validity mask as ``(B, H, W)`` bool; ``(B, 1, H, W)`` is accepted too. Anything else (another
+        size, transposed, no batch dimension, values other than 0/1) is refused with a ``ValueError``."""
+        B, _, H, W = image.shape
+        img = "image" + key[-1]
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"{key} must be a (B, H, W) tensor, got {type(mask).__name__}")
+        shape = tuple(mask.shape)
+        if mask.ndim == 4 and mask.shape[1] == 1:
+            mask = mask[:, 0]
+        if tuple(mask.shape) != (B, H, W):
+            hint = ""
+            if mask.ndim == 2 and tuple(mask.shape) == (H, W):
+                hint = f"; add the batch dimension: {key}[None] (or expand it to the batch)"
+            elif mask.ndim == 3 and tuple(mask.shape) == (B, W, H):
+                hint = "; it looks transposed (B, W, H)"
+            elif mask.ndim == 3 and mask.shape[0] != B and tuple(mask.shape[1:]) == (H, W):
+                hint = f"; its batch size differs from {img}'s"
+            raise ValueError(
+                f"{key} must have the shape (B, H, W) = {(B, H, W)} of {img} {tuple(image.shape)} "
+                f"(or (B, 1, H, W)), got {shape}{hint}. Masks are not resized."
+            )
+        if mask.dtype == torch.bool:
+            return mask
+        if mask.is_complex() or not (mask.is_floating_point() or mask.dtype in _INT_DTYPES):
+            raise ValueError(f"{key}: unsupported dtype {mask.dtype}; use bool (True on valid pixels)")
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ValueError(
+                f"{key} ({mask.dtype}) must hold only 0 and 1 (or be bool: True on valid pixels), "
+                f"got values in [{float(mask.min()):g}, {float(mask.max()):g}]"
+            )
+        return mask != 0
+
+    @staticmethod
     def _in_mask(mask: torch.Tensor, kpts: torch.Tensor) -> torch.Tensor:
         """Value of a ``(H, W)`` validity mask at the pixel containing each keypoint ``(N, 2)``."""
         H, W = mask.shape
@@ -111,8 +157,9 @@ class RoMaV2(nn.Module):
 
         Args:
             data: ``image0 (B, 1|3, H0, W0)``, ``image1 (B, 1|3, H1, W1)`` float in ``[0, 1]``; optional
-                ``mask0 (B, H0, W0)``, ``mask1 (B, H1, W1)``: True/1 on valid pixels (LoFTR's padding
-                masks); matches starting or landing on invalid pixels are removed.
+                ``mask0 (B, H0, W0)``, ``mask1 (B, H1, W1)`` (or ``(B, 1, H, W)``), bool or 0/1: True/1 on
+                valid pixels (LoFTR's padding masks), the size of their image (not resized); matches starting
+                or landing on invalid pixels are removed. Checked before the network runs.
 
         Returns:
             ``keypoints0 (N, 2)``, ``keypoints1 (N, 2)`` pixel coordinates (top-left pixel centre at
@@ -120,6 +167,7 @@ class RoMaV2(nn.Module):
             bidirectional, ``precision0``/``precision1 (N, 2, 2)`` in input-image pixel units.
         """
         img0, img1 = self._check(data)
+        masks = {k: self._check_mask(k, data[k], img) for k, img in (("mask0", img0), ("mask1", img1)) if k in data}
         (B, _, H0, W0), (_, _, H1, W1) = img0.shape, img1.shape
         preds = self.model.match(img0, img1)
         work_hw = tuple(preds["warp_AB"].shape[1:3])
@@ -127,15 +175,17 @@ class RoMaV2(nn.Module):
         out: dict[str, list[torch.Tensor]] = {k: [] for k in ("keypoints0", "keypoints1", "confidence", "batch_indexes", "precision0", "precision1")}
         for b in range(B):
             if self.sample_mode == "balanced":
-                m, c, p0, p1 = self.model.sample(preds, self.num_samples, batch_index=b, generator=gen)
+                m, c, p0, p1 = self.model.sample(
+                    preds, self.num_samples, batch_index=b, generator=gen, min_overlap=self.min_overlap
+                )
             else:
                 m, c, p0, p1 = self.model.grid_matches(preds, self.confidence_threshold, batch_index=b)
             k0, k1 = self.model.to_pixel_coordinates(m, H0, W0, H1, W1, pixel_center=0.0)
             keep = torch.ones(len(k0), dtype=torch.bool, device=k0.device)
-            if "mask0" in data:
-                keep &= self._in_mask(data["mask0"][b].to(k0.device), k0)
-            if "mask1" in data:
-                keep &= self._in_mask(data["mask1"][b].to(k1.device), k1)
+            if "mask0" in masks:
+                keep &= self._in_mask(masks["mask0"][b].to(k0.device), k0)
+            if "mask1" in masks:
+                keep &= self._in_mask(masks["mask1"][b].to(k1.device), k1)
             out["keypoints0"].append(k0[keep])
             out["keypoints1"].append(k1[keep])
             out["confidence"].append(c[keep])

@@ -84,3 +84,24 @@ def test_huge_image_refused_before_decoding(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="10x10 exceeds the limit of 50 pixels"):
         io.load_image(tmp_path / "big.png")
     assert Image.MAX_IMAGE_PIXELS is not None  # PIL's own guard is left as it was
+
+
+def test_range_error_shows_the_offending_value_unrounded():
+    x = torch.full((1, 3, 8, 8), 0.5)
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = 1.000001, 1e-6
+    with pytest.raises(ValueError, match=r"got \[1e-06, 1\.000001\]"):
+        to_tensor_image(x)
+
+
+def test_folder_is_not_called_missing_and_probe_checks_headers(tmp_path):
+    from romav2_plugin.io import probe_image
+
+    with pytest.raises(ValueError, match="is a folder, not an image file"):
+        load_image(tmp_path)
+    with pytest.raises(ValueError, match="is a folder"):
+        probe_image(tmp_path)
+    Image.fromarray(np.zeros((10, 30, 3), np.uint8)).save(tmp_path / "s.png")
+    with pytest.raises(ValueError, match="30x10 is too small"):
+        probe_image(tmp_path / "s.png")
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "ok.png")
+    assert probe_image(tmp_path / "ok.png") == (30, 20)

@@ -11,9 +11,9 @@ import torch
 kornia = pytest.importorskip("kornia")
 
 import kornia.feature as KF  # noqa: E402
-from romav2_plugin.adapters.kornia import RoMaV2 as AdapterRoMaV2  # noqa: E402
 
 import romav2_plugin  # noqa: E402,F401  (registers KF.RoMaV2)
+from romav2_plugin.adapters.kornia import RoMaV2 as AdapterRoMaV2  # noqa: E402
 from romav2_plugin.testing import HomographyWarpDouble  # noqa: E402
 
 H_TRUE = torch.tensor([[1.05, 0.04, 6.0], [-0.03, 0.97, -3.0], [2e-4, -1e-4, 1.0]], dtype=torch.float64)
@@ -99,7 +99,7 @@ def test_random_weights_keypoints_follow_core_warp(random_model):
     random_model.apply_setting("turbo")
     random_model.H_lr = random_model.W_lr = 160
     try:
-        m = KF.RoMaV2(model=random_model, num_samples=300, seed=0)
+        m = KF.RoMaV2(model=random_model, num_samples=300, seed=0, min_overlap=None)
         img0 = torch.rand(1, 3, 150, 210, generator=torch.Generator().manual_seed(0))
         img1 = torch.rand(1, 3, 170, 190, generator=torch.Generator().manual_seed(1))
         out = m({"image0": img0, "image1": img1})
@@ -134,3 +134,63 @@ def test_module_behaviour_and_bad_input(random_model):
     # state_dict of a real model wraps the core's keys
     wrapped = KF.RoMaV2(model=random_model)
     assert "model.matcher.omega" in wrapped.state_dict()
+
+
+# ------------------------------------------------------------------ masks checked before the network (#15)
+class _NoNetwork(HomographyWarpDouble):
+    def match(self, img_A, img_B):
+        raise AssertionError("the network ran on invalid input")
+
+
+_B, _H, _W = 2, 48, 64
+
+
+@pytest.mark.parametrize(
+    "mask, expect",
+    [
+        (torch.ones(_B, _H // 2, _W // 2, dtype=torch.bool), r"shape \(B, H, W\) = \(2, 48, 64\).*got \(2, 24, 32\)"),
+        (torch.ones(_B, _W, _H, dtype=torch.bool), "looks transposed"),
+        (torch.ones(_H, _W, dtype=torch.bool), r"add the batch dimension: mask0\[None\]"),
+        (torch.ones(_B + 1, _H, _W, dtype=torch.bool), "batch size differs"),
+        (torch.ones(_B, 2, _H, _W, dtype=torch.bool), "got \\(2, 2, 48, 64\\)"),
+        (torch.full((_B, _H, _W), 0.5), "must hold only 0 and 1"),
+        (torch.ones(_B, _H, _W, dtype=torch.complex64), "unsupported dtype"),
+        ([[1]], "must be a \\(B, H, W\\) tensor"),
+    ],
+    ids=["half-size", "transposed", "no-batch", "wrong-batch", "two-channels", "float-0.5", "complex", "list"],
+)
+def test_bad_masks_refused_before_the_network(mask, expect):
+    m = KF.RoMaV2(model=_NoNetwork(H_TRUE), setting="turbo", num_samples=100)
+    with pytest.raises(ValueError, match=expect):
+        m({"image0": torch.rand(_B, 3, _H, _W), "image1": torch.rand(_B, 3, _H, _W), "mask0": mask})
+
+
+@pytest.mark.parametrize("form", ["B1HW", "uint8", "float01"])
+def test_accepted_mask_forms_give_the_same_result(form):
+    m = KF.RoMaV2(model=HomographyWarpDouble(H_TRUE), setting="turbo", num_samples=300, seed=0)
+    img0, img1 = torch.rand(1, 3, 200, 260), torch.rand(1, 3, 220, 240)
+    mask = torch.ones(1, 200, 260, dtype=torch.bool)
+    mask[:, :, 130:] = False
+    ref = m({"image0": img0, "image1": img1, "mask0": mask})
+    other = {"B1HW": mask[:, None], "uint8": mask.to(torch.uint8), "float01": mask.float()}[form]
+    out = m({"image0": img0, "image1": img1, "mask0": other})
+    assert torch.equal(out["keypoints0"], ref["keypoints0"]) and (ref["keypoints0"][:, 0].round() < 130).all()
+
+
+class _Unrelated(HomographyWarpDouble):
+    def match(self, img_A, img_B):
+        out = super().match(img_A, img_B)
+        out["overlap_AB"] = 0.1 * torch.ones_like(out["overlap_AB"])  # what a network says for unrelated images
+        return out
+
+
+def test_unrelated_images_give_no_matches_by_default():
+    img0, img1 = torch.rand(1, 3, 120, 160), torch.rand(1, 3, 120, 160)
+    out = KF.RoMaV2(model=_Unrelated(H_TRUE), setting="turbo", num_samples=500, seed=0)({"image0": img0, "image1": img1})
+    assert len(out["keypoints0"]) == 0
+    official = KF.RoMaV2(model=_Unrelated(H_TRUE), setting="turbo", num_samples=500, seed=0, min_overlap=None)
+    assert len(official({"image0": img0, "image1": img1})["keypoints0"]) == 500
+    related = KF.RoMaV2(model=HomographyWarpDouble(H_TRUE), setting="turbo", num_samples=500, seed=0)
+    assert len(related({"image0": img0, "image1": img1})["keypoints0"]) == 500
+    with pytest.raises(ValueError, match="min_overlap"):
+        KF.RoMaV2(model=HomographyWarpDouble(H_TRUE), min_overlap=1.5)

@@ -32,21 +32,32 @@ def imagenet_normalize(img: torch.Tensor) -> torch.Tensor:
 def _create_timm_vit(cfg: BackboneConfig, num_blocks: int | None = None) -> nn.Module:
     import timm
 
-    model = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True)
+    model = timm.create_model(
+        cfg.timm_name,
+        pretrained=False,
+        num_classes=0,
+        dynamic_img_size=True,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+    )
     if num_blocks is not None:
         model.prune_intermediate_layers(indices=list(range(num_blocks)), prune_norm=False, prune_head=True)
     return model
 
 
 class DINOv3Backbone(nn.Module):
-    """DINOv3 ViT-L/16 returning normed intermediate patch tokens.
+    """DINOv3 ViT/16 returning normed intermediate patch tokens.
+
+    Frozen (``requires_grad=False``) after construction, as in the official model; when its parameters
+    are made trainable (``romav2-tiny``, fine-tuning) the forward pass records gradients.
 
     Forward:
         img: ``(B, 3, H, W)`` float in ``[0, 1]``, ``H`` and ``W`` multiples of 16.
 
     Returns:
-        list of ``len(cfg.layers)`` tensors ``(B, H/16, W/16, 1024)`` (prefix tokens dropped, final norm
-        applied), in the dtype the backbone ran in.
+        list of ``len(cfg.layers)`` tensors ``(B, H/16, W/16, embed_dim)`` (prefix tokens dropped, final
+        norm applied), in the dtype the backbone ran in.
     """
 
     def __init__(self, cfg: BackboneConfig | None = None) -> None:
@@ -63,7 +74,8 @@ class DINOv3Backbone(nn.Module):
         param_dtype = self.vit.patch_embed.proj.weight.dtype
         if not amp:
             x = x.to(param_dtype)
-        with torch.no_grad(), torch.autocast(img.device.type, dtype=torch.bfloat16, enabled=amp):
+        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.vit.parameters())
+        with torch.set_grad_enabled(trainable), torch.autocast(img.device.type, dtype=torch.bfloat16, enabled=amp):
             outs = self.vit.forward_intermediates(
                 x,
                 indices=list(self.cfg.layers),

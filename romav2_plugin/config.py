@@ -9,6 +9,8 @@ and unknown setting names raise a :class:`ValueError` that lists the valid choic
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -20,6 +22,10 @@ __all__ = [
     "RefinerConfig",
     "FineFeaturesConfig",
     "MatchSetting",
+    "ARCHITECTURES",
+    "get_architecture",
+    "tiny_config",
+    "config_to_dict",
     "RoMaV2Config",
     "SETTINGS",
     "get_setting",
@@ -29,17 +35,29 @@ __all__ = [
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """Frozen DINOv3 ViT-L/16 (timm ``vit_large_patch16_dinov3_qkvb``) used as coarse descriptor.
+    """DINOv3 ViT/16 coarse descriptor (timm ``vit_large_patch16_dinov3_qkvb`` with these dimensions).
 
-    Only blocks up to ``max(layers)`` are built; their outputs are normed and returned as
-    ``(B, H/16, W/16, 1024)`` maps.
+    ``depth`` is the number of blocks of the checkpoint; only blocks up to ``max(layers)`` are built,
+    their outputs are normed and returned as ``(B, H/16, W/16, embed_dim)`` maps. The official model
+    is ViT-L (1024 wide, 24 blocks, 16 heads) and frozen; smaller widths/depths (``romav2-tiny``) use
+    the same timm architecture and are trained.
     """
 
     timm_name: str = "vit_large_patch16_dinov3_qkvb"
     layers: tuple[int, ...] = (11, 17)
     patch_size: int = 16
     embed_dim: int = 1024
-    num_blocks_in_checkpoint: int = 24
+    depth: int = 24
+    num_heads: int = 16
+
+    def __post_init__(self) -> None:
+        if not self.layers or max(self.layers) >= self.depth or min(self.layers) < 0:
+            raise ValueError(f"BackboneConfig.layers {self.layers} must index blocks 0..{self.depth - 1}")
+        if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 4:
+            raise ValueError(
+                f"BackboneConfig: embed_dim {self.embed_dim} must split into {self.num_heads} heads of a "
+                "size divisible by 4 (RoPE)"
+            )
 
 
 @dataclass(frozen=True)
@@ -95,9 +113,16 @@ def _default_refiners() -> tuple[RefinerConfig, ...]:
 
 @dataclass(frozen=True)
 class FineFeaturesConfig:
-    """VGG19-BN trunk up to stride 4 (channels 64, 128, 256 at strides 1, 2, 4)."""
+    """VGG19-BN trunk up to stride 4: ``channels`` at strides 1, 2 and 4 (official: 64, 128, 256)."""
 
-    strides: tuple[int, ...] = (1, 2, 4)
+    channels: tuple[int, int, int] = (64, 128, 256)
+
+    def __post_init__(self) -> None:
+        if len(self.channels) != 3 or min(self.channels) < 1:
+            raise ValueError(f"FineFeaturesConfig.channels must be 3 positive widths, got {self.channels}")
+
+    def channels_at(self, stride: int) -> int:
+        return dict(zip((1, 2, 4), self.channels))[stride]
 
 
 @dataclass(frozen=True)
@@ -126,6 +151,7 @@ _BENCH = MatchSetting(800, 800, 1024, 1024, bidirectional=True, threshold=0.05)
 #: The official presets of RoMa v2 2.0.1 (read-only).
 SETTINGS: Mapping[str, MatchSetting] = MappingProxyType(
     {
+        "tiny": MatchSetting(256, 256),
         "turbo": MatchSetting(320, 320),
         "fast": MatchSetting(512, 512),
         "base": MatchSetting(640, 640),
@@ -165,41 +191,149 @@ class RoMaV2Config:
         strides = [r.stride for r in self.refiners]
         if strides != sorted(strides, reverse=True):
             raise ValueError(f"Refiners must be ordered coarse to fine, got strides {strides}.")
+        if self.matcher.feat_dim != self.backbone.embed_dim:
+            raise ValueError(
+                f"matcher.feat_dim ({self.matcher.feat_dim}) must equal backbone.embed_dim ({self.backbone.embed_dim})"
+            )
+        if self.matcher.num_feature_layers != len(self.backbone.layers):
+            raise ValueError(
+                f"matcher.num_feature_layers ({self.matcher.num_feature_layers}) must equal the number of "
+                f"backbone layers ({len(self.backbone.layers)})"
+            )
+        for r in self.refiners:
+            if r.stride not in (1, 2, 4):
+                raise ValueError(f"Refiner strides must be 1, 2 or 4 (the fine-feature strides), got {r.stride}")
+            want = self.fine_features.channels_at(r.stride)
+            if r.feat_dim != want:
+                raise ValueError(
+                    f"Refiner at stride {r.stride}: feat_dim {r.feat_dim} must equal the fine-feature width "
+                    f"there ({want}, fine_features.channels)"
+                )
+
+
+def tiny_config(setting: str = "tiny") -> RoMaV2Config:
+    """``romav2-tiny``: the same stages, narrower and shallower (about 5 M parameters).
+
+    Backbone: a 6-block, 192-wide DINOv3-style ViT/16 (trained, not frozen), layers 3 and 5; matcher:
+    a 4-block 192-wide multi-view ViT and a 64-feature DPT head; fine features 16/32/64 channels;
+    refiners at strides 4/2/1 with local-correlation radii 3 and 1 and 4 hidden blocks each.
+    """
+    return RoMaV2Config(
+        backbone=BackboneConfig(layers=(3, 5), embed_dim=192, depth=6, num_heads=3),
+        matcher=MatcherConfig(
+            feat_dim=192,
+            vit_dim=192,
+            vit_depth=4,
+            vit_heads=3,
+            out_dim=192,
+            dpt_features=64,
+            dpt_out_channels=(48, 96, 192, 192),
+        ),
+        refiners=(
+            RefinerConfig(stride=4, feat_dim=64, proj_dim=32, displacement_emb_dim=15, local_corr_radius=3,
+                          hidden_blocks=4),
+            RefinerConfig(stride=2, feat_dim=32, proj_dim=16, displacement_emb_dim=23, local_corr_radius=1,
+                          hidden_blocks=4),
+            RefinerConfig(stride=1, feat_dim=16, proj_dim=8, displacement_emb_dim=8, local_corr_radius=None,
+                          hidden_blocks=4),
+        ),
+        fine_features=FineFeaturesConfig(channels=(16, 32, 64)),
+        setting=setting,
+    )
+
+
+#: Named architectures: ``official`` (RoMa v2 as released) and ``tiny`` (:func:`tiny_config`).
+ARCHITECTURES: Mapping[str, Any] = MappingProxyType({"official": RoMaV2Config, "tiny": tiny_config})
+
+
+def get_architecture(name: str) -> RoMaV2Config:
+    """The :class:`RoMaV2Config` of a named architecture (``official`` or ``tiny``)."""
+    if not isinstance(name, str) or name not in ARCHITECTURES:
+        raise ValueError(f"Unknown architecture {name!r}. Valid architectures: {', '.join(ARCHITECTURES)}.")
+    return ARCHITECTURES[name]()
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """A JSON-able dict of a config dataclass (tuples as lists); inverse of :func:`config_from_dict`."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [config_to_dict(v) for v in cfg]
+    return cfg
 
 
 T = TypeVar("T")
 
 
-def config_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
-    """Build a frozen config dataclass from a mapping, rejecting unknown keys.
+def config_from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "") -> T:
+    """Build a frozen config dataclass from a mapping (e.g. parsed TOML/JSON), rejecting unknown keys.
 
-    Nested dataclass fields accept mappings too. Example::
+    Nested dataclass fields accept mappings, tuple fields accept lists, and scalar fields are type-checked;
+    every error names the offending key (``where`` prefixes it, e.g. ``"train.optim."``). Example::
 
         config_from_dict(RoMaV2Config, {"setting": "base", "matcher": {"temperature": 0.1}})
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a config dataclass")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where or cls.__name__}: expected a table of keys, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(
-            f"Unknown {cls.__name__} key(s): {', '.join(unknown)}. Valid keys: {', '.join(fields)}."
+            f"Unknown {cls.__name__} key(s): {', '.join(where + u for u in unknown)}. "
+            f"Valid keys: {', '.join(fields)}."
         )
-    kwargs: dict[str, Any] = {}
-    defaults = cls()  # type: ignore[call-arg]
-    for name, value in data.items():
-        current = getattr(defaults, name)
-        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
-            value = config_from_dict(type(current), value)
-        elif name == "refiners" and isinstance(value, (list, tuple)):
-            value = tuple(v if isinstance(v, RefinerConfig) else config_from_dict_refiner(v) for v in value)
-        kwargs[name] = value
-    return cls(**kwargs)
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _convert(hints[name], value, where + name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required key is missing
+        raise ValueError(f"{where or cls.__name__}: {e}") from None
 
 
-def config_from_dict_refiner(data: Mapping[str, Any]) -> RefinerConfig:
-    fields = {f.name for f in dataclasses.fields(RefinerConfig)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ValueError(f"Unknown RefinerConfig key(s): {', '.join(unknown)}. Valid keys: {', '.join(fields)}.")
-    return RefinerConfig(**data)
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else config_from_dict(tp, value, where=key + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ValueError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{key}: unexpected value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value

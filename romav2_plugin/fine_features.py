@@ -15,22 +15,26 @@ import torch
 from torch import nn
 
 from romav2_plugin.backbone import imagenet_normalize
+from romav2_plugin.config import FineFeaturesConfig
 
 __all__ = ["FineFeatures"]
 
-# (out_channels) per conv, "M" for max-pool: VGG19 configuration up to stride 4 (pre-pool).
-_VGG19_TO_STRIDE4 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256)
+
+def _vgg19_to_stride4(c1: int, c2: int, c4: int) -> tuple[int | str, ...]:
+    """Out channels per conv, ``"M"`` for max-pool: the VGG19 layout up to stride 4 (pre-pool)."""
+    return (c1, c1, "M", c2, c2, "M", c4, c4, c4, c4)
 
 
 class FineFeatures(nn.Module):
-    """Forward: ``img (B, 3, H, W)`` in ``[0, 1]`` -> ``{1: (B, H, W, 64), 2: (B, H/2, W/2, 128),
-    4: (B, H/4, W/4, 256)}`` channels-last views."""
+    """Forward: ``img (B, 3, H, W)`` in ``[0, 1]`` -> ``{1: (B, H, W, c1), 2: (B, H/2, W/2, c2),
+    4: (B, H/4, W/4, c4)}`` channels-last views (official widths 64, 128, 256)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: FineFeaturesConfig | None = None) -> None:
         super().__init__()
+        cfg = cfg or FineFeaturesConfig()
         layers: list[nn.Module] = []
         c_in = 3
-        for v in _VGG19_TO_STRIDE4:
+        for v in _vgg19_to_stride4(*cfg.channels):
             if v == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             else:

@@ -61,19 +61,34 @@ class Matcher(nn.Module):
         x_emb = F.linear(x, self.scale * self.omega).reshape(B, h, w, -1)
         return torch.cat((x_emb.sin(), x_emb.cos()), dim=-1)
 
-    def match_embedding(self, f_A: torch.Tensor, f_B: torch.Tensor, pos_emb_B: torch.Tensor) -> torch.Tensor:
+    def attention_logits(self, f_A: torch.Tensor, f_B: torch.Tensor) -> torch.Tensor:
+        """Single-head A->B attention logits (cosine similarity / temperature).
+
+        Args:
+            f_A, f_B: ``(B, h, w, D)`` float32 multi-view features.
+
+        Returns:
+            ``(B, h*w, h*w)``: row ``i`` (A token, row-major) over the tokens of B.
+        """
+        B, h, w, D = f_A.shape
+        sim = torch.bmm(_normalize(f_A).reshape(B, h * w, D), _normalize(f_B).reshape(B, h * w, D).mT)
+        return (1 / self.temp) * sim
+
+    def match_embedding(
+        self, f_A: torch.Tensor, f_B: torch.Tensor, pos_emb_B: torch.Tensor, logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Soft-argmax of B's position embedding under A->B attention.
 
         Args:
             f_A, f_B: ``(B, h, w, D)`` float32 multi-view features.
             pos_emb_B: ``(B, h, w, E)``.
+            logits: :meth:`attention_logits` if already computed.
 
         Returns:
             ``(B, h, w, E)``.
         """
         B, h, w, D = f_A.shape
-        sim = torch.bmm(_normalize(f_A).reshape(B, h * w, D), _normalize(f_B).reshape(B, h * w, D).mT)
-        attn = torch.softmax((1 / self.temp) * sim, dim=2)
+        attn = torch.softmax(self.attention_logits(f_A, f_B) if logits is None else logits, dim=2)
         return torch.bmm(attn, pos_emb_B.reshape(B, h * w, -1)).reshape(B, h, w, -1)
 
     def forward(
@@ -83,15 +98,18 @@ class Matcher(nn.Module):
         *,
         bidirectional: bool,
         amp: bool = False,
+        return_attention: bool = False,
     ) -> dict[str, torch.Tensor | None]:
         """Coarse warps.
 
         Args:
             f_list_A, f_list_B: backbone layers, each ``(B, h, w, feat_dim)``.
+            return_attention: also return the attention logits (for the matcher's NLL loss in training).
 
         Returns:
             ``warp_AB (B, 4h, 4w, 2)``, ``confidence_AB (B, 4h, 4w, 1)`` and the ``_BA`` ones (``None``
-            when not bidirectional).
+            when not bidirectional); with ``return_attention``, ``attention_AB`` / ``attention_BA``
+            ``(B, h*w, h*w)`` logits.
         """
         f_A = torch.cat(f_list_A, dim=-1)
         f_B = torch.cat(f_list_B, dim=-1)
@@ -109,13 +127,14 @@ class Matcher(nn.Module):
         # Both directions go through the DPT head as one batch of 2B (exact: the head is per-sample).
         f_lists = [f_list_A] + ([f_list_B] if bidirectional else [])
         f_mvs = [(f_mv_A, f_mv_B)] + ([(f_mv_B, f_mv_A)] if bidirectional else [])
+        logits = [self.attention_logits(f_mv_X, f_mv_Y) for f_mv_X, f_mv_Y in f_mvs]
         tokens = []
         for i in range(len(f_list_A)):
             parts = []
-            for f_list, (f_mv_X, f_mv_Y) in zip(f_lists, f_mvs):
+            for f_list, (f_mv_X, f_mv_Y), lg in zip(f_lists, f_mvs, logits):
                 t = f_list[i]
                 if i == len(f_list_A) - 1:
-                    t = t + f_mv_X + self.match_embedding(f_mv_X, f_mv_Y, pos_emb)
+                    t = t + f_mv_X + self.match_embedding(f_mv_X, f_mv_Y, pos_emb, lg)
                 parts.append(t)
             tokens.append(torch.cat(parts, dim=0))
         out = self.head(tokens, amp=amp)
@@ -124,4 +143,8 @@ class Matcher(nn.Module):
         warp_BA = conf_BA = None
         if bidirectional:
             warp_BA, conf_BA = warp[B:], conf[B:]
-        return {"warp_AB": warp_AB, "confidence_AB": conf_AB, "warp_BA": warp_BA, "confidence_BA": conf_BA}
+        out = {"warp_AB": warp_AB, "confidence_AB": conf_AB, "warp_BA": warp_BA, "confidence_BA": conf_BA}
+        if return_attention:
+            out["attention_AB"] = logits[0]
+            out["attention_BA"] = logits[1] if bidirectional else None
+        return out

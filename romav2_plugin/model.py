@@ -82,7 +82,7 @@ class RoMaV2(nn.Module):
         self.f = DINOv3Backbone(cfg.backbone)
         self.matcher = Matcher(cfg.matcher)
         self.refiners = build_refiners(cfg.refiners)
-        self.refiner_features = FineFeatures()
+        self.refiner_features = FineFeatures(cfg.fine_features)
         self.anchor_width = cfg.anchor_width
         self.anchor_height = cfg.anchor_height
         self.amp = amp
@@ -97,24 +97,36 @@ class RoMaV2(nn.Module):
         cls,
         weights: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
         *,
-        setting: str = "precise",
+        setting: str | None = None,
         device: torch.device | str | None = None,
         amp: bool | None = None,
         config: RoMaV2Config | None = None,
     ) -> RoMaV2:
-        """Build the model and load the official weights.
+        """Build the model and load weights in the official layout.
 
         Args:
             weights: ``None`` (``$ROMAV2_WEIGHTS``, else the official release URL, downloaded once and
-                cached), a local path, a URL, or an official-layout state dict.
+                cached), ``"tiny"`` (romav2-tiny, shipped inside the package: see
+                :mod:`romav2_plugin.pretrained`), a local path, a URL, or an official-layout state dict.
+            setting: named preset; default: the config's (``precise`` for the official model, ``tiny``
+                for romav2-tiny).
+            config: the architecture. Default: the official one, or the ``config`` recorded in a model
+                card beside the file (``<file stem>.json``, written by ``romav2-train``), or romav2-tiny's.
         """
+        from romav2_plugin import pretrained
         from romav2_plugin.weights import load_checkpoint, resolve_weights
 
-        get_setting(setting)
+        if setting is not None:
+            get_setting(setting)
         if isinstance(weights, Mapping):
             sd = dict(weights)
+        elif isinstance(weights, str) and pretrained.is_named(weights):
+            sd, card_config = pretrained.load_named(weights)
+            config = config or card_config
         else:
-            sd = load_checkpoint(resolve_weights(weights))
+            path = resolve_weights(weights)
+            sd = load_checkpoint(path)
+            config = config or pretrained.config_from_card(path)
         model = cls(config, setting=setting, amp=amp)
         model.load_official_state_dict(sd)
         model.eval()
@@ -127,7 +139,7 @@ class RoMaV2(nn.Module):
         from romav2_plugin.weights import check_layout, official_layout, official_to_internal
 
         check_layout(sd, official_layout(self))
-        internal = official_to_internal(sd, self.f.num_blocks)
+        internal = official_to_internal(sd, self.f.num_blocks, self.cfg.backbone)
         # timm's k_bias (fixed zero) and RoPE periods are non-persistent buffers: not part of the mapping.
         self.load_state_dict(internal, strict=True)
 
@@ -154,7 +166,8 @@ class RoMaV2(nn.Module):
     def _resolve_amp(self, device: torch.device) -> bool:
         amp = self.amp if self.amp is not None else device.type == "cuda"
         want = torch.bfloat16 if amp else torch.float32
-        if self.f.vit.patch_embed.proj.weight.dtype != want:
+        trainable = any(p.requires_grad for p in self.f.parameters())
+        if self.f.vit.patch_embed.proj.weight.dtype != want and not trainable:
             self.f.to(want)  # the official model holds the frozen backbone in bf16 under amp
         return amp
 
@@ -223,12 +236,18 @@ class RoMaV2(nn.Module):
         img_B_lr: torch.Tensor,
         img_A_hr: torch.Tensor | None = None,
         img_B_hr: torch.Tensor | None = None,
+        *,
+        refine: bool = True,
+        return_attention: bool = False,
     ) -> dict[str, Any]:
         """Dense warps for already-resized images.
 
         Args:
             img_A_lr, img_B_lr: ``(B, 3, H_lr, W_lr)`` in ``[0, 1]``, sides multiples of 16.
             img_A_hr, img_B_hr: optional ``(B, 3, H_hr, W_hr)`` for the second refinement pass.
+            refine: run the refiners (``False``: matcher only, for its training stage; the final
+                ``warp_AB``/``confidence_AB`` are then the matcher's).
+            return_attention: put the matcher's attention logits in ``preds["matcher"]`` (training).
 
         Returns:
             dict with ``warp_AB (B, H, W, 2)`` normalized ``[-1, 1]`` and raw ``confidence_AB (B, H, W, 4)``
@@ -246,7 +265,9 @@ class RoMaV2(nn.Module):
         bidir = self.bidirectional
         # Both images through the backbone as one batch (per-sample network: same numbers).
         feats = self.f(torch.cat((img_A_lr, img_B_lr)), amp=amp)
-        coarse = self.matcher([x[:B] for x in feats], [x[B:] for x in feats], bidirectional=bidir, amp=amp)
+        coarse = self.matcher(
+            [x[:B] for x in feats], [x[B:] for x in feats], bidirectional=bidir, amp=amp, return_attention=return_attention
+        )
         preds: dict[str, Any] = {"matcher": coarse}
         # Both directions through the refiners as one batch of 2B.
         if bidir:
@@ -254,7 +275,8 @@ class RoMaV2(nn.Module):
             conf = torch.cat((coarse["confidence_AB"], coarse["confidence_BA"]))
         else:
             warp, conf = coarse["warp_AB"], coarse["confidence_AB"]
-        for stage, (img_A, img_B) in enumerate(((img_A_lr, img_B_lr), (img_A_hr, img_B_hr))):
+        passes = ((img_A_lr, img_B_lr), (img_A_hr, img_B_hr)) if refine else ()
+        for stage, (img_A, img_B) in enumerate(passes):
             if img_A is None:
                 continue
             H, W = img_A.shape[-2:]
@@ -293,8 +315,16 @@ class RoMaV2(nn.Module):
             ``confidence_AB (B, H, W, 4)``, ``overlap_AB (B, H, W, 1)`` in ``[0, 1]``,
             ``precision_AB (B, H, W, 2, 2)`` (of the B-side position), and the ``_BA`` ones (``None``
             unless bidirectional). ``H, W`` is the finest working resolution (``H_hr`` if set, else ``H_lr``).
+            The model runs in eval mode; the training mode it was in is restored afterwards.
         """
+        was_training = self.training
         self.eval()
+        try:
+            return self._match(img_A, img_B)
+        finally:
+            self.train(was_training)
+
+    def _match(self, img_A: ImageLike, img_B: ImageLike) -> dict[str, torch.Tensor | None]:
         dev = self.device
         x_A = to_tensor_image(img_A, name="image A", device=dev)
         x_B = to_tensor_image(img_B, name="image B", device=dev)

@@ -470,19 +470,19 @@ def _timm_to_official_backbone_key(k: str) -> list[str]:
 def official_layout(model: torch.nn.Module | None = None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Every key of the official checkpoint with its shape and dtype, derived from the code.
 
-    The backbone part comes from a full (24-block) timm DINOv3 ViT-L built on the meta device; the rest
-    from ``model`` (a :class:`~romav2_plugin.RoMaV2`) or a meta-device instance of it.
+    The backbone part comes from the full-depth timm DINOv3 ViT of the model's backbone config (24-block
+    ViT-L for the official model) built on the meta device; the rest from ``model`` (a
+    :class:`~romav2_plugin.RoMaV2`) or a meta-device instance of the official architecture.
     """
     from romav2_plugin.backbone import _create_timm_vit
-    from romav2_plugin.config import BackboneConfig
 
     layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     with torch.device("meta"):
-        full = _create_timm_vit(BackboneConfig())
         if model is None:
             from romav2_plugin.model import RoMaV2
 
             model = RoMaV2()
+        full = _create_timm_vit(model.cfg.backbone)
     bf16 = torch.bfloat16
     for k, v in full.state_dict().items():
         if k.endswith("k_bias") or "rope" in k:
@@ -595,8 +595,13 @@ def check_values(sd: Mapping[str, torch.Tensor], layout: Mapping[str, tuple[tupl
         )
 
 
-def official_to_internal(sd: Mapping[str, torch.Tensor], num_backbone_blocks: int) -> dict[str, torch.Tensor]:
-    """Map an official-layout state dict (already checked) to this package's module names."""
+def official_to_internal(
+    sd: Mapping[str, torch.Tensor], num_backbone_blocks: int, backbone_cfg=None
+) -> dict[str, torch.Tensor]:
+    """Map an official-layout state dict (already checked) to this package's module names.
+
+    ``backbone_cfg``: the model's :class:`~romav2_plugin.config.BackboneConfig` (default: the official one).
+    """
     from timm.models.eva import checkpoint_filter_fn
 
     from romav2_plugin.backbone import _create_timm_vit
@@ -622,7 +627,7 @@ def official_to_internal(sd: Mapping[str, torch.Tensor], num_backbone_blocks: in
                 )
         backbone[k[2:]] = v
     with torch.device("meta"):
-        target = _create_timm_vit(BackboneConfig(), num_backbone_blocks)
+        target = _create_timm_vit(backbone_cfg or BackboneConfig(), num_backbone_blocks)
     for k, v in checkpoint_filter_fn(backbone, target).items():
         out["f.vit." + k] = v
     return out

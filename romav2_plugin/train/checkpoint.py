@@ -1,0 +1,140 @@
+"""Training checkpoints (exact resume) and exported inference weights (official layout + model card).
+
+A training checkpoint holds everything a resumed run needs to continue bit for bit: model, EMA, optimizer
+and scheduler states, the stage and step (the data order is a function of the step, see
+:mod:`romav2_plugin.train.data`), and the RNG states. It is written atomically: to a temporary file in the
+same folder, flushed and fsync'ed, then renamed over the previous one, so a crash mid-write never loses
+the last good checkpoint.
+
+Exported weights are a flat state dict in the official RoMa v2 key layout (the same file format as
+``romav2.0.1.pt``, loadable by ``RoMaV2.from_pretrained(path)``, the kornia and hloc adapters and the
+CLIs), plus a model card ``<stem>.json`` with the architecture (so non-official sizes load by path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from romav2_plugin.config import config_to_dict
+
+__all__ = ["atomic_save", "save_training_state", "load_training_state", "rng_state", "set_rng_state",
+           "official_weights", "export_weights"]
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` through a temporary file + fsync + rename (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    """Write a training checkpoint (a dict of state dicts, counters and RNG states) atomically."""
+    return atomic_save({"format": "romav2_plugin.train/1", **state, "rng": rng_state()}, path)
+
+
+def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_training_state` (restores nothing by itself)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No training checkpoint at {path} (nothing to resume; run without --resume)")
+    try:
+        # optimizer states and RNG states (numpy arrays, tuples) are not plain tensors
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable training checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != "romav2_plugin.train/1":
+        raise ValueError(f"{path} is not a romav2_plugin training checkpoint (format marker missing)")
+    return state
+
+
+def official_weights(model, source: Mapping[str, torch.Tensor] | None = None,
+                     state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``model``'s weights (or ``state_dict``, e.g. the EMA's) as a complete official-layout state dict.
+
+    Entries the model does not hold (the official checkpoint's unused backbone blocks, ``mask_token``,
+    ``rope_embed.periods``) are taken from ``source`` (the checkpoint training started from) or, when
+    there is none, filled with neutral values of the right shape (they are never used for inference).
+    Dtypes follow the official layout (bf16 backbone).
+    """
+    from romav2_plugin.weights import check_layout, internal_to_official, official_layout
+
+    layout = official_layout(model)
+    sd = internal_to_official(state_dict if state_dict is not None else model.state_dict())
+    for k, (shape, _) in layout.items():
+        if k in sd:
+            continue
+        if source is not None and k in source:
+            sd[k] = source[k]
+        elif k.endswith("rope_embed.periods"):
+            n = shape[0]
+            sd[k] = 100.0 ** (2 * torch.arange(n, dtype=torch.float32) / (2 * n))
+        else:
+            sd[k] = torch.zeros(shape)
+    out = {k: sd[k].detach().to("cpu", layout[k][1]).clone() for k in layout}
+    check_layout(out, layout)
+    return out
+
+
+def export_weights(path: str | os.PathLike, model, *, state_dict=None, source=None,
+                   card: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write official-layout weights (see :func:`official_weights`) and the model card ``<stem>.json``.
+
+    ``dtype``: store floating tensors in this dtype (e.g. ``torch.float16`` to halve a shipped file;
+    loading upcasts named weights); default: the official layout's dtypes.
+    """
+    path = Path(path)
+    sd = official_weights(model, source=source, state_dict=state_dict)
+    if dtype is not None:
+        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    atomic_save(sd, path)
+    info = {"config": config_to_dict(model.cfg), **(dict(card) if card else {})}
+    _atomic_write_text(json.dumps(info, indent=2, sort_keys=False) + "\n", path.with_suffix(".json"))
+    return path

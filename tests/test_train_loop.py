@@ -1,0 +1,194 @@
+"""The training loop: exact resume, learning on a fixed batch, fine-tuning official-layout weights, configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from romav2_plugin.train.config import DataSection, DataSource, ModelSection, StageConfig, TrainConfig, load_config
+from romav2_plugin.train.data import HomographyPairs, ImageFolder, collate
+from romav2_plugin.train.loop import Trainer
+
+
+def _write_photos(folder: Path, n: int = 3, size: int = 160, seed: int = 0) -> Path:
+    """Smooth multi-scale noise images (textured enough to match), written as PNG."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        img = torch.zeros(3, size, size)
+        for cells, w in ((4, 0.5), (16, 0.3), (48, 0.2)):
+            img += w * torch.nn.functional.interpolate(torch.rand(1, 3, cells, cells, generator=g), size=(size, size),
+                                                       mode="bicubic", align_corners=False)[0]
+        arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    return _write_photos(tmp_path_factory.mktemp("photos"))
+
+
+def _cfg(out: Path, photos: Path, *, stages, size=(64, 64), arch="tiny", weights=None, **kw) -> TrainConfig:
+    return TrainConfig(
+        out_dir=str(out), stages=stages,
+        data=DataSection(size=size, sources=(DataSource("homography", (str(photos),)),), workers=0),
+        model=ModelSection(arch, weights=weights), log_every=1, checkpoint_every=2, ema_decay=0.9, **kw,
+    )
+
+
+def _state(t: Trainer) -> dict[str, torch.Tensor]:
+    return {**{"m." + k: v for k, v in t.model.state_dict().items()}, **{"e." + k: v for k, v in t.ema.state.items()}}
+
+
+def test_resume_gives_bitwise_identical_weights(tmp_path, photos):
+    stages = (StageConfig("matcher", steps=4, batch_size=2, warmup_steps=1),
+              StageConfig("refiners", steps=4, batch_size=2, warmup_steps=1))
+    straight = Trainer(_cfg(tmp_path / "a", photos, stages=stages), progress=False)
+    straight.run()
+    half = Trainer(_cfg(tmp_path / "b", photos, stages=stages), progress=False)
+    assert half.run(max_steps=5) is None  # stops inside the refiner stage, checkpointed
+    resumed = Trainer(_cfg(tmp_path / "b", photos, stages=stages), progress=False)
+    resumed.run(resume=True)
+    a, b = _state(straight), _state(resumed)
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"not bitwise identical after resume: {diff[:5]}"
+    # the logs of the resumed run have every step once
+    rows = (tmp_path / "b" / "log.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 9))
+    sa = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_refuses_another_config(tmp_path, photos):
+    stages = (StageConfig("matcher", steps=2, batch_size=1, warmup_steps=1),)
+    Trainer(_cfg(tmp_path, photos, stages=stages), progress=False).run(max_steps=1)
+    other = (StageConfig("matcher", steps=3, batch_size=1, warmup_steps=1),)
+    with pytest.raises(ValueError, match="different config.*stages"):
+        Trainer(_cfg(tmp_path, photos, stages=other), progress=False).run(resume=True)
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(_cfg(tmp_path, photos, stages=stages), progress=False).run()
+
+
+def _fixed_batch(photos: Path, n: int, size) -> dict[str, torch.Tensor]:
+    ds = HomographyPairs(ImageFolder(photos), size, seed=3, photometric_strength=0.3)
+    return collate([ds.sample(i) for i in range(n)])
+
+
+@pytest.mark.parametrize("stage, factor", [("matcher", 2.0), ("refiners", 2.0)])
+def test_loss_falls_on_a_fixed_batch(tmp_path, photos, stage, factor):
+    """Both stages can learn: 30 steps on one batch cut the stage's loss by at least ``factor``."""
+    torch.manual_seed(0)
+    st = StageConfig(stage, steps=30, batch_size=2, lr=2e-3, warmup_steps=1, min_lr_ratio=1.0)
+    t = Trainer(_cfg(tmp_path, photos, stages=(st,), size=(128, 128)), progress=False)
+    batch = _fixed_batch(photos, 2, (128, 128))
+    key = "total" if stage == "matcher" else "warp"
+    losses = [t.train_step(batch)[key] for _ in range(30)]
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < first / factor, f"{stage}: loss {first:.3f} -> {last:.3f}"
+
+
+def test_stages_train_only_their_modules(tmp_path, photos):
+    st = (StageConfig("refiners", steps=2, batch_size=1, warmup_steps=1),)
+    t = Trainer(_cfg(tmp_path, photos, stages=st), progress=False)
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.run()
+    after = t.model.state_dict()
+    moved = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"refiners", "refiner_features"}
+    # frozen weights are exported bit for bit (the EMA only averages what trains)
+    assert all(torch.equal(t.ema.state[k], before[k]) for k in before if k.startswith(("f.", "matcher.")))
+
+
+def test_finetune_official_layout_refiners_and_load_everywhere(tmp_path, photos, random_checkpoint):
+    """Start from seeded random official-layout weights, train the refiners, load the result through
+    from_pretrained, the kornia adapter and the CLI."""
+    from romav2_plugin import RoMaV2
+    from romav2_plugin.weights import load_checkpoint
+
+    st = (StageConfig("refiners", steps=2, batch_size=1, warmup_steps=1),)
+    cfg = _cfg(tmp_path / "run", photos, stages=st, arch="official", weights=str(random_checkpoint), size=(64, 64))
+    path = Trainer(cfg, progress=False).run()
+    src, out = load_checkpoint(random_checkpoint), load_checkpoint(path)
+    assert src.keys() == out.keys()
+    assert all(src[k].dtype == out[k].dtype for k in src)
+    moved = sorted({k.split(".")[0] for k in src if not torch.equal(src[k], out[k])})
+    assert moved == ["refiner_features", "refiners"]
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card["config"]["backbone"]["embed_dim"] == 1024 and card["global_step"] == 2
+
+    model = RoMaV2.from_pretrained(path, setting="turbo", amp=False)
+    assert torch.equal(model.state_dict()["refiners.4.warp_head.weight"], out["refiners.4.warp_head.weight"])
+    img = torch.rand(1, 3, 48, 64)
+    preds = model.match(img, img)
+    assert torch.isfinite(preds["warp_AB"]).all()
+
+    kornia = pytest.importorskip("kornia")
+    import romav2_plugin  # noqa: F401  registers KF.RoMaV2
+
+    matcher = kornia.feature.RoMaV2(weights=str(path), setting="turbo", num_samples=50, seed=0)
+    res = matcher({"image0": img, "image1": img})
+    assert res["keypoints0"].shape[1] == 2
+
+    from PIL import Image
+
+    from romav2_plugin.cli import main
+
+    for name in ("a.png", "b.png"):
+        Image.fromarray((img[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / name)
+    code = main([str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--weights", str(path), "--setting", "turbo",
+                 "--out", str(tmp_path / "cli"), "--device", "cpu"])
+    assert code == 0 and (tmp_path / "cli" / "matches.npz").is_file()
+
+
+def test_toml_config_is_validated(tmp_path, photos):
+    good = tmp_path / "good.toml"
+    good.write_text(f'out_dir = "run"\n[data]\nsize = [64, 64]\n[[data.sources]]\nkind = "homography"\npath = "{photos}"\n'
+                    '[[stages]]\nname = "matcher"\nsteps = 2\n')
+    cfg = load_config(good)
+    assert cfg.out_dir == str(tmp_path / "run") and cfg.stages[0].steps == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text(good.read_text().replace("steps = 2", "steps = 2\nlearning_rate = 1e-3"))
+    with pytest.raises(ValueError, match=r"stages\[0\]\.learning_rate"):
+        load_config(bad)
+    bad.write_text(good.read_text().replace('name = "matcher"', 'name = "coarse"'))
+    with pytest.raises(ValueError, match=r"stages\[0\]\.name.*'matcher', 'refiners'"):
+        load_config(bad)
+    bad.write_text(good.read_text().replace("steps = 2", 'steps = "two"'))
+    with pytest.raises(ValueError, match=r"stages\[0\]\.steps: expected an integer"):
+        load_config(bad)
+
+
+def test_command_errors_are_clear(tmp_path, photos, capsys, random_checkpoint):
+    from romav2_plugin.train.__main__ import main
+
+    def write(name, body):
+        p = tmp_path / name
+        p.write_text(body)
+        return str(p)
+
+    base = '[data]\nsize = [64, 64]\n[[data.sources]]\nkind = "homography"\npath = "{path}"\n[[stages]]\nname = "matcher"\nsteps = 1\n'
+    assert main([write("a.toml", 'out_dir = "r"\n' + base.format(path=tmp_path / "nope"))]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.jpg").write_bytes(b"not an image")
+    cfgfile = write("b.toml", 'out_dir = "r2"\n' + base.format(path=broken))
+    assert main([cfgfile]) == 2
+    assert "Cannot read training image" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"matcher.omega": torch.zeros(3)}, wrong)
+    cfgfile = write("c.toml", f'out_dir = "r3"\n[model]\narchitecture = "official"\nweights = "{wrong}"\n'
+                    + base.format(path=photos))
+    assert main([cfgfile]) == 2
+    assert "official RoMa v2 layout" in capsys.readouterr().err
+    assert main([write("d.toml", 'out_dir = "r4"\nbogus = 1\n' + base.format(path=photos))]) == 2
+    assert "bogus" in capsys.readouterr().err

@@ -669,6 +669,16 @@ def _run_pairs(args: argparse.Namespace) -> int:
             )
     except OSError:
         pass
+    # the options that need no model are compared now (the weights' hash once the model is loaded)
+    early = {"setting": args.setting, "seed": int(args.seed), "num_samples": int(args.num_samples)}
+    early["min_overlap"] = float(args.min_overlap)
+    early_diff = results.option_diff(attrs, early) if out.exists() and not damaged else []
+    if early_diff and not args.overwrite:
+        raise CommandError(
+            f"{out} holds results made with other options ({'; '.join(early_diff)}). "
+            "Use the same options to resume, --overwrite to start the file afresh, or another --out.",
+            EXIT_USAGE,
+        )
     failures: list[tuple[str, str, str]] = []
     bad = _probe_images(image_dir, todo)
     if bad:

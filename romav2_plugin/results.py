@@ -171,7 +171,9 @@ class ResultsFile:
 
             f.visititems(visit)
         except (OSError, RuntimeError, KeyError, ValueError) as e:
-            raise Unreadable(f"{self.path} is damaged: part of it cannot be read ({e}).", EXIT_USAGE) from None
+            raise Unreadable(
+                f"{self.path} is damaged: part of it cannot be read ({e}).", EXIT_USAGE
+            ) from None
         finally:
             _close_quietly(f)
         return attrs, done, fmt
@@ -179,9 +181,10 @@ class ResultsFile:
     def option_diff(self, attrs: dict[str, Any], meta: dict[str, Any]) -> list[str]:
         if "setting" not in attrs:
             return []
+        keys = [k for k in RUN_KEYS if k in meta]  # a subset before the model loads (no weights hash yet)
         return [
             f"{k}: {attrs.get(k)} (file) vs {meta[k]} (now)"
-            for k in RUN_KEYS
+            for k in keys
             if str(attrs.get(k)) != str(meta[k])
         ]
 

@@ -73,7 +73,7 @@ def config_from_card(path: str | os.PathLike) -> RoMaV2Config | None:
 
 
 def load_named(name: str) -> tuple[dict[str, torch.Tensor], RoMaV2Config]:
-    """State dict (floating tensors upcast to fp32) and config of a shipped model."""
+    """State dict (fp16-stored tensors upcast to fp32, the official layout's dtype) and config of a shipped model."""
     from romav2_plugin.weights import load_checkpoint
 
     path = named_path(name)
@@ -81,4 +81,4 @@ def load_named(name: str) -> tuple[dict[str, torch.Tensor], RoMaV2Config]:
     if config is None:
         raise ValueError(f"The shipped weights {name!r} have no model card with a config ({path.with_suffix('.json')}).")
     sd = load_checkpoint(path)
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}, config
+    return {k: (v.float() if v.dtype == torch.float16 else v) for k, v in sd.items()}, config

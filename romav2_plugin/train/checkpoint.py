@@ -127,13 +127,13 @@ def export_weights(path: str | os.PathLike, model, *, state_dict=None, source=No
                    card: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write official-layout weights (see :func:`official_weights`) and the model card ``<stem>.json``.
 
-    ``dtype``: store floating tensors in this dtype (e.g. ``torch.float16`` to halve a shipped file;
-    loading upcasts named weights); default: the official layout's dtypes.
+    ``dtype``: store the layout's float32 tensors in this dtype (``torch.float16`` halves a shipped file; the
+    bf16 backbone stays bf16; :func:`romav2_plugin.pretrained.load_named` upcasts); default: the layout's.
     """
     path = Path(path)
     sd = official_weights(model, source=source, state_dict=state_dict)
     if dtype is not None:
-        sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+        sd = {k: (v.to(dtype) if v.dtype == torch.float32 else v) for k, v in sd.items()}
     atomic_save(sd, path)
     info = {"config": config_to_dict(model.cfg), **(dict(card) if card else {})}
     _atomic_write_text(json.dumps(info, indent=2, sort_keys=False) + "\n", path.with_suffix(".json"))

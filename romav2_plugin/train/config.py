@@ -57,13 +57,20 @@ class ModelSection:
 class DataSource:
     """One data set: ``kind`` ``homography`` (``path``: a folder of photos), ``rendered`` (``path``: photos
     used as textures) or ``megadepth`` (``path``: a scene folder); ``weight``: its share of the samples;
-    ``exclude``: image file names to leave out (the held-out set)."""
+    ``exclude``: image file names to leave out (the held-out set). Homography views: rotation up to
+    ``max_rotation_deg``, scale in ``scale_range``, translation and corner perturbation up to
+    ``max_translation`` / ``max_perspective`` of the size, each view independently. Rendered pairs: cameras
+    up to ``max_angle_deg`` apart around the scene."""
 
     kind: Literal["homography", "rendered", "megadepth"]
     path: tuple[str, ...]
     weight: float = 1.0
     exclude: tuple[str, ...] = ()
     photometric_strength: float = 1.0
+    max_rotation_deg: float = 25.0
+    scale_range: tuple[float, float] = (0.7, 1.4)
+    max_translation: float = 0.15
+    max_perspective: float = 0.15
     max_angle_deg: float = 35.0
 
 

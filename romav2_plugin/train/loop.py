@@ -55,7 +55,11 @@ def build_dataset(cfg: TrainConfig) -> PairDataset:
             continue
         images = ImageFolder(list(src.path), exclude=src.exclude, max_side=max(640, 2 * max(size)))
         if src.kind == "homography":
-            parts.append(HomographyPairs(images, size, seed=seed, photometric_strength=src.photometric_strength))
+            parts.append(HomographyPairs(
+                images, size, seed=seed, photometric_strength=src.photometric_strength,
+                max_rotation_deg=src.max_rotation_deg, scale_range=src.scale_range,
+                max_translation=src.max_translation, max_perspective=src.max_perspective,
+            ))
         else:
             parts.append(RenderedPairs(images, size, seed=seed, photometric_strength=src.photometric_strength,
                                        max_angle_deg=src.max_angle_deg))
@@ -271,8 +275,9 @@ class Trainer:
 
     def resume(self) -> None:
         state = load_training_state(self.checkpoint_path)
-        if state["config"] != config_to_dict(self.cfg):
-            changed = sorted(k for k in state["config"] if state["config"].get(k) != config_to_dict(self.cfg).get(k))
+        old, new = _identity(state["config"]), _identity(config_to_dict(self.cfg))
+        if old != new:
+            changed = sorted(k for k in old if old.get(k) != new.get(k))
             raise ValueError(
                 f"{self.checkpoint_path} was written with a different config (changed: {', '.join(changed)}). "
                 "Use the original config, or a new out_dir to start over."
@@ -391,6 +396,14 @@ class Trainer:
         }
         card.update(kw.pop("card", {}))
         return export_weights(path, self.model, state_dict=self.ema.state, source=self.source, card=card, **kw)
+
+
+def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config without the runtime knobs that cannot change the results (data loader workers, CPU
+    threads, logging and checkpoint intervals): a run may be resumed with other values of these."""
+    out = {k: v for k, v in cfg.items() if k not in ("threads", "log_every", "checkpoint_every")}
+    out["data"] = {k: v for k, v in cfg["data"].items() if k != "workers"}
+    return out
 
 
 def _progress(st: StageConfig, start: int, enabled: bool):

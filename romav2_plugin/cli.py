@@ -453,6 +453,7 @@ def _run_single(args: argparse.Namespace) -> int:
             path_B = stack.enter_context(resources.as_file(assets / "demo_B.jpg"))
             gt_H = np.asarray(json.loads((assets / "demo_pair.json").read_text())["homography_A_to_B"])
             choice, weights_note = _demo_weights(args.weights)
+            _err(f"--demo: weights {choice.label}{weights_note}")
         else:
             path_A, path_B = Path(args.images[0]), Path(args.images[1])
             choice, weights_note = choose_weights(args.weights), ""

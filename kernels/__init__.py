@@ -2,7 +2,7 @@
 
 The ``.cu`` sources next to this file are compiled at run time with NVRTC (``cuda.bindings.nvrtc``) for the
 device's ``sm_XY``, the cubin (or PTX when NVRTC cannot emit a cubin for that architecture) is cached on disk
-in ``~/.cache/romav2_plugin`` (override with the ``ROMAV2_PLUGIN_CACHE`` environment variable), keyed by the
+in ``~/.cache/romav2_plugin`` (``$ROMAV2_PLUGIN_CACHE`` if set and not empty, ``~`` expanded), keyed by the
 source hash, the architecture, the compile options and the NVRTC version, and loaded once per process and
 device with the CUDA driver API (``cuModuleLoadData``). Kernels are launched on torch's current CUDA stream.
 
@@ -39,7 +39,7 @@ KERNELS: dict[str, tuple[str, ...]] = {
     "local_corr.cu": tuple(
         f"rv2_{op}_{sfx}"
         for sfx in ("f32", "f16", "bf16")
-        for op in ("local_corr_fwd", "local_corr_bwd", "bilinear_gather")
+        for op in ("local_corr_fwd", "local_corr_bwd")
     ),
 }
 
@@ -105,9 +105,11 @@ def supported_archs() -> list[int]:
 
 
 def cache_dir() -> Path:
-    """Directory of the on-disk cubin/PTX cache: ``$ROMAV2_PLUGIN_CACHE`` or ``~/.cache/romav2_plugin``."""
-    env = os.environ.get("ROMAV2_PLUGIN_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "romav2_plugin"
+    """Directory of the on-disk cubin/PTX cache: :func:`romav2_plugin.cache.cache_dir` (``$ROMAV2_PLUGIN_CACHE``,
+    ``~`` expanded, empty = unset; default ``~/.cache/romav2_plugin``)."""
+    from romav2_plugin.cache import cache_dir as _shared_cache_dir
+
+    return _shared_cache_dir()
 
 
 def read_source(name: str) -> str:

@@ -218,24 +218,6 @@ RV2_DEV void rv2_local_corr_bwd(const float* __restrict__ gout, const T* __restr
 }
 
 // ---------------------------------------------------------------------------------------------------
-// fused bilinear gather (the refiner's f_BA = grid_sample(f_B, warp)):
-//   fB (B, Hin, Win, C) channels-last, warp (B, Hout, Wout, 2) -> out (B, Hout, Wout, C) float32
-template <typename T>
-RV2_DEV void rv2_bilinear_gather(const T* __restrict__ fB, const float* __restrict__ warp,
-                                 float* __restrict__ out, int B, int Hin, int Win, int Hout, int Wout,
-                                 int C) {
-    const int lane = (int)(threadIdx.x % RV2_WARP);
-    const long long pix = (long long)blockIdx.x * (blockDim.x / RV2_WARP) + threadIdx.x / RV2_WARP;
-    const long long HWo = (long long)Hout * Wout;
-    if (pix >= (long long)B * HWo) return;
-    const long long b = pix / HWo;
-    rv2_taps t;
-    rv2_bilinear_taps(warp[2 * pix], warp[2 * pix + 1], Hin, Win, t);
-    const T* b_base = fB + b * (long long)Hin * Win * C;
-    for (int c = lane; c < C; c += RV2_WARP) out[pix * C + c] = rv2_sample(b_base, t, C, c);
-}
-
-// ---------------------------------------------------------------------------------------------------
 // entry points (one per element type; launch with blockDim.x a multiple of 32, one warp per pixel)
 #define RV2_ENTRY_POINTS(SUFFIX, T)                                                                      \
     RV2_KERNEL rv2_local_corr_fwd_##SUFFIX(const T* fA, const T* fB, const float* warp, float* out,     \
@@ -246,10 +228,6 @@ RV2_DEV void rv2_bilinear_gather(const T* __restrict__ fB, const float* __restri
                                            const float* warp, float* gA, float* gB, int B, int H,       \
                                            int W, int C, int r) {                                       \
         rv2_local_corr_bwd<T>(gout, fA, fB, warp, gA, gB, B, H, W, C, r);                               \
-    }                                                                                                   \
-    RV2_KERNEL rv2_bilinear_gather_##SUFFIX(const T* fB, const float* warp, float* out, int B, int Hin, \
-                                            int Win, int Hout, int Wout, int C) {                       \
-        rv2_bilinear_gather<T>(fB, warp, out, B, Hin, Win, Hout, Wout, C);                              \
     }
 
 RV2_ENTRY_POINTS(f32, float)

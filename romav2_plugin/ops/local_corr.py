@@ -12,8 +12,11 @@ official ``romav2.local_correlation.local_correlation`` (its ``scale_factor`` ar
 Implementations:
 
 * CUDA: the NVRTC kernel ``kernels/local_corr.cu`` (fp32 / fp16 / bf16 inputs, fp32 accumulation); it
-  never materialises the ``(B, C, H, W, K)`` window. If the kernel cannot be compiled or loaded (no
-  cuda-python, no driver), a single warning is emitted and the chunked torch path below runs on the GPU.
+  never materialises the ``(B, C, H, W, K)`` window. Before its first use on a device it is run once on a
+  small seeded problem against the torch path (:func:`self_check`: forward and both gradients, every input
+  dtype). If it cannot be compiled, loaded or launched (no cuda-python, no driver, ...) or disagrees, one
+  warning with the figures is emitted and that device uses the chunked torch path below.
+  ``$ROMAV2_LOCAL_CORR`` = ``auto`` (default) | ``cuda`` (the kernel, unchecked) | ``torch`` forces a path.
 * every other device (CPU): rows are processed in chunks so the ``grid_sample`` temporaries stay under a
   memory budget (:data:`DEFAULT_CHUNK_BYTES`, or the ``chunk_bytes`` keyword); per chunk the computation is
   exactly the official native one, so the numbers equal ``native_torch_local_corr`` to float rounding.
@@ -26,14 +29,25 @@ exported graphs cannot carry the custom op.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
+import threading
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "bilinear_gather", "local_corr", "local_corr_backward", "local_corr_reference"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "MODE_ENV",
+    "kernel_mode",
+    "local_corr",
+    "local_corr_backward",
+    "local_corr_reference",
+    "self_check",
+]
 
 #: default budget (bytes) for the temporaries of one chunk of rows in the torch (CPU / fallback) path
 DEFAULT_CHUNK_BYTES: int = 64 * 2**20
@@ -41,7 +55,6 @@ DEFAULT_CHUNK_BYTES: int = 64 * 2**20
 _KERNEL_SOURCE = "local_corr.cu"
 _THREADS = 256  # 8 warps per block, one warp per output pixel
 _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-_cuda_state: dict[str, object] = {"failed": None}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -150,34 +163,56 @@ def _local_corr_backward_torch(
     )
 
 
-def _bilinear_gather_torch(f_B: Tensor, warp: Tensor) -> Tensor:
-    dt = _compute_dtype(f_B, warp)
-    out = F.grid_sample(f_B.to(dt), warp.to(dt), mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out.permute(0, 2, 3, 1).contiguous()
-
-
 # --------------------------------------------------------------------------------------------------------
-# NVRTC kernel path
-def _cuda_kernels():
-    """The ``romav2_plugin.kernels`` runtime, or ``None`` (after one warning) if it cannot be used."""
-    if _cuda_state["failed"] is not None:
-        return None
-    try:
-        from romav2_plugin import kernels
+# NVRTC kernel path, checked against the torch path before first use on each device
+#: environment variable choosing the implementation on CUDA devices (see :func:`kernel_mode`)
+MODE_ENV = "ROMAV2_LOCAL_CORR"
+_MODES = ("auto", "cuda", "torch")
 
-        dev = torch.cuda.current_device()
-        for sfx in _SUFFIX.values():
-            for op in ("local_corr_fwd", "local_corr_bwd", "bilinear_gather"):
-                kernels.get_function(_KERNEL_SOURCE, f"rv2_{op}_{sfx}", dev)
-    except (ImportError, RuntimeError, OSError) as exc:
-        _cuda_state["failed"] = repr(exc)
-        warnings.warn(
-            "romav2_plugin: the NVRTC local-correlation kernel is unavailable "
-            f"({exc}); falling back to the chunked torch implementation on the GPU.",
-            RuntimeWarning,
-            stacklevel=3,
+#: self-check problem (B, C, H, W, r): C > 256 spans two register chunks of the kernel and a partial one;
+#: H != W; warps up to 1.3 put some windows partly or fully outside the image
+SELF_CHECK_SHAPE = (2, 260, 5, 7, 2)
+#: largest accepted ``max|kernel - torch| / max|torch|`` per output dtype (fp32 accumulation order differs;
+#: gradients are returned in the input dtype, i.e. rounded to fp16 / bf16)
+SELF_CHECK_TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+_state_lock = threading.Lock()
+_device_path: dict[str, str] = {}  # device key -> "cuda" | "torch" (decided once per device in "auto")
+_device_kernels: dict[str, object] = {}  # device key -> kernels runtime module
+
+
+def kernel_mode() -> str:
+    """``$ROMAV2_LOCAL_CORR``: ``auto`` (default: the NVRTC kernel after it passed its self-check on the
+    device, else the torch path), ``cuda`` (the kernel, no self-check, errors raised) or ``torch``."""
+    mode = os.environ.get(MODE_ENV, "").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(
+            f"{MODE_ENV}={os.environ.get(MODE_ENV)!r} is not one of {', '.join(_MODES)}; set one of them or unset it."
         )
-        return None
+    return mode
+
+
+def _device_key(device: torch.device) -> str:
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+def _device_index(device: torch.device) -> int:
+    if device.type != "cuda":
+        return -1  # only reached with an injected launcher (tests drive the CUDA path on CPU tensors)
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _load_kernels(device: torch.device):
+    """Compile (or read from the disk cache) and load every entry point for ``device``; returns the
+    ``romav2_plugin.kernels`` runtime. Raises ``ImportError`` / ``RuntimeError`` / ``OSError``."""
+    from romav2_plugin import kernels
+
+    idx = _device_index(device)
+    for sfx in _SUFFIX.values():
+        for op in ("local_corr_fwd", "local_corr_bwd"):
+            kernels.get_function(_KERNEL_SOURCE, f"rv2_{op}_{sfx}", idx)
     return kernels
 
 
@@ -194,21 +229,20 @@ def _launch(kernels, name: str, n_pix: int, args, device: torch.device) -> None:
     c_int = ctypes.c_int
     warps = _THREADS // 32
     grid = ((n_pix + warps - 1) // warps, 1, 1)
-    kernels.launch(
-        _KERNEL_SOURCE,
-        name,
-        grid,
-        (_THREADS, 1, 1),
-        [a if isinstance(a, tuple) else (a, c_int) for a in args],
-        device_index=device.index if device.index is not None else torch.cuda.current_device(),
-    )
+    ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with ctx:
+        kernels.launch(
+            _KERNEL_SOURCE,
+            name,
+            grid,
+            (_THREADS, 1, 1),
+            [a if isinstance(a, tuple) else (a, c_int) for a in args],
+            device_index=_device_index(device),
+        )
 
 
-def _local_corr_cuda(f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, chunk_bytes: int) -> Tensor:
-    kdt = _kernel_dtype(f_A, f_B)
-    kernels = _cuda_kernels() if kdt is not None else None
-    if kernels is None:
-        return _local_corr_torch(f_A, f_B, warp, radius, chunk_bytes)
+def _kernel_forward(kernels, f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, kdt: torch.dtype) -> Tensor:
+    """The NVRTC forward: channels-last inputs in ``kdt``, ``(B, K, H, W)`` float32 output."""
     B, C, H, W = f_A.shape
     K = (2 * radius + 1) ** 2
     a = f_A.to(kdt).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C): free when f_A is channels-last
@@ -216,15 +250,153 @@ def _local_corr_cuda(f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, chunk_
     w = warp.to(torch.float32).contiguous()
     out = torch.empty((B, K, H, W), device=f_A.device, dtype=torch.float32)
     if out.numel():
-        with torch.cuda.device(f_A.device):
-            _launch(
-                kernels,
-                f"rv2_local_corr_fwd_{_SUFFIX[kdt]}",
-                B * H * W,
-                [kernels.ptr(a), kernels.ptr(bb), kernels.ptr(w), kernels.ptr(out), B, H, W, C, radius],
-                f_A.device,
-            )
+        _launch(
+            kernels,
+            f"rv2_local_corr_fwd_{_SUFFIX[kdt]}",
+            B * H * W,
+            [kernels.ptr(a), kernels.ptr(bb), kernels.ptr(w), kernels.ptr(out), B, H, W, C, radius],
+            f_A.device,
+        )
     return out
+
+
+def _kernel_backward(
+    kernels,
+    grad: Tensor,
+    f_A: Tensor,
+    f_B: Tensor,
+    warp: Tensor,
+    radius: int,
+    kdt: torch.dtype,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor]:
+    """The NVRTC backward: ``(g_A, g_B)`` in the inputs' dtypes (empty where not needed)."""
+    B, C, H, W = f_A.shape
+    a = f_A.to(kdt).permute(0, 2, 3, 1).contiguous()
+    bb = f_B.to(kdt).permute(0, 2, 3, 1).contiguous()
+    w = warp.to(torch.float32).contiguous()
+    g = grad.to(torch.float32).contiguous()
+    g_A = torch.empty((B, H, W, C), device=f_A.device, dtype=torch.float32) if need_a else None
+    g_B = torch.zeros((B, H, W, C), device=f_A.device, dtype=torch.float32) if need_b else None
+    if (need_a or need_b) and a.numel():
+        _launch(
+            kernels,
+            f"rv2_local_corr_bwd_{_SUFFIX[kdt]}",
+            B * H * W,
+            [
+                *(kernels.ptr(t) for t in (g, a, bb, w, g_A, g_B)),
+                B,
+                H,
+                W,
+                C,
+                radius,
+            ],
+            f_A.device,
+        )
+    empty = f_A.new_empty((0,))
+    return (
+        g_A.permute(0, 3, 1, 2).to(f_A.dtype, memory_format=torch.contiguous_format) if need_a else empty,
+        g_B.permute(0, 3, 1, 2).to(f_B.dtype, memory_format=torch.contiguous_format) if need_b else empty,
+    )
+
+
+def _rel_err(x: Tensor, ref: Tensor) -> float:
+    """``max|x - ref| / max|ref|`` in float64 on the CPU; ``inf`` for a shape mismatch or any NaN/inf."""
+    if x.shape != ref.shape:
+        return float("inf")
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    diff = (x - ref).abs()
+    if not bool(torch.isfinite(diff).all()):
+        return float("inf")
+    return float(diff.max()) / max(float(ref.abs().max()), 1e-30) if diff.numel() else 0.0
+
+
+def self_check(kernels, device: torch.device) -> list[str]:
+    """Run the kernels once on a small seeded problem on ``device`` against the torch path: the forward
+    and both backward outputs, for fp32, fp16 and bf16 inputs. Returns the failures (empty: all agree);
+    launch errors propagate."""
+    B, C, H, W, r = SELF_CHECK_SHAPE
+    K = (2 * r + 1) ** 2
+    gen = torch.Generator().manual_seed(0)
+    f_A = torch.randn(B, C, H, W, generator=gen)
+    f_B = torch.randn(B, C, H, W, generator=gen)
+    warp = (torch.rand(B, H, W, 2, generator=gen) * 2 - 1) * 1.3
+    grad = torch.randn(B, K, H, W, generator=gen)
+    warp, grad = warp.to(device), grad.to(device)
+    failures = []
+    for dt in _SUFFIX:
+        a, b = f_A.to(device, dt), f_B.to(device, dt)
+        got = (
+            _kernel_forward(kernels, a, b, warp, r, dt),
+            *_kernel_backward(kernels, grad, a, b, warp, r, dt, True, True),
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # asynchronous launch errors surface here
+        want = (
+            _local_corr_torch(a, b, warp, r, DEFAULT_CHUNK_BYTES),
+            *_local_corr_backward_torch(grad, a, b, warp, r, DEFAULT_CHUNK_BYTES, True, True),
+        )
+        for what, x, ref in zip(("forward", "grad f_A", "grad f_B"), got, want):
+            err, tol = _rel_err(x, ref), SELF_CHECK_TOL[ref.dtype]
+            if not err <= tol:
+                failures.append(f"{what} {str(dt).removeprefix('torch.')}: max rel error {err:.2e} > {tol:.0e}")
+    return failures
+
+
+def _kernels_for(device: torch.device):
+    """The kernels runtime to use on ``device``, or ``None`` for the torch path.
+
+    ``auto``: the first call for a device loads the kernels and runs :func:`self_check`; on a load or
+    launch error or a mismatch it warns once with the figures and the device uses the torch path from then
+    on. ``cuda``: the kernels without a check (errors are raised). ``torch``: always ``None``.
+    """
+    mode = kernel_mode()
+    if mode == "torch":
+        return None
+    if mode == "cuda":
+        return _load_kernels(device)
+    key = _device_key(device)
+    path = _device_path.get(key)
+    if path is not None:
+        return _device_kernels.get(key) if path == "cuda" else None
+    with _state_lock:
+        if key in _device_path:
+            return _device_kernels.get(key) if _device_path[key] == "cuda" else None
+        problem = None
+        try:
+            kernels = _load_kernels(device)
+        except (ImportError, RuntimeError, OSError) as exc:
+            problem = f"the kernel is unavailable ({exc})"
+        else:
+            try:
+                failures = self_check(kernels, device)
+            except (RuntimeError, OSError, ValueError) as exc:
+                problem = f"its self-check launch failed ({type(exc).__name__}: {exc})"
+            else:
+                if failures:
+                    problem = "its self-check disagrees with the torch path: " + "; ".join(failures)
+        if problem is None:
+            _device_kernels[key] = kernels
+            _device_path[key] = "cuda"
+            return kernels
+        _device_path[key] = "torch"
+    warnings.warn(
+        f"romav2_plugin: NVRTC local-correlation kernel not used on {key}: {problem}. Falling back to the "
+        f"chunked torch implementation on this device (same results, more memory); {MODE_ENV}=torch silences "
+        f"this, {MODE_ENV}=cuda forces the kernel.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return None
+
+
+def _local_corr_cuda(f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, chunk_bytes: int) -> Tensor:
+    kdt = _kernel_dtype(f_A, f_B)
+    kernels = _kernels_for(f_A.device) if kdt is not None else None
+    if kernels is None:
+        return _local_corr_torch(f_A, f_B, warp, radius, chunk_bytes)
+    return _kernel_forward(kernels, f_A, f_B, warp, radius, kdt)
 
 
 def _local_corr_backward_cuda(
@@ -238,64 +410,10 @@ def _local_corr_backward_cuda(
     need_b: bool,
 ) -> tuple[Tensor, Tensor]:
     kdt = _kernel_dtype(f_A, f_B)
-    kernels = _cuda_kernels() if kdt is not None else None
+    kernels = _kernels_for(f_A.device) if kdt is not None else None
     if kernels is None:
         return _local_corr_backward_torch(grad, f_A, f_B, warp, radius, chunk_bytes, need_a, need_b)
-    B, C, H, W = f_A.shape
-    a = f_A.to(kdt).permute(0, 2, 3, 1).contiguous()
-    bb = f_B.to(kdt).permute(0, 2, 3, 1).contiguous()
-    w = warp.to(torch.float32).contiguous()
-    g = grad.to(torch.float32).contiguous()
-    g_A = torch.empty((B, H, W, C), device=f_A.device, dtype=torch.float32) if need_a else None
-    g_B = torch.zeros((B, H, W, C), device=f_A.device, dtype=torch.float32) if need_b else None
-    if (need_a or need_b) and a.numel():
-        with torch.cuda.device(f_A.device):
-            _launch(
-                kernels,
-                f"rv2_local_corr_bwd_{_SUFFIX[kdt]}",
-                B * H * W,
-                [
-                    kernels.ptr(g),
-                    kernels.ptr(a),
-                    kernels.ptr(bb),
-                    kernels.ptr(w),
-                    kernels.ptr(g_A),
-                    kernels.ptr(g_B),
-                    B,
-                    H,
-                    W,
-                    C,
-                    radius,
-                ],
-                f_A.device,
-            )
-    empty = f_A.new_empty((0,))
-    return (
-        g_A.permute(0, 3, 1, 2).to(f_A.dtype, memory_format=torch.contiguous_format) if need_a else empty,
-        g_B.permute(0, 3, 1, 2).to(f_B.dtype, memory_format=torch.contiguous_format) if need_b else empty,
-    )
-
-
-def _bilinear_gather_cuda(f_B: Tensor, warp: Tensor) -> Tensor:
-    kdt = _kernel_dtype(f_B)
-    kernels = _cuda_kernels() if kdt is not None else None
-    if kernels is None:
-        return _bilinear_gather_torch(f_B, warp)
-    B, C, Hin, Win = f_B.shape
-    _, Hout, Wout, _ = warp.shape
-    bb = f_B.permute(0, 2, 3, 1).contiguous()
-    w = warp.to(torch.float32).contiguous()
-    out = torch.empty((B, Hout, Wout, C), device=f_B.device, dtype=torch.float32)
-    if out.numel():
-        with torch.cuda.device(f_B.device):
-            _launch(
-                kernels,
-                f"rv2_bilinear_gather_{_SUFFIX[kdt]}",
-                B * Hout * Wout,
-                [kernels.ptr(bb), kernels.ptr(w), kernels.ptr(out), B, Hin, Win, Hout, Wout, C],
-                f_B.device,
-            )
-    return out
+    return _kernel_backward(kernels, grad, f_A, f_B, warp, radius, kdt, need_a, need_b)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -319,14 +437,8 @@ def _local_corr_backward_op(
     return _local_corr_backward_torch(grad, f_A, f_B, warp, radius, chunk_bytes, need_a, need_b)
 
 
-@torch.library.custom_op("romav2_plugin::bilinear_gather", mutates_args=())
-def _bilinear_gather_op(f_B: Tensor, warp: Tensor) -> Tensor:
-    return _bilinear_gather_torch(f_B, warp)
-
-
 _local_corr_op.register_kernel("cuda")(_local_corr_cuda)
 _local_corr_backward_op.register_kernel("cuda")(_local_corr_backward_cuda)
-_bilinear_gather_op.register_kernel("cuda")(_bilinear_gather_cuda)
 
 
 @_local_corr_op.register_fake
@@ -341,12 +453,6 @@ def _(grad, f_A, f_B, warp, radius, chunk_bytes, need_a, need_b):
         f_A.new_empty(f_A.shape) if need_a else f_A.new_empty((0,)),
         f_B.new_empty(f_B.shape) if need_b else f_A.new_empty((0,)),
     )
-
-
-@_bilinear_gather_op.register_fake
-def _(f_B, warp):
-    B, C = f_B.shape[:2]
-    return f_B.new_empty((B, warp.shape[1], warp.shape[2], C), dtype=_compute_dtype(f_B, warp))
 
 
 def _setup_context(ctx, inputs, output):
@@ -429,19 +535,23 @@ def local_corr_backward(
     return _local_corr_backward_op(grad, f_A, f_B, warp.detach(), int(radius), cb, True, True)
 
 
-def bilinear_gather(f_B: Tensor, warp: Tensor) -> Tensor:
-    """Fused ``grid_sample(f_B, warp, bilinear, zeros, align_corners=False)`` in channels-last output.
+def __getattr__(name: str):
+    # Transitional: ``bilinear_gather`` (a fused grid_sample that nothing used) was removed with its CUDA
+    # kernels; ``romav2_plugin/ops/__init__.py`` and ``benchmarks/gpu_kernels.py`` still import the name.
+    if name == "bilinear_gather":
+        return _removed_bilinear_gather
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    Args:
-        f_B: ``(B, C, H_in, W_in)`` features.
-        warp: ``(B, H, W, 2)`` normalized ``[-1, 1]`` (x, y) sample positions.
 
-    Returns:
-        ``(B, H, W, C)`` float32 (float64 for float64 input), i.e. the refiner's ``f_BA``. No autograd
-        (the refiner computes ``f_BA`` under ``torch.no_grad()``).
-    """
-    if f_B.dim() != 4 or warp.dim() != 4 or warp.shape[0] != f_B.shape[0] or warp.shape[-1] != 2:
-        raise ValueError(
-            f"expected f_B (B, C, H, W) and warp (B, H, W, 2), got {tuple(f_B.shape)}, {tuple(warp.shape)}"
-        )
-    return _bilinear_gather_op(f_B.detach(), warp.detach())
+def _removed_bilinear_gather(f_B: Tensor, warp: Tensor) -> Tensor:
+    """Removed: use ``F.grid_sample(f_B, warp, mode="bilinear", padding_mode="zeros",
+    align_corners=False).permute(0, 2, 3, 1)``, which this now is."""
+    warnings.warn(
+        "romav2_plugin.ops.bilinear_gather was removed (nothing used it); call torch.nn.functional.grid_sample"
+        "(f_B, warp, mode='bilinear', padding_mode='zeros', align_corners=False).permute(0, 2, 3, 1) instead.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    dt = _compute_dtype(f_B, warp)
+    out = F.grid_sample(f_B.to(dt), warp.to(dt), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.permute(0, 2, 3, 1).contiguous()

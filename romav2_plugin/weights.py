@@ -199,7 +199,10 @@ def _fetch(url: str, part: Path, target: Path) -> int | None:
 
     Raises :class:`DownloadError` with what happened and what to do.
     """
-    connect_t, read_t = _timeouts()
+    try:
+        connect_t, read_t = _timeouts()
+    except ValueError as e:  # callers (CLI, hloc) report download problems as RuntimeError
+        raise DownloadError(str(e)) from None
     opener = _opener(read_t)
     attempts = max(1, int(DOWNLOAD_ATTEMPTS))
     have = 0

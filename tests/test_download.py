@@ -308,3 +308,10 @@ def test_weights_module_is_a_leaf():
             if isinstance(node, ast.ImportFrom) and node.module == "romav2_plugin.model":
                 users.add(fn.name)
     assert users <= {"official_layout"}, users
+
+
+def test_bad_timeout_env_var_is_a_download_error(server, cache, monkeypatch):
+    monkeypatch.setenv("ROMAV2_DOWNLOAD_TIMEOUT", "soon")
+    with pytest.raises(DownloadError, match="ROMAV2_DOWNLOAD_TIMEOUT='soon' is not a timeout"):
+        resolve_weights(server.url("good"))
+    assert server.requests == [] and _left_in(cache) == []

@@ -79,7 +79,7 @@ DEFAULT_MODEL_CONF: dict[str, Any] = {
 def _conf(output: str, setting: str, resize_max: int, max_error: float, cell_size: int, **model: Any) -> dict:
     return {
         "output": output,
-        "model": {"name": "romav2", "weights": None, "setting": setting, **model},
+        "model": {"name": "romav2", "weights": None, "setting": setting} | model,
         # RGB; the core resizes to its working resolution itself, so no divisibility is needed (dfactor 1:
         # no extra anisotropic resize) and resize_max only bounds the image read from disk.
         "preprocessing": {"grayscale": False, "resize_max": resize_max, "dfactor": 1},
@@ -96,6 +96,8 @@ CONFS: dict[str, dict] = {
     "romav2_fast": _conf("matches-romav2_fast", "base", 1024, 1, 1, max_num_matches=5000),
     # Larger scenes: coarser cells merge matches of different pairs into tracks.
     "romav2_aachen": _conf("matches-romav2_aachen", "precise", 1280, 2, 8, max_num_matches=10000),
+    # romav2-tiny, shipped with the package (256 px, one direction): works offline; a demo model.
+    "romav2_tiny": _conf("matches-romav2_tiny", "tiny", 1024, 1, 1, max_num_matches=5000, weights="tiny"),
 }
 
 

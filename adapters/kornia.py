@@ -44,9 +44,11 @@ class RoMaV2(nn.Module):
     """RoMa v2 for kornia.
 
     Args:
-        weights: ``None`` (official release via ``$ROMAV2_WEIGHTS`` / cache / URL), a path or a URL.
-        setting: RoMa v2 preset (``turbo``, ``fast``, ``base``, ``precise``, ...); default ``precise``
-            (or, with ``model=``, that model's current setting).
+        weights: ``None`` (official release via ``$ROMAV2_WEIGHTS`` / cache / URL), a path, a URL, or
+            ``"tiny"`` (romav2-tiny, shipped with the package: works offline).
+        setting: RoMa v2 preset (``turbo``, ``fast``, ``base``, ``precise``, ``tiny``, ...); default: the
+            weights' own (``precise`` for the official model, ``tiny`` for romav2-tiny), or, with ``model=``,
+            that model's current setting.
         num_samples: matches per image pair in ``"balanced"`` mode.
         sample_mode: ``"balanced"`` (KDE-balanced sample of ``num_samples``) or ``"threshold"`` (every
             grid match with overlap above ``confidence_threshold``).
@@ -80,7 +82,7 @@ class RoMaV2(nn.Module):
         if int(num_samples) <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         if model is None:
-            model = _CoreRoMaV2.from_pretrained(weights, setting=setting or "precise", amp=amp)
+            model = _CoreRoMaV2.from_pretrained(weights, setting=setting, amp=amp)
         elif setting is not None:
             model.apply_setting(setting)
         self.model = model

@@ -89,10 +89,12 @@ def prepare_inputs(model, img_A: Any, img_B: Any) -> dict[str, torch.Tensor]:
     x_B = to_tensor_image(img_B, name="image B", device="cpu")
     if x_A.shape[0] != x_B.shape[0]:
         raise ValueError(f"Batch sizes differ: {x_A.shape[0]} (A) vs {x_B.shape[0]} (B)")
-    out = {"image_A": model._resize(x_A, model.H_lr, model.W_lr), "image_B": model._resize(x_B, model.H_lr, model.W_lr)}
+    from romav2_plugin.postprocess import resize_image
+
+    out = {"image_A": resize_image(x_A, model.H_lr, model.W_lr), "image_B": resize_image(x_B, model.H_lr, model.W_lr)}
     if _has_hr(model):
-        out["image_A_hr"] = model._resize(x_A, model.H_hr, model.W_hr)
-        out["image_B_hr"] = model._resize(x_B, model.H_hr, model.W_hr)
+        out["image_A_hr"] = resize_image(x_A, model.H_hr, model.W_hr)
+        out["image_B_hr"] = resize_image(x_B, model.H_hr, model.W_hr)
     return out
 
 
@@ -119,13 +121,13 @@ class _Graph(nn.Module):
         self.model = model
 
     def forward(self, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from romav2_plugin.model import _map_confidence
+        from romav2_plugin.postprocess import map_confidence
 
         m = self.model
         preds = m(*images)
         outs = []
         for d in ("AB", "BA") if m.bidirectional else ("AB",):
-            overlap, precision = _map_confidence(preds[f"confidence_{d}"], m.threshold)
+            overlap, precision = map_confidence(preds[f"confidence_{d}"], m.threshold)
             outs += [preds[f"warp_{d}"], overlap, precision]
         return tuple(outs)
 

@@ -15,30 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from romav2_plugin import postprocess, runtime
 from romav2_plugin.backbone import DINOv3Backbone
 from romav2_plugin.config import RoMaV2Config, get_setting
 from romav2_plugin.fine_features import FineFeatures
 from romav2_plugin.geometry import (
-    bhwc_grid_sample,
     bhwc_interpolate,
-    normalized_grid,
-    precision_matrix,
     to_pixel,
 )
 from romav2_plugin.io import ImageLike, to_tensor_image
 from romav2_plugin.matcher import Matcher
 from romav2_plugin.refiner import build_refiners
-from romav2_plugin.sampling import balanced_sample, resolve_generator
 
 __all__ = ["RoMaV2"]
-
-
-def _map_confidence(confidence: torch.Tensor, threshold: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, H, W, 4)`` raw confidence -> overlap ``(B, H, W, 1)`` in ``[0, 1]`` and precision ``(B, H, W, 2, 2)``."""
-    overlap = confidence[..., :1].sigmoid()
-    if threshold is not None:
-        overlap = torch.where(overlap > threshold, torch.ones_like(overlap), overlap)
-    return overlap, precision_matrix(confidence[..., 1:4])
 
 
 class RoMaV2(nn.Module):
@@ -172,17 +161,13 @@ class RoMaV2(nn.Module):
         return amp
 
     # ------------------------------------------------------------------ network
-    #: Memory knob: the fine-feature CNN and the refiners process at most this many pixels per call
-    #: (images/directions are batched up to it, and run one by one above it). Same numbers either way.
-    #: ``None``: 2**17 on CPU (batching buys nothing there, memory does), 2**22 on GPUs. Lower it if high
-    #: resolutions do not fit; raise it for throughput on large GPUs.
+    #: Memory knob (see :mod:`romav2_plugin.runtime`): at most this many pixels per call of the fine-feature
+    #: CNN and the refiners; ``None``: ``runtime.MAX_BATCH_PIXELS_CPU`` / ``_GPU``. Same numbers either way.
     max_batch_pixels: int | None = None
 
     def _chunk(self, n: int, h: int, w: int, device: torch.device) -> int:
-        limit = self.max_batch_pixels
-        if limit is None:
-            limit = 2**17 if device.type == "cpu" else 2**22
-        return max(1, min(n, int(limit) // max(1, h * w)))
+        limit = runtime.max_batch_pixels(device, self.max_batch_pixels)
+        return max(1, min(n, limit // max(1, h * w)))
 
     def _fine_features(self, imgs: torch.Tensor, *, amp: bool) -> dict[int, torch.Tensor]:
         n = imgs.shape[0]
@@ -300,7 +285,7 @@ class RoMaV2(nn.Module):
 
     # ------------------------------------------------------------------ user API
     def _resize(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        return F.interpolate(x, size=(H, W), mode="bicubic", align_corners=False, antialias=True)
+        return postprocess.resize_image(x, H, W)
 
     @torch.inference_mode()
     def match(self, img_A: ImageLike, img_B: ImageLike) -> dict[str, torch.Tensor | None]:
@@ -343,7 +328,7 @@ class RoMaV2(nn.Module):
         if self.H_hr is not None and self.W_hr is not None:
             hr_A, hr_B = self._resize(x_A, self.H_hr, self.W_hr), self._resize(x_B, self.H_hr, self.W_hr)
         preds = self(lr_A, lr_B, hr_A, hr_B)
-        overlap_AB, precision_AB = _map_confidence(preds["confidence_AB"], self.threshold)
+        overlap_AB, precision_AB = postprocess.map_confidence(preds["confidence_AB"], self.threshold)
         out = {
             "warp_AB": preds["warp_AB"],
             "confidence_AB": preds["confidence_AB"],
@@ -355,7 +340,7 @@ class RoMaV2(nn.Module):
             "precision_BA": None,
         }
         if self.bidirectional:
-            overlap_BA, precision_BA = _map_confidence(preds["confidence_BA"], self.threshold)
+            overlap_BA, precision_BA = postprocess.map_confidence(preds["confidence_BA"], self.threshold)
             out.update(
                 warp_BA=preds["warp_BA"],
                 confidence_BA=preds["confidence_BA"],
@@ -363,38 +348,6 @@ class RoMaV2(nn.Module):
                 precision_BA=precision_BA,
             )
         return {k: (v.clone() if v is not None else None) for k, v in out.items()}
-
-    def _candidates(self, preds: Mapping[str, Any], batch_index: int):
-        """All grid matches ``(N, 4)``, their overlap ``(N,)`` and precisions ``(N, 2, 2, 2)`` (or None)."""
-        warp = preds["warp_AB"][batch_index]
-        H, W, _ = warp.shape
-        overlap_AB = preds["overlap_AB"][batch_index].reshape(-1)
-        prec_AB = preds.get("precision_AB")
-        prec_AB = prec_AB[batch_index] if prec_AB is not None else None
-        grid = normalized_grid(1, H, W, device=warp.device)[0]
-        matches = torch.cat((grid, warp), dim=-1).reshape(-1, 4)
-        warp_BA = preds.get("warp_BA")
-        if warp_BA is None:
-            precision = None
-            if prec_AB is not None:
-                # A-side precision is not predicted in one direction: NaN marks it unknown.
-                precision = torch.stack((torch.full_like(prec_AB, float("nan")), prec_AB), dim=-3).reshape(-1, 2, 2, 2)
-            return matches, overlap_AB, precision, H
-        warp_BA = warp_BA[batch_index]
-        if warp_BA.shape != warp.shape:
-            raise ValueError("warp_AB and warp_BA must have the same shape")
-        overlap_BA = preds["overlap_BA"][batch_index].reshape(-1)
-        prec_BA = preds.get("precision_BA")
-        precision = None
-        if prec_AB is not None and prec_BA is not None:
-            prec_BA = prec_BA[batch_index]
-            prec_A = bhwc_grid_sample(prec_BA.reshape(1, H, W, 4), warp[None]).reshape(H, W, 2, 2)
-            prec_B = bhwc_grid_sample(prec_AB.reshape(1, H, W, 4), warp_BA[None]).reshape(H, W, 2, 2)
-            fwd = torch.stack((prec_A, prec_AB), dim=-3).reshape(-1, 2, 2, 2)
-            bwd = torch.stack((prec_BA, prec_B), dim=-3).reshape(-1, 2, 2, 2)
-            precision = torch.cat((fwd, bwd))
-        matches = torch.cat((matches, torch.cat((warp_BA, grid), dim=-1).reshape(-1, 4)))
-        return matches, torch.cat((overlap_AB, overlap_BA)), precision, H
 
     def sample(
         self,
@@ -421,28 +374,16 @@ class RoMaV2(nn.Module):
             ``(N, 2, 2)`` and B-side precision ``(N, 2, 2)`` (``None`` when unavailable; A-side entries are
             NaN in unidirectional settings, where only the B side is predicted).
         """
-        matches, confidence, precision, H = self._candidates(preds, batch_index)
-        confidence = confidence * matches.abs().amax(dim=-1).le(1 - 1 / H).float()
-        if min_overlap is not None:
-            confidence = torch.where(confidence > min_overlap, confidence, torch.zeros_like(confidence))
-        g = resolve_generator(generator, confidence.device)
-        m, c, p = balanced_sample(
-            matches, confidence, num_corresp, extras=precision, balanced=self.balanced_sampling, generator=g
+        return postprocess.sample_matches(
+            preds, num_corresp, batch_index=batch_index, generator=generator, min_overlap=min_overlap,
+            balanced=self.balanced_sampling,
         )
-        if p is None:
-            return m, c, None, None
-        return m, c, p[:, 0], p[:, 1]
 
     def grid_matches(
         self, preds: Mapping[str, Any], threshold: float, *, batch_index: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Every grid match whose overlap exceeds ``threshold`` (no random sampling); same returns as :meth:`sample`."""
-        matches, confidence, precision, H = self._candidates(preds, batch_index)
-        inside = matches.abs().amax(dim=-1).le(1 - 1 / H)
-        keep = (confidence > threshold) & inside
-        if precision is None:
-            return matches[keep], confidence[keep], None, None
-        return matches[keep], confidence[keep], precision[keep][:, 0], precision[keep][:, 1]
+        return postprocess.grid_matches(preds, threshold, batch_index=batch_index)
 
     @staticmethod
     def to_pixel_coordinates(

@@ -107,7 +107,6 @@ class WarpDouble(torch.nn.Module):
     apply_setting = _M.apply_setting
     sample = _M.sample
     grid_matches = _M.grid_matches
-    _candidates = _M._candidates
     to_pixel_coordinates = staticmethod(_M.to_pixel_coordinates)
     match_keypoints = staticmethod(_M.match_keypoints)
     del _M

@@ -470,22 +470,34 @@ def _timm_to_official_backbone_key(k: str) -> list[str]:
     return [k]
 
 
-def official_layout(model: torch.nn.Module | None = None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def _stage_state(cfg) -> dict[str, torch.Tensor]:
+    """State of the non-backbone stages of an architecture, built on the meta device (no model import)."""
+    from romav2_plugin.fine_features import FineFeatures
+    from romav2_plugin.matcher import Matcher
+    from romav2_plugin.refiner import build_refiners
+
+    with torch.device("meta"):
+        holder = torch.nn.Module()
+        holder.matcher = Matcher(cfg.matcher)
+        holder.refiners = build_refiners(cfg.refiners)
+        holder.refiner_features = FineFeatures(cfg.fine_features)
+    return holder.state_dict()
+
+
+def official_layout(model=None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Every key of the official checkpoint with its shape and dtype, derived from the code.
 
-    The backbone part comes from the full-depth timm DINOv3 ViT of the model's backbone config (24-block
-    ViT-L for the official model) built on the meta device; the rest from ``model`` (a
-    :class:`~romav2_plugin.RoMaV2`) or a meta-device instance of the official architecture.
+    ``model``: a :class:`~romav2_plugin.RoMaV2`, a :class:`~romav2_plugin.config.RoMaV2Config`, or ``None``
+    (the official architecture). The backbone part comes from the full-depth timm DINOv3 ViT of the backbone
+    config (24-block ViT-L for the official model) built on the meta device; the rest from the stages.
     """
     from romav2_plugin.backbone import _create_timm_vit
+    from romav2_plugin.config import RoMaV2Config
 
+    cfg = model if isinstance(model, RoMaV2Config) else (model.cfg if model is not None else RoMaV2Config())
     layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     with torch.device("meta"):
-        if model is None:
-            from romav2_plugin.model import RoMaV2
-
-            model = RoMaV2()
-        full = _create_timm_vit(model.cfg.backbone)
+        full = _create_timm_vit(cfg.backbone)
     bf16 = torch.bfloat16
     for k, v in full.state_dict().items():
         if k.endswith("k_bias") or "rope" in k:
@@ -496,7 +508,8 @@ def official_layout(model: torch.nn.Module | None = None) -> dict[str, tuple[tup
     layout["f.mask_token"] = ((1, full.embed_dim), bf16)
     head_dim = full.embed_dim // full.blocks[0].attn.num_heads
     layout["f.rope_embed.periods"] = ((head_dim // 4,), bf16)
-    for k, v in model.state_dict().items():
+    stages = model.state_dict() if isinstance(model, torch.nn.Module) else _stage_state(cfg)
+    for k, v in stages.items():
         if not k.startswith("f."):
             layout[k] = (tuple(v.shape), v.dtype)
     return layout

@@ -11,7 +11,7 @@ class _Dummy:
     pass
 
 
-@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize("name", [n for n in SETTINGS if n != "tiny"])  # tiny: romav2-tiny's own preset
 def test_presets_equal_official(name):
     romav2 = pytest.importorskip("romav2.romav2")
     d = _Dummy()

@@ -206,7 +206,7 @@ def test_registration_is_idempotent_and_adds_only_ours(match_dense):
     assert adapter.register() is True and adapter.register() is True
     assert sum(isinstance(f, adapter._HlocFinder) for f in sys.meta_path) == 1
     assert match_dense.confs["loftr"] == loftr
-    for name in ("romav2", "romav2_fast", "romav2_aachen"):
+    for name in ("romav2", "romav2_fast", "romav2_aachen", "romav2_tiny"):
         assert match_dense.confs[name]["model"]["name"] == "romav2"
     module = sys.modules[adapter.MODULE_NAME]
     assert hloc.matchers.romav2 is module
@@ -224,18 +224,19 @@ def test_dynamic_load_returns_our_base_model(match_dense):
     assert issubclass(cls, BaseModel) and cls.__module__ == "hloc.matchers.romav2"
 
 
-@pytest.mark.parametrize("name", ["romav2", "romav2_fast", "romav2_aachen"])
+@pytest.mark.parametrize("name", ["romav2", "romav2_fast", "romav2_aachen", "romav2_tiny"])
 def test_conf_sanity(match_dense, name):
     conf = match_dense.confs[name]
     assert set(conf) == {"output", "model", "preprocessing", "max_error", "cell_size"}
     assert conf["output"] not in {c["output"] for k, c in match_dense.confs.items() if k != name}
     model = adapter.check_model_conf(conf["model"])  # only known keys
-    assert model["weights"] is None and model["sample_mode"] == "balanced"
+    assert model["weights"] == ("tiny" if name == "romav2_tiny" else None) and model["sample_mode"] == "balanced"
     # The README's table: setting, resize_max, max_error / cell_size, matches per pair.
     expected = {
         "romav2": ("precise", 1280, 1, 1, 5000),
         "romav2_fast": ("base", 1024, 1, 1, 5000),
         "romav2_aachen": ("precise", 1280, 2, 8, 10000),
+        "romav2_tiny": ("tiny", 1024, 1, 1, 5000),
     }[name]
     pre = conf["preprocessing"]
     got = (

@@ -144,9 +144,6 @@ def shim(tmp_path_factory):
         str(SHIM_DIR),
         "-I",
         str(KERNEL_DIR),
-        # transitional: host_driver.cpp still wraps the removed bilinear-gather kernels; make those calls no-ops
-        "-Drv2_bilinear_gather_f32(...)=((void)0)",
-        "-Drv2_bilinear_gather_f16(...)=((void)0)",
         str(SHIM_DIR / "host_driver.cpp"),
         "-o",
         str(out),

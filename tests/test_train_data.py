@@ -101,8 +101,8 @@ def test_megadepth_reader_on_a_written_scene(tmp_path):
     seen = set()
     for i in range(2):
         s = ds.sample(i)
-        a, b = next((p for p in ds.pairs if torch.equal(s["image_A"], ds._view(p[0])[0])
-                     and torch.equal(s["image_B"], ds._view(p[1])[0])))
+        a, b = next(p for p in ds.pairs if torch.equal(s["image_A"], ds._view(p[0])[0])
+                     and torch.equal(s["image_B"], ds._view(p[1])[0]))
         seen.add((a, b))
         ia, ib = int(a[1]), int(b[1])
         # the same ground truth as computed directly from the renderer's depth and poses

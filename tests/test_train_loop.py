@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from romav2_plugin.train.config import DataSection, DataSource, ModelSection, StageConfig, TrainConfig, load_config
+from romav2_plugin.train.config import (
+    DataSection,
+    DataSource,
+    ModelSection,
+    StageConfig,
+    TrainConfig,
+    load_config,
+)
 from romav2_plugin.train.data import HomographyPairs, ImageFolder, collate
 from romav2_plugin.train.loop import Trainer
 

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from romav2_plugin.runtime import LOCAL_CORR_CHUNK_BYTES
+
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "MODE_ENV",
@@ -50,7 +52,8 @@ __all__ = [
 ]
 
 #: default budget (bytes) for the temporaries of one chunk of rows in the torch (CPU / fallback) path
-DEFAULT_CHUNK_BYTES: int = 64 * 2**20
+#: (:data:`romav2_plugin.runtime.LOCAL_CORR_CHUNK_BYTES`)
+DEFAULT_CHUNK_BYTES: int = LOCAL_CORR_CHUNK_BYTES
 
 _KERNEL_SOURCE = "local_corr.cu"
 _THREADS = 256  # 8 warps per block, one warp per output pixel
@@ -533,25 +536,3 @@ def local_corr_backward(
     _check_inputs(f_A, f_B, warp, radius)
     cb = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
     return _local_corr_backward_op(grad, f_A, f_B, warp.detach(), int(radius), cb, True, True)
-
-
-def __getattr__(name: str):
-    # Transitional: ``bilinear_gather`` (a fused grid_sample that nothing used) was removed with its CUDA
-    # kernels; ``romav2_plugin/ops/__init__.py`` and ``benchmarks/gpu_kernels.py`` still import the name.
-    if name == "bilinear_gather":
-        return _removed_bilinear_gather
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _removed_bilinear_gather(f_B: Tensor, warp: Tensor) -> Tensor:
-    """Removed: use ``F.grid_sample(f_B, warp, mode="bilinear", padding_mode="zeros",
-    align_corners=False).permute(0, 2, 3, 1)``, which this now is."""
-    warnings.warn(
-        "romav2_plugin.ops.bilinear_gather was removed (nothing used it); call torch.nn.functional.grid_sample"
-        "(f_B, warp, mode='bilinear', padding_mode='zeros', align_corners=False).permute(0, 2, 3, 1) instead.",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    dt = _compute_dtype(f_B, warp)
-    out = F.grid_sample(f_B.to(dt), warp.to(dt), mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out.permute(0, 2, 3, 1).contiguous()

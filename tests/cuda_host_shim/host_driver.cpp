@@ -47,19 +47,3 @@ extern "C" int host_local_corr_bwd(int dtype, const float* gout, const void* fA,
     }
     return 1;
 }
-
-extern "C" int host_bilinear_gather(int dtype, const void* fB, const float* warp, float* out, int B, int Hin,
-                                    int Win, int Hout, int Wout, int C) {
-    const unsigned int blocks = (unsigned int)(B * Hout * Wout);
-    if (dtype == 1) {
-        rv2_shim_launch(blocks, [&] {
-            rv2_bilinear_gather_f16((const rv2_half*)fB, warp, out, B, Hin, Win, Hout, Wout, C);
-        });
-        return 0;
-    }
-    if (dtype != 0) return 1;
-    rv2_shim_launch(blocks, [&] {
-        rv2_bilinear_gather_f32((const float*)fB, warp, out, B, Hin, Win, Hout, Wout, C);
-    });
-    return 0;
-}

@@ -143,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"output folder, or .npz / .h5 file (default ./{DEFAULT_OUT}; --pairs: DIR/results.h5)",
     )
     p.add_argument(
-        "--setting", default="precise", choices=list(SETTINGS), help="resolution preset (default: precise)"
+        "--setting",
+        default=None,
+        choices=list(SETTINGS),
+        help="resolution preset (default: the weights' own: precise for the official model, tiny for 'tiny')",
     )
     p.add_argument("--weights", metavar="PATH|URL|tiny", help=WEIGHTS_HELP)
     p.add_argument(
@@ -422,6 +425,11 @@ def _out_paths(out: str | None) -> tuple[Path, Path, Path]:
     return o / "matches.npz", o / "matches.png", o / "warp.png"
 
 
+def _setting_of(model, requested: str | None) -> str:
+    """The setting the model runs (its own default when none was requested)."""
+    return str(getattr(model, "setting", None) or requested or "precise")
+
+
 def _cpu_note(setting: str, device) -> None:
     if device.type == "cpu" and setting not in ("turbo", "fast"):
         _err(
@@ -468,10 +476,11 @@ def _run_single(args: argparse.Namespace) -> int:
         if results is not None and matches_path.exists():
             _read_or_repair(results)  # locked / not HDF5: refused now, not after matching
         device = resolve_device(args.device)
-        _cpu_note(args.setting, device)
         t0 = time.perf_counter()
         model, info = load_model(choice, args.setting, device, False if args.fp32 else None)
         t_load = time.perf_counter() - t0
+        setting = _setting_of(model, args.setting)
+        _cpu_note(setting, device)
         try:
             res = match_pair(
                 model,
@@ -487,7 +496,7 @@ def _run_single(args: argparse.Namespace) -> int:
         except RuntimeError as e:  # e.g. out of device memory
             raise CommandError(f"matching failed: {e}", EXIT_RUNTIME) from None
         meta = _run_metadata(
-            setting=args.setting,
+            setting=setting,
             model=model,
             info=info,
             seed=args.seed,
@@ -523,7 +532,7 @@ def _run_single(args: argparse.Namespace) -> int:
                 hw_B=b.hw,
                 exif_A=a.exif_orientation,
                 exif_B=b.exif_orientation,
-                setting=args.setting,
+                setting=setting,
                 resolution=f"{model.H_lr}x{model.W_lr}{hr}",
                 bidirectional=bool(model.bidirectional),
                 device=device,
@@ -671,8 +680,10 @@ def _run_pairs(args: argparse.Namespace) -> int:
     except OSError:
         pass
     # the options that need no model are compared now (the weights' hash once the model is loaded)
-    early = {"setting": args.setting, "seed": int(args.seed), "num_samples": int(args.num_samples)}
+    early: dict[str, Any] = {"seed": int(args.seed), "num_samples": int(args.num_samples)}
     early["min_overlap"] = float(args.min_overlap)
+    if args.setting is not None:
+        early["setting"] = args.setting
     early_diff = results.option_diff(attrs, early) if out.exists() and not damaged else []
     if early_diff and not args.overwrite:
         raise CommandError(
@@ -700,7 +711,7 @@ def _run_pairs(args: argparse.Namespace) -> int:
                 n_done=0,
                 n_skipped=skipped,
                 failures=failures,
-                setting=args.setting,
+                setting=args.setting or "-",
                 device="-",
                 weights=choice.label,
                 weights_sha256="",
@@ -715,10 +726,11 @@ def _run_pairs(args: argparse.Namespace) -> int:
         )
         return EXIT_PAIRS_FAILED
     device = resolve_device(args.device)
-    _cpu_note(args.setting, device)
     model, info = load_model(choice, args.setting, device, False if args.fp32 else None)
+    setting = _setting_of(model, args.setting)
+    _cpu_note(setting, device)
     meta = _run_metadata(
-        setting=args.setting,
+        setting=setting,
         model=model,
         info=info,
         seed=args.seed,
@@ -745,7 +757,7 @@ def _run_pairs(args: argparse.Namespace) -> int:
         results.create(meta)
     elif damaged or diff or "setting" not in attrs:
         results.set_run_attrs(meta)
-    _err(f"model loaded in {time.perf_counter() - t0:.1f} s ({args.setting}, {device}, {info['weights']})")
+    _err(f"model loaded in {time.perf_counter() - t0:.1f} s ({setting}, {device}, {info['weights']})")
     n_done = total_matches = n_meaningless = 0
     stopped: str | None = None
     code = EXIT_OK
@@ -796,7 +808,7 @@ def _run_pairs(args: argparse.Namespace) -> int:
             n_done=n_done,
             n_skipped=skipped,
             failures=failures,
-            setting=args.setting,
+            setting=setting,
             device=device,
             weights=info["weights"],
             weights_sha256=info["weights_sha256"],

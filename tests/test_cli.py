@@ -62,7 +62,7 @@ def double(monkeypatch):
 
     def fake_load_model(weights, setting, device, amp):
         calls.append(setting)
-        return HomographyWarpDouble(DEMO_H, setting=setting), {
+        return HomographyWarpDouble(DEMO_H, setting=setting or "precise"), {
             "weights": "double.pt",
             "weights_sha256": "0123456789abcdef",
         }
@@ -135,7 +135,7 @@ def test_demo_exact_double_keypoints_are_opencv_pixels_of_original_images(double
 
 def test_bidirectional_setting_both_precisions_and_two_row_warp(double, tmp_path):
     rc = cli.main(["--demo", "--out", str(tmp_path), "--num-samples", "300"])  # default setting: precise
-    assert rc == 0 and double == ["precise"]
+    assert rc == 0 and double == [None]  # no --setting: the weights' own (precise for the official model)
     d = np.load(tmp_path / "matches.npz")
     assert np.isfinite(d["precision_A"]).all() and np.isfinite(d["precision_B"]).all()
     assert cli.reprojection_errors(DEMO_H, d["keypoints_A"], d["keypoints_B"]).max() < 0.01

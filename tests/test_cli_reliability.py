@@ -39,7 +39,7 @@ from romav2_plugin.testing import HomographyWarpDouble
 H = np.asarray(json.loads(open(sys.argv[1]).read())["homography_A_to_B"])
 def fake(weights, setting, device, amp):
     print("MODEL-LOADED", file=sys.stderr, flush=True)
-    return HomographyWarpDouble(H, setting=setting), {"weights": "double.pt", "weights_sha256": "0" * 16}
+    return HomographyWarpDouble(H, setting=setting or "precise"), {"weights": "double.pt", "weights_sha256": "0" * 16}
 cli.load_model = fake
 if os.environ.get("KILL_AT_DATASET"):  # SIGKILL inside the N-th dataset write
     import h5py
@@ -112,7 +112,7 @@ def double(monkeypatch):
 
     def fake_load_model(weights, setting, device, amp):
         calls.append((weights, setting))
-        return HomographyWarpDouble(DEMO_H, setting=setting), {
+        return HomographyWarpDouble(DEMO_H, setting=setting or "precise"), {
             "weights": "double.pt",
             "weights_sha256": "0" * 16,
         }
@@ -422,7 +422,7 @@ def test_unrelated_images_give_no_matches_and_a_warning(monkeypatch, tmp_path, c
     monkeypatch.setattr(
         cli,
         "load_model",
-        lambda w, s, d, a: (_Unrelated(DEMO_H, setting=s), {"weights": "x.pt", "weights_sha256": ""}),
+        lambda w, s, d, a: (_Unrelated(DEMO_H, setting=s or "precise"), {"weights": "x.pt", "weights_sha256": ""}),
     )
     out = tmp_path / "o"
     assert cli.main(["--demo", "--setting", "turbo", "--out", str(out), "--num-samples", "500"]) == 0
@@ -458,7 +458,7 @@ def record_from_pretrained(monkeypatch):
 
     def fake(cls, weights=None, *, setting="precise", device=None, amp=None, config=None):
         calls.append(weights)
-        return HomographyWarpDouble(DEMO_H, setting=setting)
+        return HomographyWarpDouble(DEMO_H, setting=setting or "precise")
 
     monkeypatch.setattr(RoMaV2, "from_pretrained", classmethod(fake))
     return calls

@@ -83,6 +83,11 @@ def machine_info(device: str = "cpu") -> dict:
 
 
 def command_line() -> str:
+    """The command as typed: ``python -m benchmarks.<name> ...`` when run as a module, else the script."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        name = spec.name.removesuffix(".__main__")
+        return "python -m " + " ".join(shlex.quote(a) for a in [name, *sys.argv[1:]])
     return "python " + " ".join(shlex.quote(a) for a in [_rel(sys.argv[0]), *sys.argv[1:]])
 
 

@@ -6,8 +6,8 @@ eager / ONNX Runtime runs after one warm-up each. Timed: the network only (input
 side samples). Reported: medians, min-max, ratio, the median peak RSS increase of a run (ONNX Runtime's
 memory arena off, so that every run allocates what it needs), and the max output difference.
 
-    python benchmarks/onnx_speed.py                       # turbo, base; 5 runs each
-    python benchmarks/onnx_speed.py --settings turbo --repeats 3 --out /tmp/onnx
+    python -m benchmarks.onnx_speed                       # turbo, base; 5 runs each
+    python -m benchmarks.onnx_speed --settings turbo --repeats 3 --out /tmp/onnx
 """
 
 from __future__ import annotations
@@ -22,10 +22,7 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import (  # noqa: E402
+from benchmarks._common import (
     RESULTS,
     benchmark_pair,
     command_line,

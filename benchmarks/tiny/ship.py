@@ -5,7 +5,8 @@
 
 Reads the run's checkpoint (EMA weights), writes ``romav2_tiny.pt`` (official key layout; bf16 backbone as
 the layout has it, fp16 elsewhere, upcast at load) and ``romav2_tiny.json``: the config, the training data
-and their licences (from the fetch manifest), steps, training time, machine, and the held-out figures.
+and their licences (from the fetch manifest), steps, training time, machine, and the held-out figures; copies
+the training log to ``benchmarks/results/tiny_training.csv`` with its curves ``tiny_training.png``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from romav2_plugin.train.config import load_config
-    from romav2_plugin.train.loop import Trainer
+    from romav2_plugin.train.loop import Trainer, plot_curves
 
     cfg = load_config(args.config)
     if Path(cfg.out_dir).resolve() != Path(args.run).resolve():
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         "held_out_figures": json.loads(Path(args.figures).read_text()) if args.figures else None,
     }
     path = trainer.export(ASSETS / "romav2_tiny.pt", card=card, dtype=torch.float16)
+    results = Path(__file__).resolve().parents[1] / "results"
+    shutil.copyfile(Path(args.run) / "log.csv", results / "tiny_training.csv")
+    plot_curves(results / "tiny_training.csv", results / "tiny_training.png")
     size = path.stat().st_size / 2**20
     print(f"wrote {path} ({size:.1f} MiB) and {path.with_suffix('.json')}")
     if size > 25:

@@ -1,7 +1,9 @@
 """``romav2-train CONFIG.toml [--resume]``: train or fine-tune RoMa v2 (see :mod:`romav2_plugin.train.config`).
 
-Exit codes: 0 done; 1 runtime failure; 2 bad config or input (unknown key, missing folder, unreadable
-image, checkpoint of the wrong layout); 130 interrupted (the last checkpoint is kept: rerun with --resume).
+Exit codes are those of every command of the package (:mod:`romav2_plugin.commands`): 0 done; 1 runtime
+failure; 2 bad config or input (unknown key, missing folder, unreadable image, a run that exists or differs);
+4 weights to start from missing or of the wrong layout; 130 / 143 interrupted (the last checkpoint is kept:
+rerun with ``--resume``).
 """
 
 from __future__ import annotations
@@ -10,13 +12,25 @@ import argparse
 import sys
 from pathlib import Path
 
+from romav2_plugin.commands import (
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    is_weights_error,
+    run_command,
+    weights_error,
+)
+
+PROG = "romav2-train"
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="romav2-train",
+        prog=PROG,
         description="Train or fine-tune RoMa v2 with the paper's two-stage recipe (matcher, then refiners).",
         epilog="Writes OUT_DIR/checkpoint.pt (exact resume), log.csv, curves.png, and model.pt + model.json "
-        "(EMA weights in the official layout: RoMaV2.from_pretrained('OUT_DIR/model.pt'), --weights OUT_DIR/model.pt).",
+        "(EMA weights in the official layout: RoMaV2.from_pretrained('OUT_DIR/model.pt'), --weights OUT_DIR/model.pt). "
+        "Exit codes: 0 done, 1 runtime failure, 2 bad config or input, 4 weights missing or invalid, 130/143 interrupted.",
     )
     p.add_argument("config", help="TOML training config (keys: see romav2_plugin.train.config)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
@@ -27,39 +41,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        from romav2_plugin.train.config import load_config
-        from romav2_plugin.train.loop import Trainer
+def _input_error(e: Exception) -> CommandError:
+    if is_weights_error(e):
+        return weights_error(e)
+    return CommandError(str(e), EXIT_USAGE)
 
+
+def _body(args: argparse.Namespace) -> int:
+    from romav2_plugin.train.config import load_config
+    from romav2_plugin.train.loop import Trainer
+
+    try:
         cfg = load_config(args.config)
         trainer = Trainer(cfg, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"romav2-train: error: {e}", file=sys.stderr)
-        return 2
-    if args.export:
-        try:
+        if args.export:
             trainer.resume()
             path = trainer.export(Path(args.export))
-        except (ValueError, FileNotFoundError) as e:
-            print(f"romav2-train: error: {e}", file=sys.stderr)
-            return 2
-        print(f"romav2-train: exported {path} (EMA weights at step {trainer.global_step}) and {path.with_suffix('.json')}")
-        return 0
-    try:
+            print(f"{PROG}: exported {path} (EMA weights at step {trainer.global_step}) and {path.with_suffix('.json')}")
+            return EXIT_OK
         path = trainer.run(resume=args.resume, max_steps=args.max_steps)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not is_weights_error(e):
+            raise
+        raise _input_error(e) from None
     except KeyboardInterrupt:
-        print(f"romav2-train: interrupted; resume with: romav2-train {args.config} --resume", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"romav2-train: error: {e}", file=sys.stderr)
-        return 2
+        print(f"{PROG}: the last checkpoint is kept; resume with: {PROG} {args.config} --resume", file=sys.stderr)
+        raise
     if path is not None:
-        print(f"romav2-train: exported {path} (EMA weights, official layout) and {path.with_suffix('.json')}")
+        print(f"{PROG}: exported {path} (EMA weights, official layout) and {path.with_suffix('.json')}")
     else:
-        print(f"romav2-train: stopped after --max-steps; checkpoint {trainer.checkpoint_path}")
-    return 0
+        print(f"{PROG}: stopped after --max-steps; checkpoint {trainer.checkpoint_path}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(PROG, lambda: _body(args))
 
 
 if __name__ == "__main__":

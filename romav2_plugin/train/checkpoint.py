@@ -119,6 +119,13 @@ def official_weights(model, source: Mapping[str, torch.Tensor] | None = None,
         else:
             sd[k] = torch.zeros(shape)
     out = {k: sd[k].detach().to("cpu", layout[k][1]).clone() for k in layout}
+    if source is not None:
+        # the key third of each qkv bias is masked out (bias_mask) and not held by the model: keep the
+        # source's values, so an untouched backbone is written back bit for bit
+        for k in out:
+            if k.endswith("attn.qkv.bias") and k in source and source[k].shape == out[k].shape:
+                d = out[k].shape[0] // 3
+                out[k][d : 2 * d] = source[k][d : 2 * d].to(out[k].dtype)
     check_layout(out, layout)
     return out
 

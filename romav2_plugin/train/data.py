@@ -91,11 +91,23 @@ class ImageFolder:
         self.files = sorted(p for p in files if p.name not in excl)
         if not self.files:
             raise ValueError(f"No images ({', '.join(IMAGE_SUFFIXES)}) found under {', '.join(map(str, roots))}")
+        self._check_headers()
         self.max_side = max_side
         self._cache: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def _check_headers(self) -> None:
+        """Every file must open as an image (header only: fast), so a bad file stops training before it starts."""
+        from PIL import Image, UnidentifiedImageError
+
+        for path in self.files:
+            try:
+                with Image.open(path) as im:
+                    im.size  # noqa: B018 - reading the header is the check
+            except (OSError, UnidentifiedImageError) as e:
+                raise ValueError(f"Cannot read training image {path}: {e}. Remove or replace the file.") from None
 
     def load(self, i: int) -> torch.Tensor:
         """``(3, H, W)`` float32 in ``[0, 1]``."""

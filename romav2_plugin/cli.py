@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="unidirectional settings: also match B->A for warp.png's bottom row",
     )
     p.add_argument("--overwrite", action="store_true", help="--pairs: redo pairs already in the output file")
+    from romav2_plugin.distributed import add_engine_arguments
+
+    add_engine_arguments(p)  # --engine ray, --address, --workers, ... (romav2_plugin.distributed)
     return p
 
 
@@ -193,6 +196,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--min-overlap must lie in [0, 1), got {args.min_overlap:g}")
     if args.max_draw < 0:
         p.error("--max-draw must be >= 0")
+    if getattr(args, "engine", "local") != "local" and args.pairs is None:
+        p.error(f"--engine {args.engine} applies to --pairs only")
 
 
 # ------------------------------------------------------------------------------------------------ utils
@@ -629,6 +634,10 @@ def _probe_images(image_dir: Path, pairs: list[tuple[str, str]]) -> dict[str, st
 
 
 def _run_pairs(args: argparse.Namespace) -> int:
+    if getattr(args, "engine", "local") == "ray":  # the same file, matched by Ray workers
+        from romav2_plugin.distributed import run_pairs_command
+
+        return run_pairs_command(args)
     from tqdm import tqdm
 
     pairs_path = Path(args.pairs).expanduser()

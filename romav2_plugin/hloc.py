@@ -237,6 +237,9 @@ def _parser(
         "--setting", default=None, choices=list(SETTINGS), help="RoMa v2 setting (overrides the conf)"
     )
     p.add_argument("--overwrite", action="store_true", help="recompute pairs already in the matches file")
+    from romav2_plugin.distributed import add_engine_arguments
+
+    add_engine_arguments(p, what="dense matching")  # --engine ray, ... (romav2_plugin.distributed)
     return parser
 
 
@@ -285,7 +288,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.setting is not None:
                 conf["model"]["setting"] = args.setting
         try:
-            features, matches = run_match_dense(
+            run = run_match_dense
+            if getattr(args, "engine", "local") == "ray":  # the same files; the dense stage on Ray workers
+                from romav2_plugin.distributed import hloc_runner
+
+                run = hloc_runner(args)
+            features, matches = run(
                 conf,
                 args.pairs,
                 args.image_dir,

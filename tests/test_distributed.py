@@ -1,0 +1,289 @@
+"""romav2_plugin.distributed: --engine ray on a local Ray cluster (2 CPU workers) gives the single-process files.
+
+A very small seeded random model (official layout, model card) at the 'tiny' setting keeps each pair cheap;
+the same weights, seed and options go through the single-process path once (module fixture) and every Ray
+run is compared with it pair for pair, array for array, attribute for attribute (the per-pair timing
+``time_match_s`` excepted: it differs between two single-process runs too).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from romav2_plugin import cli
+
+h5py = pytest.importorskip("h5py")
+
+HLOC = Path(os.environ.get("ROMAV2_HLOC_PATH", "/work/shared/thirdparty/hloc"))
+COMMON = ["--setting", "tiny", "--num-samples", "150", "--min-overlap", "0", "--device", "cpu", "--seed", "3"]
+N_OK = 4  # matchable pairs; one more pair has a truncated image
+
+
+def _micro_config():
+    from romav2_plugin.config import (
+        BackboneConfig,
+        FineFeaturesConfig,
+        MatcherConfig,
+        RefinerConfig,
+        RoMaV2Config,
+    )
+
+    ref = [
+        RefinerConfig(
+            stride=s, feat_dim=8, proj_dim=4, displacement_emb_dim=7, local_corr_radius=r, hidden_blocks=1
+        )
+        for s, r in ((4, 1), (2, 1), (1, None))
+    ]
+    return RoMaV2Config(
+        backbone=BackboneConfig(layers=(0, 1), embed_dim=32, depth=2, num_heads=2),
+        matcher=MatcherConfig(
+            feat_dim=32,
+            vit_dim=32,
+            vit_depth=1,
+            vit_heads=2,
+            out_dim=32,
+            dpt_features=8,
+            dpt_out_channels=(8, 8, 16, 16),
+        ),  # fmt: skip
+        refiners=tuple(ref),
+        fine_features=FineFeaturesConfig(channels=(8, 8, 8)),
+        setting="tiny",
+    )
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from romav2_plugin.model import RoMaV2
+    from romav2_plugin.train.checkpoint import export_weights
+
+    root = tmp_path_factory.mktemp("dist")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = RoMaV2(_micro_config(), amp=False)
+    weights = export_weights(root / "micro.pt", model)
+    images = root / "images"
+    (images / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = ["a.png", "b.png", "sub/c.png", "d.jpg", "e.png"]
+    sizes = [(128, 96), (128, 96), (96, 128), (160, 120), (128, 96)]
+    for name, size in zip(names, sizes):
+        small = (rng.random((12, 16, 3)) * 255).astype(np.uint8)
+        Image.fromarray(small).resize(size, Image.BICUBIC).save(images / name)
+    good = (images / "a.png").read_bytes()
+    (images / "broken.png").write_bytes(good[: len(good) // 2])  # header fine, data truncated
+    pairs = [("a.png", "b.png"), ("b.png", "sub/c.png"), ("sub/c.png", "d.jpg"), ("e.png", "a.png"),
+             ("a.png", "broken.png")]  # fmt: skip
+    pairs_txt = root / "pairs.txt"
+    pairs_txt.write_text("".join(f"{a} {b}\n" for a, b in pairs))
+    ref = root / "ref.h5"
+    args = [
+        "--pairs",
+        str(pairs_txt),
+        "--image-dir",
+        str(images),
+        "--out",
+        str(ref),
+        "--weights",
+        str(weights),
+    ]
+    assert cli.main(args + COMMON) == cli.EXIT_PAIRS_FAILED  # the broken pair fails, the others are written
+    return {"root": root, "weights": weights, "images": images, "pairs": pairs_txt, "ref": ref, "args": args}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # a busy machine can take more than Ray's default 60 s to answer the start-up RPCs (read at import)
+    os.environ.setdefault("RAY_gcs_server_request_timeout_seconds", "300")
+    ray = pytest.importorskip("ray")
+    from romav2_plugin.distributed import _children, _shutdown_failed_start
+
+    for attempt in range(3):  # the raylet can miss Ray's 30 s start-up deadline on a busy machine
+        before = _children()
+        try:
+            ray.init(
+                address="local",
+                num_cpus=2,
+                include_dashboard=False,
+                object_store_memory=80 << 20,
+                log_to_driver=False,
+            )
+            break
+        except Exception:
+            _shutdown_failed_start(ray, before)
+            if attempt == 2:
+                raise
+    yield ray
+    ray.shutdown()
+
+
+def _contents(path: Path) -> tuple[dict, dict]:
+    """(root attributes, {group: (attributes without the timing, {dataset: array})})"""
+    out = {}
+    with h5py.File(path, "r") as f:
+        root = {k: f.attrs[k] for k in f.attrs}
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Group) and "complete" in obj.attrs:
+                attrs = {k: obj.attrs[k] for k in obj.attrs if k != "time_match_s"}
+                out[name] = (attrs, {k: obj[k][()] for k in obj})
+
+        f.visititems(visit)
+    return root, out
+
+
+def _assert_same(path: Path, ref: Path) -> None:
+    root, groups = _contents(path)
+    root_ref, groups_ref = _contents(ref)
+    assert root.keys() == root_ref.keys()
+    for k in root_ref:
+        np.testing.assert_array_equal(root[k], root_ref[k], err_msg=f"root attribute {k}")
+    assert sorted(groups) == sorted(groups_ref)
+    assert len(groups) == N_OK
+    for key, (attrs, arrays) in groups_ref.items():
+        got_attrs, got_arrays = groups[key]
+        assert got_attrs.keys() == attrs.keys(), key
+        for k in attrs:
+            np.testing.assert_array_equal(got_attrs[k], attrs[k], err_msg=f"{key} attribute {k}")
+        assert got_arrays.keys() == arrays.keys(), key
+        for k in arrays:
+            assert got_arrays[k].dtype == arrays[k].dtype, (key, k)
+            np.testing.assert_array_equal(got_arrays[k], arrays[k], err_msg=f"{key}/{k}")  # bit for bit
+    assert any(len(a["confidence"]) > 0 for _, a in groups_ref.values())  # not a comparison of empties
+
+
+def _run(data, out, **kw):
+    from romav2_plugin.distributed import match_pairs
+
+    opts = dict(
+        weights=str(data["weights"]), setting="tiny", seed=3, num_samples=150, min_overlap=0.0, device="cpu"
+    )
+    opts.update(num_workers=2, num_cpus_per_worker=1, progress=False)
+    opts.update(kw)
+    return match_pairs(data["pairs"], data["images"], out, **opts)
+
+
+def test_same_file_as_one_process(data, cluster, tmp_path):
+    out = tmp_path / "ray.h5"
+    run = _run(data, out, batch_size=2)
+    assert run.code == cli.EXIT_PAIRS_FAILED  # the broken pair, reported as in one process
+    assert run.n_done == N_OK and run.workers == 2
+    assert [(a, b) for a, b, _ in run.failures] == [("a.png", "broken.png")]
+    assert "truncated" in run.failures[0][2]
+    _assert_same(out, data["ref"])
+
+
+def test_worker_killed_mid_run(data, cluster, tmp_path):
+    marker = tmp_path / "died"
+    out = tmp_path / "ray.h5"
+    run = _run(data, out, batch_size=1, _fault={"die_after": 2, "marker": str(marker)})
+    assert marker.exists()  # a worker did exit in the middle of the run
+    assert run.n_done == N_OK and len(run.failures) == 1
+    _assert_same(out, data["ref"])
+
+
+def test_driver_interrupted_then_resumed_by_the_command(data, cluster, tmp_path, capsys):
+    out = tmp_path / "ray.h5"
+    written = []
+
+    def stop_after_two(a, b):
+        written.append((a, b))
+        if len(written) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(data, out, batch_size=1, on_pair_written=stop_after_two)
+    _, groups = _contents(out)
+    assert len(groups) == 2  # what was written before the interruption is kept, nothing half-written
+    args = data["args"][:-4] + ["--out", str(out), "--weights", str(data["weights"])]
+    rc = cli.main(
+        args + COMMON + ["--engine", "ray", "--workers", "2", "--cpus-per-worker", "1", "--batch-size", "1"]
+    )
+    assert rc == cli.EXIT_PAIRS_FAILED
+    err = capsys.readouterr().err
+    assert "2 of 5 pairs already in" in err
+    _assert_same(out, data["ref"])
+
+
+def test_without_ray_the_named_error_before_the_model(data, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+
+    def no_model(*a, **k):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(cli, "load_model", no_model)
+    rc = cli.main(data["args"][:-4] + ["--out", str(tmp_path / "x.h5")] + COMMON + ["--engine", "ray"])
+    assert rc == cli.EXIT_SETUP
+    err = capsys.readouterr().err
+    assert 'pip install "romav2-plugin[ray]"' in err and "--engine ray" in err
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_engine_ray_needs_pairs(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["a.png", "b.png", "--engine", "ray"])
+    assert e.value.code == 2
+    assert "--engine ray applies to --pairs only" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------- hloc
+@pytest.fixture(scope="module")
+def hloc_path():
+    if not (HLOC / "hloc").is_dir():
+        pytest.skip(f"hloc not found at {HLOC}")
+    sys.path.insert(0, str(HLOC))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(HLOC), *filter(None, [os.environ.get("PYTHONPATH")])])
+    pytest.importorskip("hloc.match_dense")
+    yield HLOC
+
+
+def test_hloc_without_ray_the_named_error(data, hloc_path, monkeypatch, tmp_path, capsys):
+    from romav2_plugin import hloc as hloc_cli
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    rc = hloc_cli.main(["match_dense", "--pairs", str(data["pairs"]), "--image_dir", str(data["images"]),
+                        "--export_dir", str(tmp_path), "--engine", "ray"])  # fmt: skip
+    assert rc == cli.EXIT_SETUP
+    assert 'pip install "romav2-plugin[ray]"' in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _datasets(f) -> dict:
+    items = {}
+    f.visititems(lambda n, o: items.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
+    return items
+
+
+def test_hloc_same_files_as_match_dense_main(data, hloc_path, cluster, tmp_path):
+    from romav2_plugin.adapters.hloc import ensure_registered
+    from romav2_plugin.distributed import hloc_match_dense
+    from romav2_plugin.hloc import run_match_dense
+
+    md = ensure_registered()
+    conf = {**md.confs["romav2_fast"]}
+    conf["model"] = {
+        **conf["model"],
+        "weights": str(data["weights"]),
+        "setting": "tiny",
+        "max_num_matches": 150,
+    }
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("a.png b.png\nb.png sub/c.png\nsub/c.png a.png\n")
+    ref = run_match_dense(conf, pairs, data["images"], tmp_path / "local")
+    marker = tmp_path / "died"
+    got = hloc_match_dense(conf, pairs, data["images"], tmp_path / "ray", num_workers=2, num_cpus_per_worker=1,
+                           batch_size=1, progress=False, _fault={"die_after": 1, "marker": str(marker)})  # fmt: skip
+    assert marker.exists()
+    for a, b in zip(ref, got):
+        with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+            items_a, items_b = _datasets(fa), _datasets(fb)
+            assert sorted(items_a) == sorted(items_b) and items_a
+            for k in items_a:
+                np.testing.assert_array_equal(items_b[k], items_a[k], err_msg=k)
+    assert not list((tmp_path / "ray").glob("*.ray-dense.h5"))  # the cache is gone once the run completed

@@ -14,8 +14,11 @@ How it runs. Ray actors (one per worker, ``num_gpus_per_worker`` GPUs and ``num_
 load the model once. The driver hands out batches of ``batch_size`` pairs, at most ``max_in_flight``
 batches per actor (backpressure: the driver never holds more than ``workers * max_in_flight`` batches of
 results), and is the single writer: each pair is written and flushed as soon as its batch comes back.
-Pairs of a batch are matched one after the other with the single-process code (so the output is identical
-bit for bit); a batch is the unit of scheduling.
+Pairs of a batch are matched one after the other with the single-process code, so the output is identical
+bit for bit, given the same torch thread count: a CPU worker runs ``num_cpus_per_worker`` threads, and torch's
+CPU kernels round differently with other thread counts (float32 rounding, about 1e-7 relative, in the same
+matches); a batch is the unit of scheduling (pairs are not stacked into one GPU batch, which would change
+the rounding too).
 
 Faults. A worker that dies (killed, out of memory, node lost: ``RayActorError``, ``WorkerCrashedError``,
 ...) is restarted by Ray (``max_restarts``) and the pairs of its unfinished batches go back to the queue,

@@ -436,7 +436,7 @@ def _setting_of(model, requested: str | None) -> str:
 
 
 def _cpu_note(setting: str, device) -> None:
-    if device.type == "cpu" and setting not in ("turbo", "fast"):
+    if device.type == "cpu" and setting not in ("turbo", "fast", "tiny"):
         _err(
             f"note: running setting '{setting}' on the CPU takes one to a few minutes per pair; --setting turbo is much faster."
         )

@@ -284,9 +284,10 @@ class Trainer:
             )
         self.model.load_state_dict(state["model"])
         self.stage_index = state["stage_index"]
-        self._setup_stage()
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
+        if self.stage_index < len(self.cfg.stages):  # else: a finished run (export only)
+            self._setup_stage()
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
         self.ema.load_state_dict(state["ema"])
         self.step, self.global_step = state["step"], state["global_step"]
         self.history = list(state["history"])

@@ -199,3 +199,34 @@ def test_command_errors_are_clear(tmp_path, photos, capsys, random_checkpoint):
     assert "official RoMa v2 layout" in capsys.readouterr().err
     assert main([write("d.toml", 'out_dir = "r4"\nbogus = 1\n' + base.format(path=photos))]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Checkpoints are written to a temporary file and renamed: a crash mid-write leaves the last good one."""
+    from romav2_plugin.train import checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save_training_state(path, {"step": 1})
+    good = path.read_bytes()
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        checkpoint.save_training_state(path, {"step": 2})
+    assert path.read_bytes() == good and checkpoint.load_training_state(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left behind
+
+
+def test_match_restores_the_training_mode():
+    from romav2_plugin import RoMaV2
+    from romav2_plugin.config import tiny_config
+
+    model = RoMaV2(tiny_config(), amp=False).train()
+    model.match(torch.rand(3, 32, 32), torch.rand(3, 32, 32))
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    model.match(torch.rand(3, 32, 32), torch.rand(3, 32, 32))
+    assert not model.training

@@ -29,42 +29,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _micro_weights(folder: Path) -> Path:
-    import torch
+    from romav2_plugin.testing import make_micro_weights
 
-    from romav2_plugin.config import (
-        BackboneConfig,
-        FineFeaturesConfig,
-        MatcherConfig,
-        RefinerConfig,
-        RoMaV2Config,
-    )
-    from romav2_plugin.model import RoMaV2
-    from romav2_plugin.train.checkpoint import export_weights
-
-    cfg = RoMaV2Config(
-        backbone=BackboneConfig(layers=(0, 1), embed_dim=32, depth=2, num_heads=2),
-        matcher=MatcherConfig(
-            feat_dim=32,
-            vit_dim=32,
-            vit_depth=1,
-            vit_heads=2,
-            out_dim=32,
-            dpt_features=8,
-            dpt_out_channels=(8, 8, 16, 16),
-        ),  # fmt: skip
-        refiners=tuple(
-            RefinerConfig(
-                stride=s, feat_dim=8, proj_dim=4, displacement_emb_dim=7, local_corr_radius=r, hidden_blocks=1
-            )
-            for s, r in ((4, 1), (2, 1), (1, None))
-        ),  # fmt: skip
-        fine_features=FineFeaturesConfig(channels=(8, 8, 8)),
-        setting="tiny",
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = RoMaV2(cfg, amp=False)
-    return export_weights(folder / "micro.pt", model)
+    return make_micro_weights(folder / "micro.pt")
 
 
 def _images(folder: Path, n_pairs: int) -> Path:

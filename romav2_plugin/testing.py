@@ -16,6 +16,8 @@ import torch
 __all__ = [
     "make_random_official_state_dict",
     "make_random_official_checkpoint",
+    "micro_config",
+    "make_micro_weights",
     "WarpDouble",
     "HomographyWarpDouble",
 ]
@@ -80,6 +82,46 @@ def make_random_official_checkpoint(path: str | os.PathLike, seed: int = 0) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(make_random_official_state_dict(seed), path)
     return path
+
+
+def micro_config():
+    """A very small configuration of the same architecture (2-block, 32-wide backbone; 8-channel refiners)
+    at the ``tiny`` setting: real model code that runs in well under a second per pair on a CPU, for tests
+    and benchmarks of the plumbing around the model (pair lists, Ray workers, files)."""
+    from romav2_plugin.config import (
+        BackboneConfig,
+        FineFeaturesConfig,
+        MatcherConfig,
+        RefinerConfig,
+        RoMaV2Config,
+    )
+
+    refiners = tuple(
+        RefinerConfig(stride=s, feat_dim=8, proj_dim=4, displacement_emb_dim=7, local_corr_radius=r, hidden_blocks=1)
+        for s, r in ((4, 1), (2, 1), (1, None))
+    )
+    matcher = MatcherConfig(
+        feat_dim=32, vit_dim=32, vit_depth=1, vit_heads=2, out_dim=32, dpt_features=8, dpt_out_channels=(8, 8, 16, 16)
+    )
+    return RoMaV2Config(
+        backbone=BackboneConfig(layers=(0, 1), embed_dim=32, depth=2, num_heads=2),
+        matcher=matcher,
+        refiners=refiners,
+        fine_features=FineFeaturesConfig(channels=(8, 8, 8)),
+        setting="tiny",
+    )
+
+
+def make_micro_weights(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Seeded random weights of :func:`micro_config` written to ``path`` with their model card (so that
+    ``RoMaV2.from_pretrained(path)`` and ``--weights PATH`` build the micro architecture). Returns the path."""
+    from romav2_plugin.model import RoMaV2
+    from romav2_plugin.train.checkpoint import export_weights
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = RoMaV2(micro_config(), amp=False)
+    return export_weights(Path(path), model)
 
 
 class WarpDouble(torch.nn.Module):

@@ -26,48 +26,12 @@ COMMON = ["--setting", "tiny", "--num-samples", "150", "--min-overlap", "0", "--
 N_OK = 4  # matchable pairs; one more pair has a truncated image
 
 
-def _micro_config():
-    from romav2_plugin.config import (
-        BackboneConfig,
-        FineFeaturesConfig,
-        MatcherConfig,
-        RefinerConfig,
-        RoMaV2Config,
-    )
-
-    ref = [
-        RefinerConfig(
-            stride=s, feat_dim=8, proj_dim=4, displacement_emb_dim=7, local_corr_radius=r, hidden_blocks=1
-        )
-        for s, r in ((4, 1), (2, 1), (1, None))
-    ]
-    return RoMaV2Config(
-        backbone=BackboneConfig(layers=(0, 1), embed_dim=32, depth=2, num_heads=2),
-        matcher=MatcherConfig(
-            feat_dim=32,
-            vit_dim=32,
-            vit_depth=1,
-            vit_heads=2,
-            out_dim=32,
-            dpt_features=8,
-            dpt_out_channels=(8, 8, 16, 16),
-        ),  # fmt: skip
-        refiners=tuple(ref),
-        fine_features=FineFeaturesConfig(channels=(8, 8, 8)),
-        setting="tiny",
-    )
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from romav2_plugin.model import RoMaV2
-    from romav2_plugin.train.checkpoint import export_weights
+    from romav2_plugin.testing import make_micro_weights
 
     root = tmp_path_factory.mktemp("dist")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = RoMaV2(_micro_config(), amp=False)
-    weights = export_weights(root / "micro.pt", model)
+    weights = make_micro_weights(root / "micro.pt")
     images = root / "images"
     (images / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)

@@ -181,7 +181,7 @@ def export_onnx(
     )
     was_training, amp = model.training, model.amp
     model.eval()
-    model.amp = False
+    model.set_amp(False)  # fp32 graph; a frozen backbone held in bf16 goes back to fp32 until the end
     try:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".romav2-export-") as tmp:
             staged = Path(tmp) / path.name
@@ -203,7 +203,7 @@ def export_onnx(
             os.replace(staged_data, data)  # the .onnx names its data file by base name: same folder, same name
             os.replace(staged, path)
     finally:
-        model.amp = amp
+        model.set_amp(amp)
         model.train(was_training)
     return path
 

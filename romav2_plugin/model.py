@@ -8,6 +8,7 @@ Public surface follows the official ``romav2.RoMaV2`` (2.0.1): ``forward``, ``ma
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -79,6 +80,7 @@ class RoMaV2(nn.Module):
         self.eval()
         if device is not None:
             self.to(device)
+        self._hold_backbone(self.device)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -121,6 +123,7 @@ class RoMaV2(nn.Module):
         model.eval()
         if device is not None:
             model.to(device)
+        model._hold_backbone(model.device)
         return model
 
     def load_official_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
@@ -152,13 +155,41 @@ class RoMaV2(nn.Module):
     def device(self) -> torch.device:
         return self.matcher.omega.device
 
-    def _resolve_amp(self, device: torch.device) -> bool:
-        amp = self.amp if self.amp is not None else device.type == "cuda"
-        want = torch.bfloat16 if amp else torch.float32
-        trainable = any(p.requires_grad for p in self.f.parameters())
-        if self.f.vit.patch_embed.proj.weight.dtype != want and not trainable:
-            self.f.to(want)  # the official model holds the frozen backbone in bf16 under amp
-        return amp
+    def set_amp(self, amp: bool | None, device: torch.device | str | None = None) -> RoMaV2:
+        """bf16 autocast: on (``True``), off (``False``) or on CUDA only (``None``).
+
+        A frozen backbone is then held in bf16 when autocast is on for ``device`` (default: the model's),
+        in fp32 otherwise, as the official model holds it. This, construction and ``from_pretrained`` (with
+        their ``device``) are the only places that choose the backbone's dtype: ``forward`` never changes it.
+        Returns the model.
+        """
+        self.amp = amp
+        self._hold_backbone(torch.device(device) if device is not None else self.device)
+        return self
+
+    def _amp_for(self, device: torch.device) -> bool:
+        return self.amp if self.amp is not None else device.type == "cuda"
+
+    def _hold_backbone(self, device: torch.device) -> None:
+        if any(p.requires_grad for p in self.f.parameters()):
+            return  # a backbone being trained keeps its fp32 weights (autocast does the rest)
+        want = torch.bfloat16 if self._amp_for(device) else torch.float32
+        if self.f.vit.patch_embed.proj.weight.dtype != want:
+            self.f.to(want)
+
+    def _backbone_amp(self, amp: bool) -> bool:
+        """Autocast for the backbone: on with ``amp``, and also when its weights are held in bf16 (a model
+        moved from CUDA to the CPU, say): bf16 weights run as bf16 either way. Warns once in that case."""
+        if amp or self.f.vit.patch_embed.proj.weight.dtype != torch.bfloat16:
+            return amp
+        if not getattr(self, "_warned_bf16_backbone", False):
+            self._warned_bf16_backbone = True
+            warnings.warn(
+                "The backbone is held in bf16 but autocast is off on this device, so it runs in bf16 (slow on "
+                "most CPUs). Call model.set_amp(False) to hold it in fp32.",
+                stacklevel=3,
+            )
+        return True
 
     # ------------------------------------------------------------------ network
     #: Memory knob (see :mod:`romav2_plugin.runtime`): at most this many pixels per call of the fine-feature
@@ -245,11 +276,13 @@ class RoMaV2(nn.Module):
             raise ValueError("Pass both img_A_hr and img_B_hr, or neither")
         if img_A_hr is not None:
             self._check_pair(img_A_hr, img_B_hr, "hr")
-        amp = self._resolve_amp(img_A_lr.device)
+        amp = self._amp_for(img_A_lr.device)
         B = img_A_lr.shape[0]
         bidir = self.bidirectional
         # Both images through the backbone as one batch (per-sample network: same numbers).
-        feats = self.f(torch.cat((img_A_lr, img_B_lr)), amp=amp)
+        feats = self.f(torch.cat((img_A_lr, img_B_lr)), amp=self._backbone_amp(amp))
+        if not amp:
+            feats = [x.float() for x in feats]  # no-op for an fp32 backbone
         coarse = self.matcher(
             [x[:B] for x in feats], [x[B:] for x in feats], bidirectional=bidir, amp=amp, return_attention=return_attention
         )

@@ -160,7 +160,7 @@ def test_amp_matches_the_official_autocast_placement(sd):
     ours = RoMaV2.from_pretrained(sd, setting="precise", amp=True)
     ours.H_lr = ours.W_lr = 64
     ours.H_hr = ours.W_hr = 96
-    ours._resolve_amp(torch.device("cpu"))  # holds the backbone in bf16, as the official wrapper does
+    assert ours.f.vit.patch_embed.proj.weight.dtype == torch.bfloat16  # held in bf16, as the official does
     off = build_as_released(sd, "precise", amp=True, backbone=lambda img: ours.f(img, amp=True))
     off.H_lr = off.W_lr = 64
     off.H_hr = off.W_hr = 96

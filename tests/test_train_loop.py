@@ -172,6 +172,10 @@ def test_toml_config_is_validated(tmp_path, photos):
     bad.write_text(good.read_text().replace("steps = 2", 'steps = "two"'))
     with pytest.raises(ValueError, match=r"stages\[0\]\.steps: expected an integer"):
         load_config(bad)
+    # a starting weights file is relative to the config file too; named weights stay names
+    for weights, expected in (("w/model.pt", str(tmp_path / "w" / "model.pt")), ("tiny", "tiny")):
+        bad.write_text(good.read_text() + f'[model]\narchitecture = "tiny"\nweights = "{weights}"\n')
+        assert load_config(bad).model.weights == expected
 
 
 def test_command_errors_are_clear(tmp_path, photos, capsys, random_checkpoint):
@@ -230,3 +234,64 @@ def test_match_restores_the_training_mode():
     model.eval()
     model.match(torch.rand(3, 32, 32), torch.rand(3, 32, 32))
     assert not model.training
+
+
+def test_forward_never_changes_the_backbone_dtype():
+    """The backbone's dtype is chosen at construction / ``set_amp`` only, never by a forward pass."""
+    from romav2_plugin import RoMaV2
+    from romav2_plugin.config import tiny_config
+
+    torch.manual_seed(0)
+    dtype = lambda m: m.f.vit.patch_embed.proj.weight.dtype  # noqa: E731
+    model = RoMaV2(tiny_config())  # amp=None on the CPU: off, fp32
+    A, B = torch.rand(3, 32, 32), torch.rand(3, 32, 32)
+    ref = model.match(A, B)["warp_AB"]
+    assert dtype(model) == torch.float32
+    model.amp = True  # autocast on with fp32 weights: runs, and leaves them as they are
+    model.match(A, B)
+    assert dtype(model) == torch.float32
+    model.set_amp(True)  # the documented switch holds a frozen backbone in bf16, as the official model does
+    assert dtype(model) == torch.bfloat16
+    model.match(A, B)
+    assert dtype(model) == torch.bfloat16
+    model.amp = False  # bf16 weights with autocast off: runs in bf16, says so once, changes nothing
+    with pytest.warns(UserWarning, match="set_amp"):
+        model.match(A, B)
+    assert dtype(model) == torch.bfloat16
+    model.set_amp(False)
+    assert dtype(model) == torch.float32
+    torch.testing.assert_close(model.match(A, B)["warp_AB"], ref, rtol=0, atol=1e-2)  # bf16 round trip
+    assert RoMaV2(tiny_config(), amp=True).f.vit.patch_embed.proj.weight.dtype == torch.bfloat16
+    trained = RoMaV2(tiny_config(), amp=True)
+    trained.f.requires_grad_(True)
+    trained.set_amp(True)
+    assert dtype(trained) == torch.bfloat16  # built frozen under amp; set_amp leaves a trainable one alone
+
+
+@pytest.mark.parametrize("train_backbone", [False, True])
+def test_bf16_autocast_training(tmp_path, photos, train_backbone):
+    """``amp = true`` (the CUDA default) runs both stages under bf16 autocast, here on the CPU: the weights
+    being trained stay fp32 (autocast computes in bf16), a frozen backbone is held in bf16 as the official
+    model holds it, a trained one stays fp32, the losses are finite and the export loads in fp32."""
+    from romav2_plugin import RoMaV2
+    from romav2_plugin.config import tiny_config
+    from romav2_plugin.train.checkpoint import export_weights
+
+    torch.manual_seed(0)
+    start = export_weights(tmp_path / "start.pt", RoMaV2(tiny_config(), amp=False))
+    stages = (StageConfig("matcher", steps=2, batch_size=1, warmup_steps=1),
+              StageConfig("refiners", steps=2, batch_size=1, warmup_steps=1))
+    cfg = _cfg(tmp_path / "run", photos, stages=stages, weights=str(start), amp=True, device="cpu")
+    cfg = TrainConfig(**{**cfg.__dict__, "model": ModelSection("tiny", weights=str(start), train_backbone=train_backbone)})
+    t = Trainer(cfg, progress=False)
+    assert t.amp and t.model.amp
+    backbone = t.model.f.vit.patch_embed.proj.weight
+    assert backbone.dtype == (torch.float32 if train_backbone else torch.bfloat16)
+    out = t.run()
+    assert all(np.isfinite(float(r["total"])) for r in t.history)
+    trained = [p for m in ("matcher", "refiners") for p in getattr(t.model, m).parameters()]
+    assert all(p.dtype == torch.float32 for p in trained)
+    assert t.model.f.vit.patch_embed.proj.weight.dtype == backbone.dtype
+    loaded = RoMaV2.from_pretrained(out, amp=False)
+    assert loaded.f.vit.patch_embed.proj.weight.dtype == torch.float32
+    assert torch.isfinite(loaded.match(torch.rand(3, 64, 64), torch.rand(3, 64, 64))["warp_AB"]).all()

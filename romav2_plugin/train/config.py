@@ -135,7 +135,8 @@ class TrainConfig:
 
 
 def load_config(path: str | Path) -> TrainConfig:
-    """Read and validate a TOML training config; relative data paths are relative to the file."""
+    """Read and validate a TOML training config; relative paths (data, ``out_dir``, a ``model.weights``
+    file) are relative to the file."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
@@ -157,4 +158,11 @@ def load_config(path: str | Path) -> TrainConfig:
             src["path"] = [str((path.parent / p).resolve()) if not Path(p).is_absolute() else p for p in src["path"]]
     if isinstance(raw.get("out_dir"), str) and not Path(raw["out_dir"]).is_absolute():
         raw["out_dir"] = str((path.parent / raw["out_dir"]).resolve())
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("weights"), str):
+        from romav2_plugin import pretrained
+
+        w = model["weights"]
+        if not pretrained.is_named(w) and not Path(w).expanduser().is_absolute():
+            model["weights"] = str((path.parent / w).resolve())
     return config_from_dict(TrainConfig, raw)

@@ -163,16 +163,18 @@ class Trainer:
             torch.manual_seed(cfg.seed)
             arch = get_architecture(cfg.model.architecture)
             self.source: dict[str, torch.Tensor] | None = None
-            if cfg.model.weights:
-                src = RoMaV2.from_pretrained(cfg.model.weights, config=arch, amp=self.amp)
-                self.model = src
+            if cfg.model.weights:  # built in fp32; the dtypes are chosen below
+                self.model = RoMaV2.from_pretrained(cfg.model.weights, config=arch, amp=False)
                 self.source = self._source_state(cfg.model.weights)
             else:
-                self.model = RoMaV2(arch, amp=self.amp)
+                self.model = RoMaV2(arch, amp=False)
         self.model.to(self.device)
-        self.model.amp = self.amp
         self.train_backbone = (cfg.model.train_backbone if cfg.model.train_backbone is not None
                                else cfg.model.weights is None)
+        if self.train_backbone:
+            self.model.amp = self.amp  # a trained backbone keeps fp32 weights under autocast
+        else:
+            self.model.set_amp(self.amp, self.device)  # a frozen one is held in bf16 under amp
         self.ema = EMA(self.model, cfg.ema_decay)
         self.stage_index = 0
         self.step = 0  # within the stage
@@ -432,7 +434,7 @@ def plot_curves(csv_path: Path, png_path: Path) -> Path | None:
         rows = list(csv.DictReader(f))
     stages = list(dict.fromkeys(r["stage"] for r in rows))
     fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4), squeeze=False)
-    skip = {"global_step", "stage", "step", "lr", "pairs_per_s", "grad_norm"}
+    skip = {"global_step", "stage", "step", "lr", "pairs_per_s", "grad_norm", "part"}
     for ax, s in zip(axes[0], stages):
         rs = [r for r in rows if r["stage"] == s]
         x = [int(r["step"]) for r in rs]

@@ -1,12 +1,16 @@
 """Put a trained romav2-tiny into the package: fp16 weights + model card in romav2_plugin/assets/.
 
-    python -m benchmarks.tiny.ship runs/romav2_tiny [--config benchmarks/tiny/romav2_tiny.toml]
+    python -m benchmarks.tiny.ship runs/romav2_tiny_part2 [--config benchmarks/tiny/romav2_tiny_part2.toml]
         [--data .tiny-data] [--figures benchmarks/results/tiny_heldout.json]
 
 Reads the run's checkpoint (EMA weights), writes ``romav2_tiny.pt`` (official key layout; bf16 backbone as
 the layout has it, fp16 elsewhere, upcast at load) and ``romav2_tiny.json``: the config, the training data
 and their licences (from the fetch manifest), steps, training time, machine, and the held-out figures; copies
 the training log to ``benchmarks/results/tiny_training.csv`` with its curves ``tiny_training.png``.
+
+A run that started from an earlier run's exported weights (``model.weights = ".../<run>/model.pt"``) is
+shipped with that history: the card lists every part (config, steps, hours) and the training time is their
+sum; the log joins the parts, each stage's steps counted on from the previous part's (column ``part``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import datetime as dt
 import json
 import os
 import platform
-import shutil
 import sys
 from pathlib import Path
 
@@ -37,14 +40,40 @@ def _cpu() -> str:
     return platform.processor() or "unknown"
 
 
+def _seconds_and_steps(rows: list[dict[str, str]], cfg) -> tuple[float, dict[str, int]]:
+    """Training seconds (from the logged throughput) and the steps done per stage of one run's log."""
+    seconds, prev = 0.0, {}
+    for r in rows:  # each row averages the steps since the previous row of its stage
+        n = int(r["step"]) - prev.get(r["stage"], 0)
+        prev[r["stage"]] = int(r["step"])
+        bs = next(s.batch_size for s in cfg.stages if s.name == r["stage"])
+        seconds += n * bs / float(r["pairs_per_s"])
+    return seconds, {s.name: min(s.steps, int(prev.get(s.name, 0))) for s in cfg.stages}
+
+
+def _parts(cfg) -> list[tuple[Path, object]]:
+    """The runs this one continues, oldest first, then this one: ``[(run_dir, config), ...]``."""
+    from romav2_plugin.train.config import TrainConfig, config_from_dict
+
+    parts = [(Path(cfg.out_dir), cfg)]
+    while parts[0][1].model.weights and Path(parts[0][1].model.weights).name == "model.pt":
+        run = Path(parts[0][1].model.weights).parent
+        card = run / "model.json"
+        if not (run / "log.csv").is_file() or not card.is_file():
+            break
+        parts.insert(0, (run, config_from_dict(TrainConfig, json.loads(card.read_text())["train_config"])))
+    return parts
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="the run's out_dir (holds checkpoint.pt and log.csv)")
-    ap.add_argument("--config", default="benchmarks/tiny/romav2_tiny.toml")
+    ap.add_argument("--config", default="benchmarks/tiny/romav2_tiny_part2.toml")
     ap.add_argument("--data", default=".tiny-data", help="the folder made by benchmarks.tiny.fetch_images")
     ap.add_argument("--figures", default=None, help="JSON of held-out figures to record in the card")
     args = ap.parse_args(argv)
 
+    from romav2_plugin.config import config_to_dict
     from romav2_plugin.train.config import load_config
     from romav2_plugin.train.loop import Trainer, plot_curves
 
@@ -54,26 +83,34 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     trainer = Trainer(cfg, progress=False)
     trainer.resume()
-    rows = list(csv.DictReader((Path(args.run) / "log.csv").open(encoding="utf-8")))
-    seconds = 0.0
-    prev = {}
-    for r in rows:  # each row averages the steps since the previous row of its stage
-        n = int(r["step"]) - prev.get(r["stage"], 0)
-        prev[r["stage"]] = int(r["step"])
-        bs = next(s.batch_size for s in cfg.stages if s.name == r["stage"])
-        seconds += n * bs / float(r["pairs_per_s"])
+    parts = _parts(cfg)
+    rows: list[dict[str, str]] = []
+    seconds, history, offset = 0.0, [], {}
+    for i, (run, part_cfg) in enumerate(parts, 1):
+        part_rows = list(csv.DictReader((run / "log.csv").open(encoding="utf-8")))
+        sec, steps = _seconds_and_steps(part_rows, part_cfg)
+        seconds += sec
+        history.append({"part": i, "run": run.name, "steps": steps, "training_time_hours": round(sec / 3600, 2),
+                        "train_config": config_to_dict(part_cfg)})
+        last_global = int(rows[-1]["global_step"]) if rows else 0
+        for r in part_rows:
+            rows.append({"part": str(i), **r, "global_step": str(int(r["global_step"]) + last_global),
+                         "step": str(int(r["step"]) + offset.get(r["stage"], 0))})
+        for name, n in steps.items():
+            offset[name] = offset.get(name, 0) + n
     manifest = json.loads((Path(args.data) / "manifest.json").read_text(encoding="utf-8"))
     train_files = [e for e in manifest["files"] if e["split"] == "train"]
     licences = sorted({(e["package"], e["licence"]) for e in manifest["files"]})
     card = {
         "name": "romav2-tiny",
         "note": NOTE,
-        "steps": {s.name: min(s.steps, int(prev.get(s.name, 0))) for s in cfg.stages},
-        "planned_steps": {s.name: s.steps for s in cfg.stages},
+        "steps": offset,
+        "parts": history,
         "training_time_hours": round(seconds / 3600, 2),
         "machine": f"{_cpu()}, {os.cpu_count()} CPUs (shared with other work), torch {torch.__version__}",
         "date": dt.date.today().isoformat(),
-        "recipe": "romav2-train benchmarks/tiny/romav2_tiny.toml; python -m benchmarks.tiny.ship " + args.run,
+        "recipe": "; ".join([f"romav2-train {c}" for c in _recipe_configs(args.config, len(parts))]
+                            + [f"python -m benchmarks.tiny.ship {args.run} --config {args.config}"]),
         "training_data": {
             "sources": ["synthetic homography pairs of photographs (strong photometric augmentation)",
                         "ray-cast 3D scenes (floor, walls, boxes) textured with crops of the same photographs"],
@@ -86,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = trainer.export(ASSETS / "romav2_tiny.pt", card=card, dtype=torch.float16)
     results = Path(__file__).resolve().parents[1] / "results"
-    shutil.copyfile(Path(args.run) / "log.csv", results / "tiny_training.csv")
+    with (results / "tiny_training.csv").open("w", newline="", encoding="utf-8") as f:
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
     plot_curves(results / "tiny_training.csv", results / "tiny_training.png")
     size = path.stat().st_size / 2**20
     print(f"wrote {path} ({size:.1f} MiB) and {path.with_suffix('.json')}")
@@ -94,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: over the 25 MB budget of the wheel", file=sys.stderr)
         return 1
     return 0
+
+
+def _recipe_configs(config: str, n_parts: int) -> list[str]:
+    """The recipe's config files, oldest first: ``romav2_tiny.toml`` then ``romav2_tiny_part2.toml`` ..."""
+    p = Path(config)
+    return [str(p.with_name("romav2_tiny.toml" if i == 1 else f"romav2_tiny_part{i}.toml"))
+            for i in range(1, n_parts + 1)] if n_parts > 1 else [config]
 
 
 if __name__ == "__main__":

@@ -161,8 +161,8 @@ def test_bidirectional_two_pass_export(tmp_path, random_checkpoint):
     model.H_lr = model.W_lr = 160  # precise's structure (both directions, a second pass), small sizes
     model.H_hr, model.W_hr = 240, 256
     path = ex.export_onnx(model, tmp_path / "precise_small.onnx", batch_size=2)
-    assert model.amp is True  # restored
-    model.amp = False
+    assert model.amp is True and model.f.vit.patch_embed.proj.weight.dtype == torch.bfloat16  # restored
+    model.set_amp(False)  # fp32 backbone (exact: the release's backbone is bf16) to compare with the fp32 graph
     img_A = torch.cat([_images(2), _images(3)])
     img_B = torch.cat([_images(4, (180, 300)), _images(5, (180, 300))])
     inputs = ex.prepare_inputs(model, img_A, img_B)

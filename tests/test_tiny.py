@@ -59,10 +59,10 @@ def _demo_median_error(model) -> float:
                                                kb.double().numpy())))
 
 
-#: romav2-tiny as shipped: median 21.9 px on the demo pair (the issue's target, 3 px, is not reached; see the
-#: README). The bound below is what the shipped model must keep; an untrained model of the same
-#: architecture scores about 190 px.
-DEMO_BOUND_PX = 30.0
+#: romav2-tiny as shipped (two training parts): median 17.0 px on the demo pair (21.9 px after part 1; the
+#: issue's target, 3 px, is not reached; see the README). The bound below is what the shipped model must keep;
+#: an untrained model of the same architecture scores about 190 px.
+DEMO_BOUND_PX = 20.0
 
 
 def test_demo_offline_matches_the_pair(tmp_path):
@@ -125,9 +125,9 @@ def _kornia_corner_error(matcher, img_A, img_B, Hm) -> float:
     return float((proj(H_est.double()) - proj(H_true)).norm(dim=-1).mean())
 
 
-#: romav2-tiny as shipped: 24.7 px mean corner error on this 400x600 pair (the issue's "a few pixels" is not
-#: reached); an untrained model of the same architecture is far off.
-KORNIA_BOUND_PX = 40.0
+#: romav2-tiny as shipped: 8.5 px mean corner error on this 400x600 pair (24.7 px after part 1; the issue's
+#: "a few pixels" is not reached); an untrained model of the same architecture is far off.
+KORNIA_BOUND_PX = 12.0
 
 
 def test_kornia_tiny_with_ransac_recovers_a_heldout_homography():
@@ -149,11 +149,10 @@ def test_kornia_tiny_with_ransac_recovers_a_heldout_homography():
 @pytest.mark.slow
 def test_hloc_tiny_registers_every_camera_of_the_rendered_scene(tmp_path, hloc):
     """match_dense with the ``romav2_tiny`` conf (the network itself, not an exact-warp double) and
-    reconstruction.main on the rendered five-view scene of the hloc tests give a reconstruction.
+    reconstruction.main on the rendered five-view scene of the hloc tests register every camera.
 
-    With the shipped model COLMAP registers 2 of the 5 cameras (67 points); the issue's target, all five, is
-    not reached (README, romav2-tiny). The test keeps what the model does: a two-view reconstruction from
-    the network's own matches, run through hloc's whole chain."""
+    With the shipped model COLMAP registers all 5 cameras (4680 points; after training part 1 it was 2 of 5
+    with 67 points), from the network's own matches, run through hloc's whole chain."""
     import copy
 
     import cv2
@@ -177,4 +176,4 @@ def test_hloc_tiny_registers_every_camera_of_the_rendered_scene(tmp_path, hloc):
     features, matches = match_dense.main(conf, pairs, images, export_dir=tmp_path / "out")
     rec = reconstruction.main(tmp_path / "sfm", images, pairs, features, matches)
     assert rec is not None, "no reconstruction"
-    assert rec.num_reg_images() >= 2 and rec.num_points3D() >= 20, rec.summary()
+    assert rec.num_reg_images() == 5 and rec.num_points3D() >= 1000, rec.summary()

@@ -61,6 +61,37 @@ def test_rendered_pairs_have_occlusions_and_consistent_ground_truth(photos):
     assert torch.equal(ds.sample(0)["warp_AB"], s["warp_AB"])
 
 
+def test_ray_cast_matches_a_ray_by_ray_reference():
+    """Scene.cast (all rays and faces at once, as (N, F) products) against a plain float64 loop over rays
+    and faces that forms each hit point and solves for (a, b) by least squares."""
+    from romav2_plugin.train.scenes import random_camera_pair, random_scene
+
+    g = torch.Generator().manual_seed(3)
+    scene = random_scene(g, [_noise_texture(i, 16) for i in range(3)])
+    cam, _ = random_camera_pair(g, (40, 50))
+    px = torch.rand(300, 2, generator=g, dtype=torch.float64) * torch.tensor([50.0, 40.0])
+    dirs = scene._rays(cam, px)
+    t, face, ab = scene.cast(cam.C, dirs)
+    assert (face >= 0).sum() > 200  # most rays hit something (the room is closed but for one side)
+    for i in range(len(dirs)):
+        best = (float("inf"), -1, None)
+        for f, r in enumerate(scene.rects):
+            o, u, v = (torch.tensor(x, dtype=torch.float64) for x in (r.origin, r.u, r.v))
+            n = torch.linalg.cross(u, v)
+            den = float(dirs[i] @ n)
+            if abs(den) < 1e-12:
+                continue
+            ti = float((o - cam.C) @ n) / den
+            P = cam.C + ti * dirs[i]
+            sol = torch.linalg.lstsq(torch.stack((u, v), 1), (P - o)[:, None]).solution[:, 0]
+            if ti > 1e-6 and bool(((sol >= -1e-9) & (sol <= 1 + 1e-9)).all()) and ti < best[0]:
+                best = (ti, f, sol)
+        assert int(face[i]) == best[1], i
+        if best[1] >= 0:
+            assert abs(float(t[i]) - best[0]) < 1e-9 * max(1.0, best[0])
+            torch.testing.assert_close(ab[i], best[2], atol=1e-9, rtol=0)
+
+
 def test_mixed_pairs_draw_from_every_source(photos):
     imgs = ImageFolder(photos)
     a = HomographyPairs(imgs, (32, 32), seed=0, photometric_strength=0.0)

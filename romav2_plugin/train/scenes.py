@@ -91,16 +91,19 @@ class Scene:
         self.n = torch.linalg.cross(self.u, self.v)
 
     def cast(self, origin: torch.Tensor, dirs: torch.Tensor):
-        """Nearest hit of rays ``origin + t dirs (N, 3)``: ``t (N,)`` (inf: none), face ``(N,)`` (-1), ``ab (N, 2)``."""
-        denom = dirs @ self.n.T
-        num = ((self.o - origin) * self.n).sum(-1)
+        """Nearest hit of rays ``origin + t dirs (N, 3)``: ``t (N,)`` (inf: none), face ``(N,)`` (-1), ``ab (N, 2)``.
+
+        Every quantity is an ``(N, F)`` product of ``(N, 3) @ (3, F)`` matrices (no ``(N, F, 3)``
+        intermediates): with ``off = o - origin``, the hit ``P = origin + t d`` of face ``(o, u, v)`` has
+        ``(P - o) . u = t (d . u) - off . u``."""
         with torch.no_grad():
-            t = num / torch.where(denom.abs() > 1e-12, denom, torch.full_like(denom, 1e-12))
-            P = origin + t[..., None] * dirs[:, None]
-            rel = P - self.o
-            a = (rel * self.u).sum(-1) / (self.u * self.u).sum(-1)
-            b = (rel * self.v).sum(-1) / (self.v * self.v).sum(-1)
-            ok = (t > 1e-6) & (a >= 0) & (a <= 1) & (b >= 0) & (b <= 1) & (denom.abs() > 1e-12)
+            denom = dirs @ self.n.T
+            valid = denom.abs() > 1e-12
+            off = self.o - origin
+            t = (off * self.n).sum(-1) / torch.where(valid, denom, torch.full_like(denom, 1e-12))
+            a = (t * (dirs @ self.u.T) - (off * self.u).sum(-1)) / (self.u * self.u).sum(-1)
+            b = (t * (dirs @ self.v.T) - (off * self.v).sum(-1)) / (self.v * self.v).sum(-1)
+            ok = valid & (t > 1e-6) & (a >= 0) & (a <= 1) & (b >= 0) & (b <= 1)
             t = torch.where(ok, t, torch.full_like(t, math.inf))
             t_min, face = t.min(dim=1)
             hit = torch.isfinite(t_min)

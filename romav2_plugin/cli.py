@@ -205,6 +205,41 @@ def _err(msg: str) -> None:
     print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
 
+def check_run_options(results, out: Path, attrs: dict, options: dict, *, damaged: bool, overwrite: bool) -> list[str]:
+    """The options in which ``out``'s earlier run differs from ``options`` (``[]`` for a new or damaged
+    file); raises the usage error naming the fixes unless ``overwrite``."""
+    diff = results.option_diff(attrs, options) if out.exists() and not damaged else []
+    if diff and not overwrite:
+        raise CommandError(
+            f"{out} holds results made with other options ({'; '.join(diff)}). "
+            "Use the same options to resume, --overwrite to start the file afresh, or another --out.",
+            EXIT_USAGE,
+        )
+    return diff
+
+
+def prepare_results_file(
+    results, out: Path, attrs: dict, meta: dict, *, damaged: bool, fmt: int, overwrite: bool
+) -> None:
+    """Make ``out`` ready for a run with the run attributes ``meta`` (model loaded): refuse other options
+    unless ``overwrite`` (then start afresh, a damaged file kept aside), migrate an earlier layout, create a
+    new file, or record ``meta`` where the file lacks it; each step is said on stderr."""
+    diff = check_run_options(results, out, attrs, meta, damaged=damaged, overwrite=overwrite)
+    if damaged:
+        aside = results.move_damaged_aside()
+        _err(f"--overwrite: {out} could not be read; kept as {aside}, starting a new file")
+    elif diff:
+        _err(f"--overwrite: {out} was made with other options ({'; '.join(diff)}); starting it afresh")
+        out.unlink()
+    elif out.exists() and fmt < 2:
+        moved = results.migrate()
+        _err(f"{out}: migrated from the earlier layout ({moved} group(s) renamed to injective pair keys)")
+    if not out.exists():
+        results.create(meta)
+    elif damaged or diff or "setting" not in attrs:
+        results.set_run_attrs(meta)
+
+
 def _package_version() -> str:
     from romav2_plugin import __version__
 
@@ -693,13 +728,7 @@ def _run_pairs(args: argparse.Namespace) -> int:
     early["min_overlap"] = float(args.min_overlap)
     if args.setting is not None:
         early["setting"] = args.setting
-    early_diff = results.option_diff(attrs, early) if out.exists() and not damaged else []
-    if early_diff and not args.overwrite:
-        raise CommandError(
-            f"{out} holds results made with other options ({'; '.join(early_diff)}). "
-            "Use the same options to resume, --overwrite to start the file afresh, or another --out.",
-            EXIT_USAGE,
-        )
+    check_run_options(results, out, attrs, early, damaged=damaged, overwrite=args.overwrite)
     failures: list[tuple[str, str, str]] = []
     bad = _probe_images(image_dir, todo)
     if bad:
@@ -746,26 +775,7 @@ def _run_pairs(args: argparse.Namespace) -> int:
         num_samples=args.num_samples,
         min_overlap=args.min_overlap,
     )
-    diff = results.option_diff(attrs, meta) if out.exists() and not damaged else []
-    if diff and not args.overwrite:
-        raise CommandError(
-            f"{out} holds results made with other options ({'; '.join(diff)}). "
-            "Use the same options to resume, --overwrite to start the file afresh, or another --out.",
-            EXIT_USAGE,
-        )
-    if damaged:
-        aside = results.move_damaged_aside()
-        _err(f"--overwrite: {out} could not be read; kept as {aside}, starting a new file")
-    elif diff:
-        _err(f"--overwrite: {out} was made with other options ({'; '.join(diff)}); starting it afresh")
-        out.unlink()
-    elif out.exists() and fmt < 2:
-        moved = results.migrate()
-        _err(f"{out}: migrated from the earlier layout ({moved} group(s) renamed to injective pair keys)")
-    if not out.exists():
-        results.create(meta)
-    elif damaged or diff or "setting" not in attrs:
-        results.set_run_attrs(meta)
+    prepare_results_file(results, out, attrs, meta, damaged=damaged, fmt=fmt, overwrite=args.overwrite)
     _err(f"model loaded in {time.perf_counter() - t0:.1f} s ({setting}, {device}, {info['weights']})")
     n_done = total_matches = n_meaningless = 0
     stopped: str | None = None

@@ -647,13 +647,7 @@ def match_pairs(
     }
     if setting is not None:
         early["setting"] = setting
-    early_diff = results.option_diff(attrs, early) if out.exists() and not damaged else []
-    if early_diff and not overwrite:
-        raise CommandError(
-            f"{out} holds results made with other options ({'; '.join(early_diff)}). "
-            "Use the same options to resume, --overwrite to start the file afresh, or another --out.",
-            EXIT_USAGE,
-        )
+    cli.check_run_options(results, out, attrs, early, damaged=damaged, overwrite=overwrite)
     try:
         import shutil
 
@@ -719,26 +713,7 @@ def match_pairs(
                 f"--weights path holds different files on different nodes. Make it the same file everywhere.",
                 EXIT_SETUP,
             )
-        diff = results.option_diff(attrs, meta) if out.exists() and not damaged else []
-        if diff and not overwrite:
-            raise CommandError(
-                f"{out} holds results made with other options ({'; '.join(diff)}). "
-                "Use the same options to resume, --overwrite to start the file afresh, or another --out.",
-                EXIT_USAGE,
-            )
-        if damaged:
-            aside = results.move_damaged_aside()
-            _err(f"--overwrite: {out} could not be read; kept as {aside}, starting a new file")
-        elif diff:
-            _err(f"--overwrite: {out} was made with other options ({'; '.join(diff)}); starting it afresh")
-            out.unlink()
-        elif out.exists() and fmt < 2:
-            moved = results.migrate()
-            _err(f"{out}: migrated from the earlier layout ({moved} group(s) renamed to injective pair keys)")
-        if not out.exists():
-            results.create(meta)
-        elif damaged or diff or "setting" not in attrs:
-            results.set_run_attrs(meta)
+        cli.prepare_results_file(results, out, attrs, meta, damaged=damaged, fmt=fmt, overwrite=overwrite)
         devices = Counter(f"{h['device']}@{h['node']}" for h in hellos)
         where = ", ".join(f"{k} x{v}" for k, v in sorted(devices.items()))
         _err(

@@ -20,7 +20,6 @@ import csv
 import datetime as dt
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -28,16 +27,6 @@ import torch
 
 ASSETS = Path(__file__).resolve().parents[2] / "romav2_plugin" / "assets"
 NOTE = "demo model trained on synthetic data; not the paper's accuracy"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _seconds_and_steps(rows: list[dict[str, str]], cfg) -> tuple[float, dict[str, int]]:
@@ -73,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--figures", default=None, help="JSON of held-out figures to record in the card")
     args = ap.parse_args(argv)
 
+    from benchmarks._common import machine_info
     from romav2_plugin.config import config_to_dict
     from romav2_plugin.train.config import load_config
     from romav2_plugin.train.loop import Trainer, plot_curves
@@ -107,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": offset,
         "parts": history,
         "training_time_hours": round(seconds / 3600, 2),
-        "machine": f"{_cpu()}, {os.cpu_count()} CPUs (shared with other work), torch {torch.__version__}",
+        "machine": f"{machine_info()['cpu']}, {os.cpu_count()} CPUs (shared with other work), torch {torch.__version__}",
         "date": dt.date.today().isoformat(),
         "recipe": "; ".join([f"romav2-train {c}" for c in _recipe_configs(args.config, len(parts))]
                             + [f"python -m benchmarks.tiny.ship {args.run} --config {args.config}"]),
@@ -122,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         "held_out_figures": json.loads(Path(args.figures).read_text()) if args.figures else None,
     }
     path = trainer.export(ASSETS / "romav2_tiny.pt", card=card, dtype=torch.float16)
+    card_path = path.with_suffix(".json")  # this machine's absolute paths -> relative to the repository
+    card_path.write_text(json.dumps(_relative(json.loads(card_path.read_text())), indent=2))
     results = Path(__file__).resolve().parents[1] / "results"
     with (results / "tiny_training.csv").open("w", newline="", encoding="utf-8") as f:
         fields = list(dict.fromkeys(k for r in rows for k in r))
@@ -135,6 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         print("error: over the 25 MB budget of the wheel", file=sys.stderr)
         return 1
     return 0
+
+
+def _relative(obj):
+    """``obj`` with every string naming a path inside this repository made relative to it."""
+    root = str(ASSETS.parents[1]) + os.sep
+    if isinstance(obj, dict):
+        return {k: _relative(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relative(v) for v in obj]
+    return obj[len(root):] if isinstance(obj, str) and obj.startswith(root) else obj
 
 
 def _recipe_configs(config: str, n_parts: int) -> list[str]:

@@ -20,6 +20,7 @@ from benchmarks.tiny.heldout import (
     heldout_pair,
     hloc_scene_reconstruction,
     kornia_corner_error,
+    untrained_tiny,
 )
 from romav2_plugin import pretrained
 
@@ -56,9 +57,6 @@ DEMO_BOUND_PX = 17.5
 def test_demo_offline_matches_the_pair(tmp_path):
     """`romav2-match --demo` on a machine without the official weights uses romav2-tiny, matches the shipped
     pair offline and writes the pictures; its median reprojection error is far below an untrained model's."""
-    from romav2_plugin import RoMaV2
-    from romav2_plugin.config import tiny_config
-
     env = {"ROMAV2_PLUGIN_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "romav2_plugin.cli", "--demo", "--out", str(tmp_path / "out"),
                            "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600)
@@ -70,9 +68,7 @@ def test_demo_offline_matches_the_pair(tmp_path):
     trained = float(m.group(1))
     assert trained <= DEMO_BOUND_PX, out
     assert (tmp_path / "out" / "matches.png").is_file() and (tmp_path / "out" / "warp.png").is_file()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        untrained = demo_median_error(RoMaV2(tiny_config(), amp=False))
+    untrained = demo_median_error(untrained_tiny())
     assert trained < 0.25 * untrained, (trained, untrained)
 
 
@@ -84,16 +80,12 @@ KORNIA_BOUND_PX = 6.0
 def test_kornia_tiny_with_ransac_recovers_a_heldout_homography():
     kornia = pytest.importorskip("kornia")
     import romav2_plugin  # noqa: F401  registers KF.RoMaV2
-    from romav2_plugin import RoMaV2
-    from romav2_plugin.config import tiny_config
 
     img_A, img_B, Hm = heldout_pair(0)
     trained = kornia_corner_error(kornia.feature.RoMaV2(weights="tiny", num_samples=2000, seed=0), img_A, img_B, Hm)
     assert trained < KORNIA_BOUND_PX, f"mean corner error {trained:.2f} px"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        core = RoMaV2(tiny_config(), amp=False)
-    untrained = kornia_corner_error(kornia.feature.RoMaV2(model=core, num_samples=2000, seed=0), img_A, img_B, Hm)
+    untrained = kornia_corner_error(kornia.feature.RoMaV2(model=untrained_tiny(), num_samples=2000, seed=0), img_A,
+                                    img_B, Hm)
     assert trained < 0.25 * untrained, (trained, untrained)
 
 

@@ -132,7 +132,8 @@ def hloc_scene_reconstruction(workdir: Path, conf_name: str = "romav2_tiny", wei
     return reconstruction.main(workdir / "sfm", images, pairs, features, matches)
 
 
-def _untrained():
+def untrained_tiny():
+    """romav2-tiny's architecture with seeded random weights (seed 0; the global RNG is left as it was)."""
     from romav2_plugin import RoMaV2
     from romav2_plugin.config import tiny_config
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     fig: dict = {"label": args.label, "weights": args.weights, "date": now_utc(), "command": command_line(),
                  "machine": machine_info("cpu")}
     fig["demo_pair_median_reprojection_px"] = round(demo_median_error(model), 2)
-    fig["demo_pair_median_reprojection_px_untrained"] = round(demo_median_error(_untrained()), 1)
+    fig["demo_pair_median_reprojection_px_untrained"] = round(demo_median_error(untrained_tiny()), 1)
     print("demo pair:", fig["demo_pair_median_reprojection_px"], "px; untrained",
           fig["demo_pair_median_reprojection_px_untrained"], "px", flush=True)
 
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     kf = kornia.feature.RoMaV2
     fig["kornia_ransac_heldout_pair_mean_corner_error_px"] = round(
         kornia_corner_error(kf(model=model, num_samples=2000, seed=0), img_A, img_B, Hm), 2)
-    untrained = kornia_corner_error(kf(model=_untrained(), num_samples=2000, seed=0), img_A, img_B, Hm)
+    untrained = kornia_corner_error(kf(model=untrained_tiny(), num_samples=2000, seed=0), img_A, img_B, Hm)
     # inf: under 4 matches passed the adapter's overlap threshold, so no homography (JSON has no inf)
     fig["kornia_ransac_heldout_pair_mean_corner_error_px_untrained"] = (
         round(untrained, 1) if np.isfinite(untrained) else "no homography (under 4 matches)")

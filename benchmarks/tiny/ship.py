@@ -111,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "held_out_figures": json.loads(Path(args.figures).read_text()) if args.figures else None,
     }
-    path = trainer.export(ASSETS / "romav2_tiny.pt", card=card, dtype=torch.float16)
-    card_path = path.with_suffix(".json")  # this machine's absolute paths -> relative to the repository
-    card_path.write_text(json.dumps(_relative(json.loads(card_path.read_text())), indent=2))
+    card["train_config"] = config_to_dict(cfg)  # as the trainer records it, but with the paths below made relative
+    path = trainer.export(ASSETS / "romav2_tiny.pt", card=_relative(card), dtype=torch.float16)
     results = Path(__file__).resolve().parents[1] / "results"
     with (results / "tiny_training.csv").open("w", newline="", encoding="utf-8") as f:
         fields = list(dict.fromkeys(k for r in rows for k in r))

@@ -25,8 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     src = (argv or sys.argv[1:])[0]
     torch.set_num_threads(1)
     if src.endswith("checkpoint.pt"):
+        from romav2_plugin.train.checkpoint import load_training_state
+
         model = RoMaV2(tiny_config(), amp=False)
-        state = torch.load(src, map_location="cpu", weights_only=False)  # our own training checkpoint
+        state = load_training_state(src)
         model.load_state_dict(state["ema"]["state"])
         print("global step", state["global_step"])
     else:

@@ -421,3 +421,30 @@ def test_onnx_speed_benchmark_runs_and_records(tmp_path, random_checkpoint):
     assert max(row["max_abs_diff"].values()) < 1e-4
     md = (tmp_path / "onnx_t.md").read_text()
     assert "| turbo |" in md and "Command: `" in md and "Machine:" in md
+
+
+def test_ship_counts_paused_log_rows_at_the_stage_median():
+    """The model card's training hours exclude a pause (a process stopped while a CI check had the machine):
+    a log row far slower than its stage's median is counted at that median, ordinary variation is kept."""
+    from types import SimpleNamespace
+
+    from benchmarks.tiny.ship import _seconds_and_steps
+
+    cfg = SimpleNamespace(stages=[SimpleNamespace(name="matcher", batch_size=4, steps=40),
+                                  SimpleNamespace(name="refiners", batch_size=2, steps=10)])
+    rates = [2.0, 1.0, 0.02, 2.0]  # 10 steps each; the third row spans a pause, the second is just slow
+    rows = [{"stage": "matcher", "step": str(10 * (i + 1)), "pairs_per_s": str(r)} for i, r in enumerate(rates)]
+    rows.append({"stage": "refiners", "step": "10", "pairs_per_s": "0.5"})
+    seconds, steps, paused = _seconds_and_steps(rows, cfg)
+    median = 1.5  # of 0.02, 1, 2, 2
+    assert paused == 1
+    assert steps == {"matcher": 40, "refiners": 10}
+    assert seconds == pytest.approx(40 / 2.0 + 40 / 1.0 + 40 / median + 40 / 2.0 + 20 / 0.5)
+
+
+def test_settings_study_refuses_the_held_out_photographs(capsys):
+    """The inference-resolution study validates on training photographs only (no tuning on held-out figures)."""
+    from benchmarks.tiny.settings_study import main
+
+    assert main(["--images", ".tiny-data/heldout"]) == 2
+    assert "never the held-out ones" in capsys.readouterr().err

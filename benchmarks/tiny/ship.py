@@ -29,15 +29,31 @@ ASSETS = Path(__file__).resolve().parents[2] / "romav2_plugin" / "assets"
 NOTE = "demo model trained on synthetic data; not the paper's accuracy"
 
 
-def _seconds_and_steps(rows: list[dict[str, str]], cfg) -> tuple[float, dict[str, int]]:
-    """Training seconds (from the logged throughput) and the steps done per stage of one run's log."""
-    seconds, prev = 0.0, {}
-    for r in rows:  # each row averages the steps since the previous row of its stage
+PAUSE_FACTOR = 5.0  # a log row this many times slower than its stage's median spans a pause, not training
+
+
+def _seconds_and_steps(rows: list[dict[str, str]], cfg) -> tuple[float, dict[str, int], int]:
+    """Training seconds (from the logged throughput), the steps done per stage, and how many rows were paused.
+
+    Each row averages the steps since the previous row of its stage, so its seconds are ``steps * batch /
+    pairs_per_s``. A row over ``PAUSE_FACTOR`` times slower than its stage's median throughput in this run spans
+    a pause (the process stopped, e.g. with SIGSTOP while a CI check had the machine) and is counted at that
+    median instead, so the card's hours are training time, not wall time.
+    """
+    import statistics
+
+    medians = {name: statistics.median(float(r["pairs_per_s"]) for r in rows if r["stage"] == name)
+               for name in {r["stage"] for r in rows}}
+    seconds, prev, paused = 0.0, {}, 0
+    for r in rows:
         n = int(r["step"]) - prev.get(r["stage"], 0)
         prev[r["stage"]] = int(r["step"])
         bs = next(s.batch_size for s in cfg.stages if s.name == r["stage"])
-        seconds += n * bs / float(r["pairs_per_s"])
-    return seconds, {s.name: min(s.steps, int(prev.get(s.name, 0))) for s in cfg.stages}
+        rate = float(r["pairs_per_s"])
+        if rate * PAUSE_FACTOR < medians[r["stage"]]:
+            rate, paused = medians[r["stage"]], paused + 1
+        seconds += n * bs / rate
+    return seconds, {s.name: min(s.steps, int(prev.get(s.name, 0))) for s in cfg.stages}, paused
 
 
 def _parts(cfg) -> list[tuple[Path, object]]:
@@ -75,13 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     trainer.resume()
     parts = _parts(cfg)
     rows: list[dict[str, str]] = []
-    seconds, history, offset = 0.0, [], {}
+    seconds, history, offset, paused = 0.0, [], {}, 0
     for i, (run, part_cfg) in enumerate(parts, 1):
         part_rows = list(csv.DictReader((run / "log.csv").open(encoding="utf-8")))
-        sec, steps = _seconds_and_steps(part_rows, part_cfg)
+        sec, steps, n_paused = _seconds_and_steps(part_rows, part_cfg)
         seconds += sec
+        paused += n_paused
         history.append({"part": i, "run": run.name, "steps": steps, "training_time_hours": round(sec / 3600, 2),
-                        "train_config": config_to_dict(part_cfg)})
+                        "paused_log_rows": n_paused, "train_config": config_to_dict(part_cfg)})
         last_global = int(rows[-1]["global_step"]) if rows else 0
         for r in part_rows:
             rows.append({"part": str(i), **r, "global_step": str(int(r["global_step"]) + last_global),
@@ -97,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         "steps": offset,
         "parts": history,
         "training_time_hours": round(seconds / 3600, 2),
+        "training_time_rule": (f"sum over the training log's rows of steps x batch / logged pairs per second; the "
+                               f"{paused} row(s) over {PAUSE_FACTOR:g}x slower than their stage's median spanned a "
+                               "pause of the process and are counted at that median"),
         "machine": f"{machine_info()['cpu']}, {os.cpu_count()} CPUs (shared with other work), torch {torch.__version__}",
         "date": dt.date.today().isoformat(),
         "recipe": "; ".join([f"romav2-train {c}" for c in _recipe_configs(args.config, len(parts))]

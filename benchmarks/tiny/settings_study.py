@@ -1,0 +1,105 @@
+"""Which inference resolutions suit romav2-tiny: a validation study on the *training* photographs.
+
+    python -m benchmarks.tiny.settings_study [--weights tiny] [--pairs 16] [--rendered 8]
+
+The model was trained at 256x256. This runs it with other coarse resolutions and with the optional second
+refinement pass (the official ``precise`` setting's high-resolution pass) on validation pairs drawn from the
+training photographs (``.tiny-data/train``) with seeds that neither training nor the held-out benchmarks use:
+synthetic homography pairs at 512 px (the synthetic benchmark's generator, seed 7) and rendered 3D pairs at
+384x512 (the rendered3d generator, seed 7). The held-out photographs are never read, so the chosen setting is
+not tuned on the held-out figures. Writes ``benchmarks/results/tiny_settings_study.{json,md}`` with machine,
+command and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+#: (coarse H=W, second-pass H=W or None); the first row is the preset ``tiny`` the model was trained at.
+CANDIDATES = [(256, None), (256, 512), (384, None), (384, 512)]
+
+
+def _set(model, lr: int, hr: int | None) -> None:
+    model.H_lr = model.W_lr = lr
+    model.H_hr = model.W_hr = hr
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", default="tiny")
+    ap.add_argument("--pairs", type=int, default=16, help="synthetic homography pairs")
+    ap.add_argument("--rendered", type=int, default=8, help="rendered 3D pairs")
+    ap.add_argument("--images", default=".tiny-data/train")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from benchmarks._common import machine_info
+    from benchmarks.accuracy.data import rendered_pairs, synthetic_pairs
+    from benchmarks.accuracy.matchers import RoMaV2Matcher
+    from benchmarks.accuracy.protocols import evaluate_rendered3d, evaluate_synthetic
+    from romav2_plugin import RoMaV2
+
+    if "heldout" in Path(args.images).parts:
+        print("error: this study validates on training photographs, never the held-out ones", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    model = RoMaV2.from_pretrained(args.weights, amp=False).eval()
+    syn = synthetic_pairs(args.pairs, seed=7, long_side=512, images=args.images)
+    ren = rendered_pairs(args.rendered, folder=args.images, seed=7)
+    rows = []
+    for lr, hr in CANDIDATES:
+        _set(model, lr, hr)
+        print(f"[study] coarse {lr}, second pass {hr} ...", file=sys.stderr, flush=True)
+        m = RoMaV2Matcher(model, num=5000, seed=0, name=f"{lr}" + (f"+{hr}" if hr else ""))
+        s = evaluate_synthetic(m, syn)
+        r = evaluate_rendered3d(m, ren, draws=5, seed=0)
+        a, b = syn[0].img_A, syn[0].img_B
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            model.match(a, b)
+            times.append(time.perf_counter() - t0)
+        row = {"coarse": lr, "second_pass": hr,
+               "synthetic_median_corner_px": s["median_corner_error_px"],
+               "synthetic_precision@3px": s["precision@3px"],
+               "synthetic_auc@3/5/10px": [s["auc@3px"], s["auc@5px"], s["auc@10px"]],
+               "rendered_auc@5/10/20": [r["auc@5"], r["auc@10"], r["auc@20"]],
+               "match_seconds_median_of_3": float(np.median(times))}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    info = machine_info()
+    out = {"command": " ".join(["python -m benchmarks.tiny.settings_study", *(argv or sys.argv[1:])]),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": info,
+           "weights": args.weights, "images": args.images,
+           "pairs": {"synthetic": len(syn), "rendered": len(ren), "seed": 7},
+           "note": "validation on training photographs (fresh warps and scenes); match() times are one run of 3 "
+                   "repeats and only indicative: compare them with benchmarks.tiny.speed on an idle machine", "rows": rows}
+    path = Path(args.out) / "tiny_settings_study.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    md = ["# romav2-tiny inference resolutions, validated on training photographs", "",
+          f"{out['date']}, {info['cpu']}; `{out['command']}`; weights `{args.weights}`; "
+          f"{len(syn)} synthetic pairs at 512 px and {len(ren)} rendered pairs at 384x512 from `{args.images}` "
+          "(seed 7). " + out["note"] + ".", "",
+          "| coarse | second pass | synthetic median corner px | precision@3px | rendered AUC@5/10/20 | match() s |",
+          "|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['coarse']} | {r['second_pass'] or '-'} | {r['synthetic_median_corner_px']:.1f} | "
+                  f"{r['synthetic_precision@3px']:.3f} | "
+                  + "/".join(f"{x:.3f}" for x in r["rendered_auc@5/10/20"])
+                  + f" | {r['match_seconds_median_of_3']:.2f} |")
+    path.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -448,3 +448,15 @@ def test_settings_study_refuses_the_held_out_photographs(capsys):
 
     assert main(["--images", ".tiny-data/heldout"]) == 2
     assert "never the held-out ones" in capsys.readouterr().err
+
+
+def test_tiny_speed_times_a_second_pass_against_the_default(tmp_path):
+    """``benchmarks.tiny.speed --second-pass``: each variant timed in turns with the default, ratios to it."""
+    from benchmarks.tiny.speed import main
+
+    assert main(["--runs", "2", "--second-pass", "320", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "tiny_speed_second_pass_cpu.json").read_text())
+    assert set(res["seconds"]) == {"None", "320"} and all(len(v) == 2 for v in res["seconds"].values())
+    md = (tmp_path / "tiny_speed_second_pass_cpu.md").read_text()
+    assert "| - |" in md and "| 320x320 |" in md and "| 1.00 |" in md
+    assert not (tmp_path / "tiny_speed_cpu.json").exists()  # the default figure's file is left alone

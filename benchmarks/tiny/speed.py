@@ -1,9 +1,12 @@
 """CPU time of ``match()`` with romav2-tiny at its default resolution (the demo pair), several runs, median.
 
     python -m benchmarks.tiny.speed [--runs 7] [--threads N] [--out benchmarks/results]
+    python -m benchmarks.tiny.speed --second-pass 384,512   # the cost of an optional second refinement pass
 
 The figure is absolute (no reference model in the run); the machine, thread count and date are recorded, and
-the load of the machine at the time matters: run it on an otherwise idle machine.
+the load of the machine at the time matters: run it on an otherwise idle machine. With ``--second-pass``, the
+default (256x256, no second pass) is the reference of the same run: the variants are timed in turns with it
+and written to ``tiny_speed_second_pass_cpu.{json,md}`` with their ratios to it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--second-pass", default=None, metavar="N[,N...]",
+                    help="also time these second refinement passes (NxN) against the default, in turns")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -37,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     A, B = Image.open(assets / "demo_A.jpg").convert("RGB"), Image.open(assets / "demo_B.jpg").convert("RGB")
     model = RoMaV2.from_pretrained("tiny", device="cpu")
     model.match(A, B)  # warm-up
+    if args.second_pass:
+        return _second_pass(model, A, B, [int(n) for n in args.second_pass.split(",")], args, argv)
     times = []
     for _ in range(args.runs):
         t0 = time.perf_counter()
@@ -55,6 +62,36 @@ def main(argv: list[str] | None = None) -> int:
             f"| runs | median | min | max |\n|---|---|---|---|\n| {len(times)} | {med:.3f} s | {min(times):.3f} s | "
             f"{max(times):.3f} s |\n")
     (out / "tiny_speed_cpu.md").write_text(text)
+    print(text)
+    return 0
+
+
+def _second_pass(model, A, B, sizes: list[int], args, argv) -> int:
+    variants = [None, *sizes]
+    times: dict[str, list[float]] = {str(v): [] for v in variants}
+    for _ in range(args.runs):
+        for v in variants:  # in turns, so that a change of the machine's load touches every variant alike
+            model.H_hr = model.W_hr = v
+            t0 = time.perf_counter()
+            model.match(A, B)
+            times[str(v)].append(time.perf_counter() - t0)
+    model.H_hr = model.W_hr = None
+    med = {k: statistics.median(v) for k, v in times.items()}
+    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "command": "python -m benchmarks.tiny.speed " + " ".join(argv if argv is not None else sys.argv[1:])}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tiny_speed_second_pass_cpu.json").write_text(
+        json.dumps({"meta": meta, "seconds": times, "median": med}, indent=1))
+    rows = [f"| {'-' if k == 'None' else f'{k}x{k}'} | {med[k]:.3f} s | {min(times[k]):.3f} s | "
+            f"{max(times[k]):.3f} s | {med[k] / med['None']:.2f} |" for k in times]
+    text = (f"# romav2-tiny: CPU time of match() with a second refinement pass ({meta['date']})\n\n"
+            f"Machine: {meta['machine']}, {meta['cpus']} CPUs ({meta['torch_threads']} torch threads), torch "
+            f"{meta['torch']}. Command: `{meta['command']}`.\nDemo pair, coarse pass 256x256 (setting tiny), one "
+            f"direction, fp32, after one warm-up; {args.runs} runs of each variant, in turns.\n\n"
+            "| second pass | median | min | max | ratio to none |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    (out / "tiny_speed_second_pass_cpu.md").write_text(text)
     print(text)
     return 0
 

@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         model.match(A, B)
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "command": "python -m benchmarks.tiny.speed " + " ".join(argv if argv is not None else sys.argv[1:])}
+    meta = _meta(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tiny_speed_cpu.json").write_text(json.dumps({"meta": meta, "seconds": times, "median": med}, indent=1))
@@ -66,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _meta(argv) -> dict:
+    """Date, machine, threads, torch version and the command line of this run."""
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "command": "python -m benchmarks.tiny.speed " + " ".join(argv if argv is not None else sys.argv[1:])}
+
+
 def _second_pass(model, A, B, sizes: list[int], args, argv) -> int:
     variants = [None, *sizes]
     times: dict[str, list[float]] = {str(v): [] for v in variants}
@@ -77,9 +82,7 @@ def _second_pass(model, A, B, sizes: list[int], args, argv) -> int:
             times[str(v)].append(time.perf_counter() - t0)
     model.H_hr = model.W_hr = None
     med = {k: statistics.median(v) for k, v in times.items()}
-    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "command": "python -m benchmarks.tiny.speed " + " ".join(argv if argv is not None else sys.argv[1:])}
+    meta = _meta(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tiny_speed_second_pass_cpu.json").write_text(

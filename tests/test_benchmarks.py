@@ -450,6 +450,16 @@ def test_settings_study_refuses_the_held_out_photographs(capsys):
     assert "never the held-out ones" in capsys.readouterr().err
 
 
+def test_settings_study_candidates_parse_and_bad_ones_are_named():
+    import argparse
+
+    from benchmarks.tiny.settings_study import _candidates
+
+    assert _candidates("256, 256+384") == [(256, None), (256, 384)]
+    with pytest.raises(argparse.ArgumentTypeError, match="'256x512'.*256\\+512"):
+        _candidates("256,256x512")
+
+
 def test_tiny_speed_times_a_second_pass_against_the_default(tmp_path):
     """``benchmarks.tiny.speed --second-pass``: each variant timed in turns with the default, ratios to it."""
     from benchmarks.tiny.speed import main

@@ -1,14 +1,15 @@
 """Which inference resolutions suit romav2-tiny: a validation study on the *training* photographs.
 
     python -m benchmarks.tiny.settings_study [--weights tiny] [--pairs 16] [--rendered 8]
+        [--candidates 256,256+512,384,384+512] [--tag NAME]
 
 The model was trained at 256x256. This runs it with other coarse resolutions and with the optional second
 refinement pass (the official ``precise`` setting's high-resolution pass) on validation pairs drawn from the
 training photographs (``.tiny-data/train``) with seeds that neither training nor the held-out benchmarks use:
 synthetic homography pairs at 512 px (the synthetic benchmark's generator, seed 7) and rendered 3D pairs at
 384x512 (the rendered3d generator, seed 7). The held-out photographs are never read, so the chosen setting is
-not tuned on the held-out figures. Writes ``benchmarks/results/tiny_settings_study.{json,md}`` with machine,
-command and date.
+not tuned on the held-out figures. Writes ``benchmarks/results/tiny_settings_study[_TAG].{json,md}`` with
+machine, command and date.
 """
 
 from __future__ import annotations
@@ -25,6 +26,17 @@ import numpy as np
 CANDIDATES = [(256, None), (256, 512), (384, None), (384, 512)]
 
 
+def _candidates(text: str) -> list[tuple[int, int | None]]:
+    """``"256,256+384"`` -> ``[(256, None), (256, 384)]``."""
+    out = []
+    for item in text.split(","):
+        lr, _, hr = item.strip().partition("+")
+        if not lr.isdigit() or (hr and not hr.isdigit()):
+            raise argparse.ArgumentTypeError(f"bad candidate {item!r}: write COARSE or COARSE+SECOND, e.g. 256+512")
+        out.append((int(lr), int(hr) if hr else None))
+    return out
+
+
 def _set(model, lr: int, hr: int | None) -> None:
     model.H_lr = model.W_lr = lr
     model.H_hr = model.W_hr = hr
@@ -38,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", default=".tiny-data/train")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
+    ap.add_argument("--candidates", type=_candidates, default=CANDIDATES,
+                    help="comma list of COARSE or COARSE+SECOND (default: 256,256+512,384,384+512)")
+    ap.add_argument("--tag", default="", help="suffix of the result files' name")
     args = ap.parse_args(argv)
 
     import torch
@@ -56,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     syn = synthetic_pairs(args.pairs, seed=7, long_side=512, images=args.images)
     ren = rendered_pairs(args.rendered, folder=args.images, seed=7)
     rows = []
-    for lr, hr in CANDIDATES:
+    for lr, hr in args.candidates:
         _set(model, lr, hr)
         print(f"[study] coarse {lr}, second pass {hr} ...", file=sys.stderr, flush=True)
         m = RoMaV2Matcher(model, num=5000, seed=0, name=f"{lr}" + (f"+{hr}" if hr else ""))
@@ -83,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
            "pairs": {"synthetic": len(syn), "rendered": len(ren), "seed": 7},
            "note": "validation on training photographs (fresh warps and scenes); match() times are one run of 3 "
                    "repeats and only indicative: compare them with benchmarks.tiny.speed on an idle machine", "rows": rows}
-    path = Path(args.out) / "tiny_settings_study.json"
+    path = Path(args.out) / f"tiny_settings_study{'_' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     md = ["# romav2-tiny inference resolutions, validated on training photographs", "",
           f"{out['date']}, {info['cpu']}; `{out['command']}`; weights `{args.weights}`; "

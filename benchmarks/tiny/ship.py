@@ -20,6 +20,7 @@ import csv
 import datetime as dt
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -40,8 +41,6 @@ def _seconds_and_steps(rows: list[dict[str, str]], cfg) -> tuple[float, dict[str
     a pause (the process stopped, e.g. with SIGSTOP while a CI check had the machine) and is counted at that
     median instead, so the card's hours are training time, not wall time.
     """
-    import statistics
-
     medians = {name: statistics.median(float(r["pairs_per_s"]) for r in rows if r["stage"] == name)
                for name in {r["stage"] for r in rows}}
     seconds, prev, paused = 0.0, {}, 0

@@ -97,7 +97,7 @@ CONFS: dict[str, dict] = {
     "romav2_fast": _conf("matches-romav2_fast", "base", 1024, 1, 1, max_num_matches=5000),
     # Larger scenes: coarser cells merge matches of different pairs into tracks.
     "romav2_aachen": _conf("matches-romav2_aachen", "precise", 1280, 2, 8, max_num_matches=10000),
-    # romav2-tiny, shipped with the package (256 px, one direction): works offline; a demo model.
+    # romav2-tiny, shipped with the package (256 px + a 384 px second pass, one direction): works offline; a demo model.
     "romav2_tiny": _conf("matches-romav2_tiny", "tiny", 1024, 1, 1, max_num_matches=5000, weights="tiny"),
 }
 

@@ -148,10 +148,12 @@ class MatchSetting:
 
 _BENCH = MatchSetting(800, 800, 1024, 1024, bidirectional=True, threshold=0.05)
 
-#: The official presets of RoMa v2 2.0.1 (read-only).
+#: The official presets of RoMa v2 2.0.1 (read-only), and ``tiny``: romav2-tiny's own (trained at 256x256; a
+#: second refinement pass at 384x384 raised precision@3px on validation pairs from the training photographs,
+#: benchmarks/results/tiny_settings_study*.md).
 SETTINGS: Mapping[str, MatchSetting] = MappingProxyType(
     {
-        "tiny": MatchSetting(256, 256),
+        "tiny": MatchSetting(256, 256, 384, 384),
         "turbo": MatchSetting(320, 320),
         "fast": MatchSetting(512, 512),
         "base": MatchSetting(640, 640),
@@ -212,7 +214,7 @@ class RoMaV2Config:
 
 
 def tiny_config(setting: str = "tiny") -> RoMaV2Config:
-    """``romav2-tiny``: the same stages, narrower and shallower (about 5 M parameters).
+    """``romav2-tiny``: the same stages, narrower and shallower (6.4 M parameters).
 
     Backbone: a 6-block, 192-wide DINOv3-style ViT/16 (trained, not frozen), layers 3 and 5; matcher:
     a 4-block 192-wide multi-view ViT and a 64-feature DPT head; fine features 16/32/64 channels;

@@ -94,14 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     out = {"command": " ".join(["python -m benchmarks.tiny.settings_study", *(argv or sys.argv[1:])]),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": info,
-           "weights": args.weights, "images": args.images,
+           "weights": args.weights, "images": args.images, "threads": args.threads,
            "pairs": {"synthetic": len(syn), "rendered": len(ren), "seed": 7},
            "note": "validation on training photographs (fresh warps and scenes); match() times are one run of 3 "
                    "repeats and only indicative: compare them with benchmarks.tiny.speed on an idle machine", "rows": rows}
     path = Path(args.out) / f"tiny_settings_study{'_' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     md = ["# romav2-tiny inference resolutions, validated on training photographs", "",
-          f"{out['date']}, {info['cpu']}; `{out['command']}`; weights `{args.weights}`; "
+          f"{out['date']}, {info['cpu']}, {args.threads} threads; `{out['command']}`; weights `{args.weights}`; "
           f"{len(syn)} synthetic pairs at 512 px and {len(ren)} rendered pairs at 384x512 from `{args.images}` "
           "(seed 7). " + out["note"] + ".", "",
           "| coarse | second pass | synthetic median corner px | precision@3px | rendered AUC@5/10/20 | match() s |",

@@ -5,8 +5,8 @@
 
 The figure is absolute (no reference model in the run); the machine, thread count and date are recorded, and
 the load of the machine at the time matters: run it on an otherwise idle machine. With ``--second-pass``, the
-default (256x256, no second pass) is the reference of the same run: the variants are timed in turns with it
-and written to ``tiny_speed_second_pass_cpu.{json,md}`` with their ratios to it.
+coarse 256x256 pass alone (no second pass) is the reference of the same run: the variants are timed in turns
+with it and written to ``tiny_speed_second_pass_cpu.{json,md}`` with their ratios to it.
 """
 
 from __future__ import annotations
@@ -56,12 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     (out / "tiny_speed_cpu.json").write_text(json.dumps({"meta": meta, "seconds": times, "median": med}, indent=1))
     text = (f"# romav2-tiny: CPU time of match() ({meta['date']})\n\nMachine: {meta['machine']}, {meta['cpus']} CPUs "
             f"({meta['torch_threads']} torch threads), torch {meta['torch']}. Command: `{meta['command']}`.\n"
-            f"Demo pair (600x400 and 640x480), setting tiny (256x256, one direction), fp32, after one warm-up.\n\n"
+            f"Demo pair (600x400 and 640x480), setting tiny ({_resolution(model)}, one direction), fp32, after one "
+            f"warm-up.\n\n"
             f"| runs | median | min | max |\n|---|---|---|---|\n| {len(times)} | {med:.3f} s | {min(times):.3f} s | "
             f"{max(times):.3f} s |\n")
     (out / "tiny_speed_cpu.md").write_text(text)
     print(text)
     return 0
+
+
+def _resolution(model) -> str:
+    """The model's working resolutions in words, e.g. ``256x256 + second pass 384x384``."""
+    text = f"{model.H_lr}x{model.W_lr}"
+    return text + (f" + second pass {model.H_hr}x{model.W_hr}" if model.H_hr else "")
 
 
 def _meta(argv) -> dict:
@@ -73,6 +80,7 @@ def _meta(argv) -> dict:
 
 def _second_pass(model, A, B, sizes: list[int], args, argv) -> int:
     variants = [None, *sizes]
+    default = (model.H_hr, model.W_hr)
     times: dict[str, list[float]] = {str(v): [] for v in variants}
     for _ in range(args.runs):
         for v in variants:  # in turns, so that a change of the machine's load touches every variant alike
@@ -80,7 +88,7 @@ def _second_pass(model, A, B, sizes: list[int], args, argv) -> int:
             t0 = time.perf_counter()
             model.match(A, B)
             times[str(v)].append(time.perf_counter() - t0)
-    model.H_hr = model.W_hr = None
+    model.H_hr, model.W_hr = default
     med = {k: statistics.median(v) for k, v in times.items()}
     meta = _meta(argv)
     out = Path(args.out)

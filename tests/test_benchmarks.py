@@ -7,6 +7,7 @@ weights. The benchmarks are a package run with ``python -m benchmarks.<name>`` f
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -470,3 +471,25 @@ def test_tiny_speed_times_a_second_pass_against_the_default(tmp_path):
     md = (tmp_path / "tiny_speed_second_pass_cpu.md").read_text()
     assert "| - |" in md and "| 320x320 |" in md and "| 1.00 |" in md
     assert not (tmp_path / "tiny_speed_cpu.json").exists()  # the default figure's file is left alone
+
+
+def test_tiny_recipe_configs_load_and_chain():
+    """The committed romav2-tiny recipe: every part's config passes the training config's validation, each part
+    starts from the previous part's exported weights, no part reads the held-out pictures, and seeds differ."""
+    from romav2_plugin.train.config import load_config
+
+    names = sorted((REPO / "benchmarks" / "tiny").glob("romav2_tiny*.toml"),
+                   key=lambda p: int(re.fullmatch(r"romav2_tiny(?:_part(\d+))?", p.stem).group(1) or 1))
+    assert [p.name for p in names[:2]] == ["romav2_tiny.toml", "romav2_tiny_part2.toml"]
+    cfgs = [load_config(p) for p in names]
+    runs = REPO / "runs"
+    assert Path(cfgs[0].out_dir) == runs / "romav2_tiny" and cfgs[0].model.weights is None
+    for i, (prev, cfg) in enumerate(zip(cfgs, cfgs[1:]), 2):
+        assert Path(cfg.out_dir) == runs / f"romav2_tiny_part{i}", names[i - 1]
+        assert Path(cfg.model.weights) == Path(prev.out_dir) / "model.pt", names[i - 1]
+    heldout = (REPO / ".tiny-data" / "heldout").resolve()
+    for p, cfg in zip(names, cfgs):
+        for src in cfg.data.sources:
+            assert all(heldout not in Path(d).resolve().parents and Path(d).resolve() != heldout
+                       for d in src.path), p.name
+    assert len({c.seed for c in cfgs}) == len(cfgs)

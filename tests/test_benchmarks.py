@@ -456,9 +456,12 @@ def test_settings_study_candidates_parse_and_bad_ones_are_named():
 
     from benchmarks.tiny.settings_study import _candidates
 
-    assert _candidates("256, 256+384") == [(256, None), (256, 384)]
+    assert _candidates("256, 256+384") == [(256, None, False), (256, 384, False)]
+    assert _candidates("256:both,256+384:both") == [(256, None, True), (256, 384, True)]
     with pytest.raises(argparse.ArgumentTypeError, match="'256x512'.*256\\+512"):
         _candidates("256,256x512")
+    with pytest.raises(argparse.ArgumentTypeError, match="'256\\+384:bi'.*:both"):
+        _candidates("256+384:bi")
 
 
 def test_tiny_speed_times_a_second_pass_against_the_default(tmp_path):

@@ -1,10 +1,11 @@
 """Which inference resolutions suit romav2-tiny: a validation study on the *training* photographs.
 
     python -m benchmarks.tiny.settings_study [--weights tiny] [--pairs 16] [--rendered 8]
-        [--candidates 256,256+512,384,384+512] [--tag NAME]
+        [--candidates 256,256+512,384,384+512,256+384:both] [--tag NAME]
 
 The model was trained at 256x256. This runs it with other coarse resolutions and with the optional second
-refinement pass (the official ``precise`` setting's high-resolution pass) on validation pairs drawn from the
+refinement pass (the official ``precise`` setting's high-resolution pass), and optionally both directions
+(``:both``, as ``precise`` does; the tiny setting matches A->B only), on validation pairs drawn from the
 training photographs (``.tiny-data/train``) with seeds that neither training nor the held-out benchmarks use:
 synthetic homography pairs at 512 px (the synthetic benchmark's generator, seed 7) and rendered 3D pairs at
 384x512 (the rendered3d generator, seed 7). The held-out photographs are never read, so the chosen setting is
@@ -22,24 +23,32 @@ from pathlib import Path
 
 import numpy as np
 
-#: (coarse H=W, second-pass H=W or None); the first row is the preset ``tiny`` the model was trained at.
-CANDIDATES = [(256, None), (256, 512), (384, None), (384, 512)]
+#: (coarse H=W, second-pass H=W or None, both directions); the first row is the preset ``tiny`` the model was
+#: trained at.
+CANDIDATES = [(256, None, False), (256, 512, False), (384, None, False), (384, 512, False)]
 
 
-def _candidates(text: str) -> list[tuple[int, int | None]]:
-    """``"256,256+384"`` -> ``[(256, None), (256, 384)]``."""
+def _candidates(text: str) -> list[tuple[int, int | None, bool]]:
+    """``"256,256+384,256+384:both"`` -> ``[(256, None, False), (256, 384, False), (256, 384, True)]``."""
     out = []
     for item in text.split(","):
-        lr, _, hr = item.strip().partition("+")
-        if not lr.isdigit() or (hr and not hr.isdigit()):
-            raise argparse.ArgumentTypeError(f"bad candidate {item!r}: write COARSE or COARSE+SECOND, e.g. 256+512")
-        out.append((int(lr), int(hr) if hr else None))
+        res, colon, flag = item.strip().partition(":")
+        lr, _, hr = res.partition("+")
+        if not lr.isdigit() or (hr and not hr.isdigit()) or (colon and flag != "both"):
+            raise argparse.ArgumentTypeError(
+                f"bad candidate {item!r}: write COARSE or COARSE+SECOND, optionally with :both, e.g. 256+512:both")
+        out.append((int(lr), int(hr) if hr else None, bool(colon)))
     return out
 
 
-def _set(model, lr: int, hr: int | None) -> None:
+def _name(lr: int, hr: int | None, both: bool) -> str:
+    return f"{lr}" + (f"+{hr}" if hr else "") + (":both" if both else "")
+
+
+def _set(model, lr: int, hr: int | None, both: bool) -> None:
     model.H_lr = model.W_lr = lr
     model.H_hr = model.W_hr = hr
+    model.bidirectional = both
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
     ap.add_argument("--candidates", type=_candidates, default=CANDIDATES,
-                    help="comma list of COARSE or COARSE+SECOND (default: 256,256+512,384,384+512)")
+                    help="comma list of COARSE or COARSE+SECOND, each optionally with :both (both directions; "
+                         "default: 256,256+512,384,384+512)")
     ap.add_argument("--tag", default="", help="suffix of the result files' name")
     args = ap.parse_args(argv)
 
@@ -71,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     syn = synthetic_pairs(args.pairs, seed=7, long_side=512, images=args.images)
     ren = rendered_pairs(args.rendered, folder=args.images, seed=7)
     rows = []
-    for lr, hr in args.candidates:
-        _set(model, lr, hr)
-        print(f"[study] coarse {lr}, second pass {hr} ...", file=sys.stderr, flush=True)
-        m = RoMaV2Matcher(model, num=5000, seed=0, name=f"{lr}" + (f"+{hr}" if hr else ""))
+    for lr, hr, both in args.candidates:
+        _set(model, lr, hr, both)
+        print(f"[study] coarse {lr}, second pass {hr}, both directions {both} ...", file=sys.stderr, flush=True)
+        m = RoMaV2Matcher(model, num=5000, seed=0, name=_name(lr, hr, both))
         s = evaluate_synthetic(m, syn)
         r = evaluate_rendered3d(m, ren, draws=5, seed=0)
         a, b = syn[0].img_A, syn[0].img_B
@@ -83,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             model.match(a, b)
             times.append(time.perf_counter() - t0)
-        row = {"coarse": lr, "second_pass": hr,
+        row = {"coarse": lr, "second_pass": hr, "both_directions": both,
                "synthetic_median_corner_px": s["median_corner_error_px"],
                "synthetic_precision@3px": s["precision@3px"],
                "synthetic_auc@3/5/10px": [s["auc@3px"], s["auc@5px"], s["auc@10px"]],
@@ -104,10 +114,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{out['date']}, {info['cpu']}, {args.threads} threads; `{out['command']}`; weights `{args.weights}`; "
           f"{len(syn)} synthetic pairs at 512 px and {len(ren)} rendered pairs at 384x512 from `{args.images}` "
           "(seed 7). " + out["note"] + ".", "",
-          "| coarse | second pass | synthetic median corner px | precision@3px | rendered AUC@5/10/20 | match() s |",
-          "|---|---|---|---|---|---|"]
+          "| coarse | second pass | directions | synthetic median corner px | precision@3px | rendered AUC@5/10/20 "
+          "| match() s |",
+          "|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['coarse']} | {r['second_pass'] or '-'} | {r['synthetic_median_corner_px']:.1f} | "
+        md.append(f"| {r['coarse']} | {r['second_pass'] or '-'} | {'both' if r['both_directions'] else 'A->B'} | "
+                  f"{r['synthetic_median_corner_px']:.1f} | "
                   f"{r['synthetic_precision@3px']:.3f} | "
                   + "/".join(f"{x:.3f}" for x in r["rendered_auc@5/10/20"])
                   + f" | {r['match_seconds_median_of_3']:.2f} |")

@@ -443,6 +443,26 @@ def test_ship_counts_paused_log_rows_at_the_stage_median():
     assert seconds == pytest.approx(40 / 2.0 + 40 / 1.0 + 40 / median + 40 / 2.0 + 20 / 0.5)
 
 
+def test_ship_continues_the_shipped_history_once(tmp_path, monkeypatch):
+    """A part trained from ``weights = "tiny"`` continues the shipped card's parts and log rows; shipping it a
+    second time drops its own earlier entry (and later ones), and a results CSV that lacks a part is refused."""
+    from benchmarks.tiny import ship
+
+    card = {"parts": [{"part": 1, "run": "a"}, {"part": 2, "run": "b"}]}
+    (tmp_path / "romav2_tiny.json").write_text(json.dumps(card))
+    csv_path = tmp_path / "tiny_training.csv"
+    csv_path.write_text("part,global_step,stage,step\n1,10,matcher,10\n1,20,matcher,20\n2,30,matcher,30\n")
+    monkeypatch.setattr(ship, "ASSETS", tmp_path)
+    monkeypatch.setattr(ship, "RESULTS", tmp_path)
+    parts, rows = ship._shipped_history("c")
+    assert [p["run"] for p in parts] == ["a", "b"] and [r["global_step"] for r in rows] == ["10", "20", "30"]
+    parts, rows = ship._shipped_history("b")  # "b" shipped before: its own entry goes
+    assert [p["run"] for p in parts] == ["a"] and [r["part"] for r in rows] == ["1", "1"]
+    csv_path.write_text("part,global_step,stage,step\n1,10,matcher,10\n")
+    with pytest.raises(SystemExit, match="does not hold the log"):
+        ship._shipped_history("c")
+
+
 def test_settings_study_refuses_the_held_out_photographs(capsys):
     """The inference-resolution study validates on training photographs only (no tuning on held-out figures)."""
     from benchmarks.tiny.settings_study import main
@@ -478,7 +498,8 @@ def test_tiny_speed_times_a_second_pass_against_the_default(tmp_path):
 
 def test_tiny_recipe_configs_load_and_chain():
     """The committed romav2-tiny recipe: every part's config passes the training config's validation, each part
-    starts from the previous part's exported weights, no part reads the held-out pictures, and seeds differ."""
+    starts from the previous part's exported weights (or from the shipped model, ``"tiny"``, when that is the
+    previous part as the shipped card records it), no part reads the held-out pictures, and seeds differ."""
     from romav2_plugin.train.config import load_config
 
     names = sorted((REPO / "benchmarks" / "tiny").glob("romav2_tiny*.toml"),
@@ -487,9 +508,13 @@ def test_tiny_recipe_configs_load_and_chain():
     cfgs = [load_config(p) for p in names]
     runs = REPO / "runs"
     assert Path(cfgs[0].out_dir) == runs / "romav2_tiny" and cfgs[0].model.weights is None
+    shipped = [p["run"] for p in json.loads((REPO / "romav2_plugin/assets/romav2_tiny.json").read_text())["parts"]]
     for i, (prev, cfg) in enumerate(zip(cfgs, cfgs[1:]), 2):
         assert Path(cfg.out_dir) == runs / f"romav2_tiny_part{i}", names[i - 1]
-        assert Path(cfg.model.weights) == Path(prev.out_dir) / "model.pt", names[i - 1]
+        if cfg.model.weights == "tiny":
+            assert shipped[i - 2:i - 1] == [Path(prev.out_dir).name], (names[i - 1], shipped)
+        else:
+            assert Path(cfg.model.weights) == Path(prev.out_dir) / "model.pt", names[i - 1]
     heldout = (REPO / ".tiny-data" / "heldout").resolve()
     for p, cfg in zip(names, cfgs):
         for src in cfg.data.sources:

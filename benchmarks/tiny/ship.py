@@ -11,6 +11,10 @@ the training log to ``benchmarks/results/tiny_training.csv`` with its curves ``t
 A run that started from an earlier run's exported weights (``model.weights = ".../<run>/model.pt"``) is
 shipped with that history: the card lists every part (config, steps, hours) and the training time is their
 sum; the log joins the parts, each stage's steps counted on from the previous part's (column ``part``).
+A run that started from the shipped model (``model.weights = "tiny"``) continues the shipped card's history
+instead: its parts and their log rows (``benchmarks/results/tiny_training.csv``) come first, so a part can be
+trained on any machine without the earlier runs' folders. Shipping such a run again (e.g. with ``--figures``)
+drops its own earlier entry from that history first.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 import torch
 
 ASSETS = Path(__file__).resolve().parents[2] / "romav2_plugin" / "assets"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 NOTE = "demo model trained on synthetic data; not the paper's accuracy"
 
 
@@ -69,6 +74,23 @@ def _parts(cfg) -> list[tuple[Path, object]]:
     return parts
 
 
+def _shipped_history(run_name: str) -> tuple[list[dict], list[dict[str, str]]]:
+    """The shipped model's parts (card) and their log rows (results CSV), without any part named ``run_name``.
+
+    For a run that started from ``weights = "tiny"``: the history it continues. A part of that name (this run,
+    shipped before) and every later one are dropped, so shipping twice does not count a part twice.
+    """
+    parts = json.loads((ASSETS / "romav2_tiny.json").read_text(encoding="utf-8"))["parts"]
+    keep = next((i for i, p in enumerate(parts) if p["run"] == run_name), len(parts))
+    parts = parts[:keep]
+    rows = [r for r in csv.DictReader((RESULTS / "tiny_training.csv").open(encoding="utf-8"))
+            if int(r["part"]) <= keep]
+    if {int(r["part"]) for r in rows} != set(range(1, keep + 1)):
+        raise SystemExit(f"error: {RESULTS / 'tiny_training.csv'} does not hold the log of the shipped card's "
+                         f"{keep} part(s); restore it from git (git checkout -- benchmarks/results)")
+    return parts, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="the run's out_dir (holds checkpoint.pt and log.csv)")
@@ -91,7 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     parts = _parts(cfg)
     rows: list[dict[str, str]] = []
     seconds, history, offset, paused = 0.0, [], {}, 0
-    for i, (run, part_cfg) in enumerate(parts, 1):
+    if parts[0][1].model.weights == "tiny":  # continues the shipped model: its history comes first
+        history, rows = _shipped_history(Path(cfg.out_dir).name)
+        for p in history:
+            seconds += p["training_time_hours"] * 3600
+            paused += p["paused_log_rows"]
+            for name, n in p["steps"].items():
+                offset[name] = offset.get(name, 0) + n
+    for i, (run, part_cfg) in enumerate(parts, len(history) + 1):
         part_rows = list(csv.DictReader((run / "log.csv").open(encoding="utf-8")))
         sec, steps, n_paused = _seconds_and_steps(part_rows, part_cfg)
         seconds += sec
@@ -118,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                                "pause of the process and are counted at that median"),
         "machine": f"{machine_info()['cpu']}, {os.cpu_count()} CPUs (shared with other work), torch {torch.__version__}",
         "date": dt.date.today().isoformat(),
-        "recipe": "; ".join([f"romav2-train {c}" for c in _recipe_configs(args.config, len(parts))]
+        "recipe": "; ".join([f"romav2-train {c}" for c in _recipe_configs(args.config, len(history))]
                             + [f"python -m benchmarks.tiny.ship {args.run} --config {args.config}"]),
         "training_data": {
             "sources": ["synthetic homography pairs of photographs (strong photometric augmentation)",
@@ -132,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     card["train_config"] = config_to_dict(cfg)  # as the trainer records it, but with the paths below made relative
     path = trainer.export(ASSETS / "romav2_tiny.pt", card=_relative(card), dtype=torch.float16)
-    results = Path(__file__).resolve().parents[1] / "results"
+    results = RESULTS
     with (results / "tiny_training.csv").open("w", newline="", encoding="utf-8") as f:
         fields = list(dict.fromkeys(k for r in rows for k in r))
         w = csv.DictWriter(f, fieldnames=fields)

@@ -263,5 +263,11 @@ def test_hloc_same_files_as_match_dense_main(data, hloc_path, cluster, tmp_path)
             items_a, items_b = _datasets(fa), _datasets(fb)
             assert sorted(items_a) == sorted(items_b) and items_a
             for k in items_a:
-                np.testing.assert_array_equal(items_b[k], items_a[k], err_msg=k)
+                if np.issubdtype(items_a[k].dtype, np.floating):
+                    # float32 rounding apart: on an AMD EPYC (2026-11-30) a 1-CPU Ray worker's keypoints0 and
+                    # scores differed from this process's by one ulp in some entries (7.6e-6 px, 6e-8), with the
+                    # same matches; the Intel Xeon of the earlier runs gave equal bits
+                    np.testing.assert_allclose(items_b[k], items_a[k], rtol=1e-6, atol=1e-6, err_msg=k)
+                else:
+                    np.testing.assert_array_equal(items_b[k], items_a[k], err_msg=k)
     assert not list((tmp_path / "ray").glob("*.ray-dense.h5"))  # the cache is gone once the run completed

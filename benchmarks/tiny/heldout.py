@@ -15,8 +15,8 @@ and copies in, with their dates and commands, the rows ``tiny`` and ``sift`` of
 ``accuracy_synthetic_cpu.json`` and ``accuracy_rendered3d_cpu.json`` (``python -m benchmarks.accuracy``) and the
 median of ``tiny_speed_cpu.json`` (``python -m benchmarks.tiny.speed``): run those first. ``--no-rendered3d``
 leaves the rendered-3D rows out (recorded as not measured) when that file does not hold these weights' rows
-yet. The figures of the file being replaced are kept under ``earlier`` with their label. ``tests/test_tiny.py`` uses the same
-functions, so a test and this file measure the same thing.
+yet. The figures of the file being replaced are kept under ``earlier`` with their label.
+``tests/test_tiny.py`` uses the same functions, so a test and this file measure the same thing.
 """
 
 from __future__ import annotations

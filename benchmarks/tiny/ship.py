@@ -161,13 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     card["train_config"] = config_to_dict(cfg)  # as the trainer records it, but with the paths below made relative
     path = trainer.export(ASSETS / "romav2_tiny.pt", card=_relative(card), dtype=torch.float16)
-    results = RESULTS
-    with (results / "tiny_training.csv").open("w", newline="", encoding="utf-8") as f:
+    with (RESULTS / "tiny_training.csv").open("w", newline="", encoding="utf-8") as f:
         fields = list(dict.fromkeys(k for r in rows for k in r))
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    plot_curves(results / "tiny_training.csv", results / "tiny_training.png")
+    plot_curves(RESULTS / "tiny_training.csv", results / "tiny_training.png")
     size = path.stat().st_size / 2**20
     print(f"wrote {path} ({size:.1f} MiB) and {path.with_suffix('.json')}")
     if size > 25:

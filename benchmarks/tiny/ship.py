@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    plot_curves(RESULTS / "tiny_training.csv", results / "tiny_training.png")
+    plot_curves(RESULTS / "tiny_training.csv", RESULTS / "tiny_training.png")
     size = path.stat().st_size / 2**20
     print(f"wrote {path} ({size:.1f} MiB) and {path.with_suffix('.json')}")
     if size > 25:

@@ -227,6 +227,29 @@ def _table(rows, cols) -> str:
     return "\n".join(out)
 
 
+def build_kernels(device) -> dict:
+    """Step 1: compile + load every kernel entry point for ``device`` and run the op's own self-check
+    against the torch path (the check the default ``auto`` mode runs before first use). Returns the meta
+    fields: ``kernel_ok``, ``kernel_build_s``, ``kernel_arch``, ``kernel_self_check_failures`` and, when
+    something raised, ``kernel_error`` (the traceback is printed)."""
+    from romav2_plugin import kernels as runtime
+
+    out: dict = {"kernel_ok": False}
+    t0 = time.time()
+    try:
+        loaded = lcm._load_kernels(device)
+        out["kernel_build_s"] = time.time() - t0
+        idx = lcm._device_index(device)
+        out["kernel_arch"] = runtime.device_arch(idx) if idx >= 0 else None
+        out["kernel_self_check_failures"] = lcm.self_check(loaded, device)
+    except Exception as exc:  # noqa: BLE001 - reported in the results, the run goes on to parity
+        traceback.print_exc()
+        out["kernel_error"] = f"{type(exc).__name__}: {exc}"
+        return out
+    out["kernel_ok"] = not out["kernel_self_check_failures"]
+    return out
+
+
 def dry_run() -> int:
     """What can be checked without a GPU: NVRTC compile for sm_80/sm_90 and a CPU op sanity check."""
     from romav2_plugin import kernels
@@ -277,21 +300,12 @@ def main(argv=None) -> int:
         "torch_cuda": torch.version.cuda,
         "official_fused_local_corr": _fused_module() is not None,
     }
-    from romav2_plugin import kernels
-
-    status = 0
-    tb = time.time()
-    try:
-        lcm._cuda_kernels()
-        meta["kernel_build_s"] = time.time() - tb
-        meta["kernel_arch"] = kernels.device_arch(0)
-        meta["kernel_fallback"] = lcm._cuda_state["failed"]
-    except Exception:  # noqa: BLE001
-        traceback.print_exc()
-        status = 1
+    build = build_kernels(device)
+    meta.update(build)
+    status = int(not build["kernel_ok"])
     print(
-        f"kernels built in {meta.get('kernel_build_s', float('nan')):.2f} s for {meta.get('kernel_arch')}"
-        f" (fallback: {meta.get('kernel_fallback')})"
+        f"kernels built in {build.get('kernel_build_s', float('nan')):.2f} s for {build.get('kernel_arch')};"
+        f" self-check failures: {build.get('kernel_self_check_failures')}; error: {build.get('kernel_error')}"
     )
     par = parity(device)
     status |= int(not all(r["ok"] for r in par))

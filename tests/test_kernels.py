@@ -340,6 +340,32 @@ def test_gpu_benchmark_script_dry_run_and_no_gpu_exit(tmp_path):
         assert res.returncode == 0 and "no CUDA device" in res.stdout, res.stdout + res.stderr
 
 
+def test_gpu_benchmark_build_step_reports_self_check_and_errors(monkeypatch):
+    """benchmarks/gpu_kernels.py step 1 goes through the op's own loader and self-check (a stale name there
+    once made a clean H200 run print status FAIL): ok, a self-check mismatch, and a load error."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        gk = importlib.import_module("benchmarks.gpu_kernels")
+    finally:
+        sys.path.remove(str(ROOT))
+    seen = []
+    monkeypatch.setattr(lcm, "_load_kernels", lambda device: seen.append(device) or "runtime")
+    monkeypatch.setattr(lcm, "self_check", lambda k, device: [] if k == "runtime" else ["not the runtime"])
+    got = gk.build_kernels(torch.device("cpu"))
+    assert got["kernel_ok"] and got["kernel_self_check_failures"] == [] and "kernel_error" not in got
+    assert seen == [torch.device("cpu")] and got["kernel_build_s"] >= 0
+    monkeypatch.setattr(lcm, "self_check", lambda k, device: ["forward float32: max rel error 1e-02 > 1e-04"])
+    got = gk.build_kernels(torch.device("cpu"))
+    assert not got["kernel_ok"] and got["kernel_self_check_failures"][0].startswith("forward float32")
+
+    def broken(device):
+        raise RuntimeError("NVRTC: no such arch")
+
+    monkeypatch.setattr(lcm, "_load_kernels", broken)
+    got = gk.build_kernels(torch.device("cpu"))
+    assert not got["kernel_ok"] and got["kernel_error"] == "RuntimeError: NVRTC: no such arch"
+
+
 @needs_nvrtc
 def test_compiling_leaves_torch_load_working(tmp_path, monkeypatch, random_checkpoint):
     """Regression: NVRTC 13 run inside the torch process broke later torch.load of the (1.1 GB, official

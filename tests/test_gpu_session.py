@@ -1,0 +1,125 @@
+"""benchmarks/gpu_session.py: the one prepared script of a GPU lease, checked on CPU (no GPU needed).
+
+The kernels and throughput steps call ``gpu_kernels.py`` and ``speed.py``, whose own ``--dry-run`` paths are
+tested in test_kernels.py and test_benchmarks.py; here: the training step's sizing, its config, the packing,
+and ``prepare``'s picture copies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks import gpu_session as gs  # noqa: E402
+
+
+def test_plan_steps_fills_the_time_left():
+    m, r = gs.plan_steps(100.0, 0.5, 1.0)
+    assert (m, r) == (160, 20)  # 80 s / 0.5 s, 20 s / 1 s
+    assert gs.plan_steps(100.0, 0.5, 1.0, matcher_share=0.5) == (100, 50)
+    assert gs.plan_steps(-5.0, 0.5, 1.0) == (0, 0)
+    assert gs.plan_steps(100.0, 0.0, 1.0) == (0, 0)  # a stage the probe did not measure: no run
+    assert gs.plan_steps(1e9, 1e-3, 1e-3, cap=7) == (7, 7)
+
+
+def test_seconds_per_step_reads_the_training_log(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text(
+        "global_step,stage,step,pairs_per_s,total\n"
+        "10,matcher,10,10.0,1\n20,matcher,20,30.0,1\n30,matcher,30,20.0,1\n40,refiners,10,4.0,1\n"
+        "50,refiners,20,,1\n"
+    )
+    assert gs.seconds_per_step(log) == {"matcher": 20.0, "refiners": 4.0}
+
+
+def test_train_config_replaces_steps_only(tmp_path):
+    """The template loads (unknown keys would be rejected) and only the steps, warm-ups, out_dir and, when
+    given, the pictures change; the dry run also moves to CPU at token sizes."""
+    base = gs._train_config(gs.TEMPLATE, out_dir=tmp_path / "a", matcher_steps=400, refiner_steps=7,
+                            dry_run=False)
+    assert [(s.name, s.steps, s.warmup_steps, s.batch_size) for s in base.stages] == [
+        ("matcher", 400, 40, 32), ("refiners", 7, 1, 32)]
+    assert base.device == "cuda" and base.model.weights == "tiny" and base.data.workers == 14
+    assert all(Path(p).parts[-2:] == (".gpu-data", "train") for s in base.data.sources for p in s.path)
+    assert base.out_dir == str(tmp_path / "a")
+    dry = gs._train_config(gs.TEMPLATE, out_dir=tmp_path / "b", matcher_steps=2, refiner_steps=1,
+                           dry_run=True, pictures=tmp_path)
+    assert dry.device == "cpu" and dry.data.size == (128, 128) and dry.data.workers == 0
+    assert all(s.path == (str(tmp_path),) for s in dry.data.sources)
+    assert [s.batch_size for s in dry.stages] == [2, 2]
+    assert dry.seed == base.seed and dry.ema_decay == base.ema_decay  # the rest is the template's
+
+
+def test_prepare_copies_shrunk_pictures_and_refuses_other_folders(tmp_path):
+    src = tmp_path / "data" / "train"
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (900, 1200, 3), dtype=np.uint8)).save(src / "a.png")
+    Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(src / "b.jpg")
+    (src / "notes.txt").write_text("not a picture")
+    info = gs.prepare(src, tmp_path / "out" / "train", tmp_path / "whl", download=False)
+    assert info["pictures"] == 2 and "wheels" not in info
+    with Image.open(tmp_path / "out" / "train" / "a.jpg") as im:
+        assert im.size == (640, 480)
+    with Image.open(tmp_path / "out" / "train" / "b.jpg") as im:
+        assert im.size == (200, 300)  # never enlarged
+    with pytest.raises(SystemExit, match="fetch_images"):
+        gs.prepare(tmp_path / "data", tmp_path / "o2", tmp_path / "whl", download=False)
+
+
+@pytest.mark.slow
+def test_dry_run_trains_exports_and_packs(tmp_path):
+    """``run --dry-run --only train`` on CPU: probe, sized run, fp16 export with its card, one archive back."""
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    import skimage.data
+
+    for name in ("astronaut", "chelsea", "rocket"):
+        Image.fromarray(getattr(skimage.data, name)()).save(pics / f"{name}.jpg")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_session", "run", "--dry-run", "--only", "train", "--out",
+         str(out), "--pictures", str(pics), "--budget-s", "1500"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((out / "gpu_session.json").read_text())
+    assert [s["step"] for s in summary["steps"]] == ["train_probe", "train"]
+    plan = summary["train_plan"]
+    assert plan["matcher_steps"] >= 1 and plan["refiner_steps"] >= 1
+    assert set(plan["seconds_per_step"]) == {"matcher", "refiners"}
+    with tarfile.open(out / "gpu_session.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"gpu_session.json", "train_probe.log", "train.log", "train_log.csv"} <= names
+    sd = torch.load(out / "romav2_tiny_gpu.pt", map_location="cpu", weights_only=True)
+    assert any(v.dtype == torch.float16 for v in sd.values())
+    card = json.loads((out / "romav2_tiny_gpu.json").read_text())
+    assert card["matcher_steps"] == plan["matcher_steps"] and "not the paper's accuracy" in card["note"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gpu_session.json", "gpu_session.tar.gz", "romav2_tiny_gpu.json", "romav2_tiny_gpu.pt"]
+    from romav2_plugin import RoMaV2
+    from romav2_plugin.pretrained import config_from_card
+
+    # fp16 storage (the device returns files of at most 16 MB): loading upcasts explicitly, as the loader's
+    # error message for fp16 files says
+    sd = {k: v.float() if v.dtype == torch.float16 else v for k, v in sd.items()}
+    model = RoMaV2.from_pretrained(sd, config=config_from_card(out / "romav2_tiny_gpu.pt"))
+    assert model.cfg == config_from_card(out / "romav2_tiny_gpu.pt")
+
+
+def test_only_rejects_unknown_steps(capsys):
+    with pytest.raises(SystemExit):
+        gs.main(["run", "--out", "/nonexistent", "--only", "kernels,trian"])
+    assert "trian" in capsys.readouterr().err

@@ -17,12 +17,21 @@ import torch
 
 from benchmarks.tiny.heldout import (
     demo_median_error,
+    earlier_figures,
     heldout_pair,
     hloc_scene_reconstruction,
     kornia_corner_error,
     untrained_tiny,
 )
 from romav2_plugin import pretrained
+
+
+def test_heldout_keeps_earlier_labels_and_replaces_a_remeasurement():
+    old = {"label": "after parts 1-2", "demo": 5.0, "earlier": {"after part 1": {"label": "after part 1"}}}
+    assert earlier_figures(old, "after parts 1-3") == {
+        "after part 1": {"label": "after part 1"}, "after parts 1-2": {"label": "after parts 1-2", "demo": 5.0}}
+    assert earlier_figures(old, "after parts 1-2") == {"after part 1": {"label": "after part 1"}}
+    assert "earlier" in old  # the input is left as it was
 
 
 def test_card_and_weights_ship_in_the_package():

@@ -15,7 +15,8 @@ and copies in, with their dates and commands, the rows ``tiny`` and ``sift`` of
 ``accuracy_synthetic_cpu.json`` and ``accuracy_rendered3d_cpu.json`` (``python -m benchmarks.accuracy``) and the
 median of ``tiny_speed_cpu.json`` (``python -m benchmarks.tiny.speed``): run those first. ``--no-rendered3d``
 leaves the rendered-3D rows out (recorded as not measured) when that file does not hold these weights' rows
-yet. The figures of the file being replaced are kept under ``earlier`` with their label.
+yet. The figures of the file being replaced are kept under ``earlier`` with their label (replaced, not
+kept, when the label is the same: a re-measurement of the same weights).
 ``tests/test_tiny.py`` uses the same functions, so a test and this file measure the same thing.
 """
 
@@ -215,13 +216,22 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     if out.is_file():
-        old = json.loads(out.read_text())
-        earlier = old.pop("earlier", {})
-        earlier[old.get("label") or old.get("measured") or "earlier"] = old
-        fig["earlier"] = earlier
+        fig["earlier"] = earlier_figures(json.loads(out.read_text()), fig.get("label"))
     out.write_text(json.dumps(fig, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+def earlier_figures(old: dict, label: str | None) -> dict:
+    """The ``earlier`` section of a new figures file replacing ``old``: ``old``'s own ``earlier`` plus
+    ``old`` under its label, unless ``old`` has the new ``label`` (a re-measurement of the same weights
+    replaces it)."""
+    old = dict(old)
+    earlier = dict(old.pop("earlier", {}))
+    key = old.get("label") or old.get("measured") or "earlier"
+    if key != label:
+        earlier[key] = old
+    return earlier
 
 
 if __name__ == "__main__":

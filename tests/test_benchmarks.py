@@ -502,7 +502,8 @@ def test_tiny_recipe_configs_load_and_chain():
     previous part as the shipped card records it), no part reads the held-out pictures, and seeds differ."""
     from romav2_plugin.train.config import load_config
 
-    names = sorted((REPO / "benchmarks" / "tiny").glob("romav2_tiny*.toml"),
+    tiny = REPO / "benchmarks" / "tiny"
+    names = sorted([tiny / "romav2_tiny.toml", *tiny.glob("romav2_tiny_part*.toml")],
                    key=lambda p: int(re.fullmatch(r"romav2_tiny(?:_part(\d+))?", p.stem).group(1) or 1))
     assert [p.name for p in names[:2]] == ["romav2_tiny.toml", "romav2_tiny_part2.toml"]
     cfgs = [load_config(p) for p in names]
@@ -515,8 +516,11 @@ def test_tiny_recipe_configs_load_and_chain():
             assert shipped[i - 2:i - 1] == [Path(prev.out_dir).name], (names[i - 1], shipped)
         else:
             assert Path(cfg.model.weights) == Path(prev.out_dir) / "model.pt", names[i - 1]
+    gpu = load_config(tiny / "romav2_tiny_gpu.toml")  # benchmarks/gpu_session.py's: not a part of the chain
+    assert gpu.model.weights == "tiny" and gpu.seed not in {c.seed for c in cfgs}
+    assert sorted(p.name for p in tiny.glob("*.toml")) == sorted([p.name for p in names] + ["romav2_tiny_gpu.toml"])
     heldout = (REPO / ".tiny-data" / "heldout").resolve()
-    for p, cfg in zip(names, cfgs):
+    for p, cfg in zip([*names, tiny / "romav2_tiny_gpu.toml"], [*cfgs, gpu]):
         for src in cfg.data.sources:
             assert all(heldout not in Path(d).resolve().parents and Path(d).resolve() != heldout
                        for d in src.path), p.name

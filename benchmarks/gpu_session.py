@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,7 @@ TEMPLATE = ROOT / "benchmarks" / "tiny" / "romav2_tiny_gpu.toml"
 WHEELS = {"romav2": "2.0.1", "fused-local-corr": "0.3.211"}  # the GPU image has torch 2.11, timm, einops, rich
 GPU_PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+GRACE_S = 30  # after SIGTERM, before SIGKILL
 PICTURE_SIDE = 640  # ImageFolder shrinks to max(640, 2 * crop) on load anyway: nothing is lost at 256 px crops
 
 
@@ -119,6 +121,7 @@ def train_main(argv: list[str]) -> int:
     """``python -m benchmarks.gpu_session train-once``: one training run of the template (own process)."""
     import torch
 
+    from romav2_plugin.commands import sigterm_as_interrupt
     from romav2_plugin.train.loop import Trainer
 
     ap = argparse.ArgumentParser(prog="gpu_session train-once")
@@ -135,13 +138,19 @@ def train_main(argv: list[str]) -> int:
     if a.out_dir.exists():
         shutil.rmtree(a.out_dir)
     trainer = Trainer(cfg, progress=False)
-    trainer.run()
+    stopped = None
+    with sigterm_as_interrupt():
+        try:
+            trainer.run()
+        except KeyboardInterrupt as e:  # the session's time limit: keep what was trained
+            stopped = f"{e or 'interrupted'} at global step {trainer.global_step}"
+            print(f"train-once: {stopped}; exporting the EMA weights as they are", flush=True)
     if a.export is not None:
         card = {"trained_by": "benchmarks/gpu_session.py", "template": TEMPLATE.name,
-                "matcher_steps": a.matcher_steps, "refiner_steps": a.refiner_steps,
+                "matcher_steps": a.matcher_steps, "refiner_steps": a.refiner_steps, "stopped_early": stopped,
                 "machine": _machine(), "note": "demo model trained on synthetic data; not the paper's accuracy"}
         trainer.export(a.export, card=card, dtype=torch.float16)
-    return 0
+    return 0 if stopped is None else 143
 
 
 def seconds_per_step(log_csv: Path) -> dict[str, float]:
@@ -185,18 +194,31 @@ class _Session:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def step(self, name: str, cmd: list[str], limit_s: float, env: dict | None = None) -> dict:
+    def step(self, name: str, cmd: list[str], limit_s: float) -> dict:
+        """Run ``cmd`` in its own process group; past the limit it gets SIGTERM (the training step then
+        exports what it has), and SIGKILL :data:`GRACE_S` seconds later, workers included."""
         limit = max(1.0, min(limit_s, self.left()))
         rec = {"step": name, "command": " ".join(cmd), "limit_s": round(limit, 1)}
         log = self.results / f"{name}.log"
         t = time.monotonic()
         print(f"== {name} (limit {limit:.0f} s): {rec['command']}", flush=True)
         with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=limit,
-                                    env={**os.environ, **(env or {})}).returncode
+                rc = proc.wait(timeout=limit)
             except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=GRACE_S)
+                except subprocess.TimeoutExpired:
+                    pass
                 rc = "timeout"
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group (data workers)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
         rec.update(rc=rc, seconds=round(time.monotonic() - t, 1), log=log.name)
         print(f"   {name}: rc {rc} in {rec['seconds']} s; tail of {log.name}:", flush=True)
         print("   " + "\n   ".join(log.read_text(errors="replace").splitlines()[-6:]), flush=True)

@@ -119,6 +119,28 @@ def test_dry_run_trains_exports_and_packs(tmp_path):
     assert model.cfg == config_from_card(out / "romav2_tiny_gpu.pt")
 
 
+def test_step_past_its_limit_gets_sigterm_first_then_is_recorded(tmp_path, monkeypatch):
+    """A step over its limit is sent SIGTERM (so training can export what it has), the whole process group
+    goes, and the run records ``timeout`` and goes on."""
+    monkeypatch.setattr(gs, "GRACE_S", 20)
+    s = gs._Session(tmp_path / "out", budget_s=60, dry_run=True)
+    marker = tmp_path / "got_sigterm"
+    child = (
+        "import signal, subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, 'w').close(), sys.exit(143)))\n"
+        "print('started', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    t = __import__("time").monotonic()
+    rec = s.step("slow", [sys.executable, "-c", child], limit_s=3)
+    assert rec["rc"] == "timeout" and marker.exists(), rec
+    assert __import__("time").monotonic() - t < 20  # it exited on SIGTERM, no grace period spent
+    assert "started" in (s.results / "slow.log").read_text()
+    assert s.step("quick", [sys.executable, "-c", "print('ok')"], limit_s=30)["rc"] == 0
+    assert [r["step"] for r in s.steps] == ["slow", "quick"]
+
+
 def test_only_rejects_unknown_steps(capsys):
     with pytest.raises(SystemExit):
         gs.main(["run", "--out", "/nonexistent", "--only", "kernels,trian"])

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,10 +133,10 @@ def test_step_past_its_limit_gets_sigterm_first_then_is_recorded(tmp_path, monke
         "print('started', flush=True)\n"
         "time.sleep(120)\n"
     )
-    t = __import__("time").monotonic()
+    t = time.monotonic()
     rec = s.step("slow", [sys.executable, "-c", child], limit_s=3)
     assert rec["rc"] == "timeout" and marker.exists(), rec
-    assert __import__("time").monotonic() - t < 20  # it exited on SIGTERM, no grace period spent
+    assert time.monotonic() - t < 20  # it exited on SIGTERM, no grace period spent
     assert "started" in (s.results / "slow.log").read_text()
     assert s.step("quick", [sys.executable, "-c", "print('ok')"], limit_s=30)["rc"] == 0
     assert [r["step"] for r in s.steps] == ["slow", "quick"]

@@ -311,7 +311,9 @@ class Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.speed", "--worker", job],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
-            cwd=str(Path(__file__).resolve().parents[1]),  # the repository root: -m finds benchmarks there
+            # the folder that holds this benchmarks/ as imported (not resolved: gpu_session.sh imports it through
+            # a link outside the checkout, so that the installed romav2_plugin, not the source tree, is imported)
+            cwd=str(Path(__file__).absolute().parents[1]),
         )
         self.ready = self._read()
 

@@ -16,7 +16,8 @@ and the next one runs):
 2. ``throughput``: ``benchmarks/speed.py``, ours against the official code (``romav2==2.0.1``, carried),
    ``base`` setting, 640x640, batch 8, bf16;
 3. ``train``: romav2-tiny from the shipped weights (``benchmarks/tiny/romav2_tiny_gpu.toml``): a probe of a
-   few matcher and refiner steps measures seconds per step, then one run whose step counts fill the time
+   few matcher and refiner steps (past the data loader's prefetch buffer) measures the sustained seconds
+   per step, then one run whose step counts fill the time
    left (80% matcher, 20% refiners), exported in fp16 to ``OUT/romav2_tiny_gpu.pt`` (+ ``.json``) with its
    ``log.csv``;
 4. pack: the text results into ``OUT/gpu_session.tar.gz`` (the device returns at most 8 files) and a summary
@@ -35,7 +36,6 @@ import os
 import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -48,6 +48,7 @@ WHEELS = {"romav2": "2.0.1", "fused-local-corr": "0.3.211"}  # the GPU image has
 GPU_PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 GRACE_S = 30  # after SIGTERM, before SIGKILL
+PLAN_SHARE = 0.85  # of the time left that the training run is planned to fill (the pace of data workers varies)
 PICTURE_SIDE = 640  # ImageFolder shrinks to max(640, 2 * crop) on load anyway: nothing is lost at 256 px crops
 
 
@@ -153,14 +154,27 @@ def train_main(argv: list[str]) -> int:
     return 0 if stopped is None else 143
 
 
-def seconds_per_step(log_csv: Path) -> dict[str, float]:
-    """Median seconds per step of each stage from a training ``log.csv`` (``batch / pairs_per_s``)."""
-    per: dict[str, list[float]] = {}
+def pairs_per_second(log_csv: Path, skip_steps: int = 0) -> dict[str, float]:
+    """Sustained pairs per second of each stage of a training ``log.csv``: all pairs over all seconds of the
+    logging windows that end after ``skip_steps`` (the loader's prefetch buffer, filled while the model is
+    built, serves the first steps of a stage far faster than its workers can keep up with: a median over
+    short windows planned 2.5x too many steps on the H200 on 2026-11-30). A stage with no window past
+    ``skip_steps`` uses all its windows."""
+    rows: dict[str, list[tuple[int, float]]] = {}
     with open(log_csv, newline="") as f:
         for row in csv.DictReader(f):
             if row.get("pairs_per_s"):
-                per.setdefault(row["stage"], []).append(float(row["pairs_per_s"]))
-    return {k: statistics.median(v) for k, v in per.items()}
+                rows.setdefault(row["stage"], []).append((int(row["step"]), float(row["pairs_per_s"])))
+    out = {}
+    for stage, rs in rows.items():
+        windows, prev = [], 0
+        for step, rate in rs:
+            windows.append((step, step - prev, rate))  # (end step, steps in the window, its pairs/s)
+            prev = step
+        late = [w for w in windows if w[0] > skip_steps] or windows
+        # pairs / seconds; the batch size cancels: a window of n steps took n * batch / rate seconds
+        out[stage] = sum(n for _, n, _ in late) / sum(n / r for _, n, r in late if r > 0)
+    return out
 
 
 def plan_steps(seconds: float, s_matcher: float, s_refiner: float, *, matcher_share: float = 0.8,
@@ -195,8 +209,8 @@ class _Session:
         return self.deadline - time.monotonic()
 
     def step(self, name: str, cmd: list[str], limit_s: float) -> dict:
-        """Run ``cmd`` in its own process group; past the limit it gets SIGTERM (the training step then
-        exports what it has), and SIGKILL :data:`GRACE_S` seconds later, workers included."""
+        """Run ``cmd`` in its own process group; past the limit its leader gets SIGTERM (the training step then
+        exports what it has), and the whole group SIGKILL :data:`GRACE_S` seconds later, workers included."""
         limit = max(1.0, min(limit_s, self.left()))
         rec = {"step": name, "command": " ".join(cmd), "limit_s": round(limit, 1)}
         log = self.results / f"{name}.log"
@@ -207,7 +221,9 @@ class _Session:
             try:
                 rc = proc.wait(timeout=limit)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGTERM)
+                # the leader alone: its data workers stay up while it exports (SIGTERM to the whole group
+                # killed them under the loader, which raised in the middle of the export on 2026-11-30)
+                proc.terminate()
                 try:
                     proc.wait(timeout=GRACE_S)
                 except subprocess.TimeoutExpired:
@@ -265,24 +281,29 @@ def _train(s: _Session, py: str, out: Path, dry_run: bool, pictures: Path | None
     runs = out / "train_runs"
     once = [py, "-m", "benchmarks.gpu_session", "train-once", *(["--dry-run"] if dry_run else []),
             *(["--pictures", str(pictures)] if pictures is not None else [])]
-    probe_m, probe_r = (2, 1) if dry_run else (30, 20)
+    # the probe runs past each stage's prefetch buffer (workers x PREFETCH_FACTOR batches) and measures after it
+    from romav2_plugin.train.loop import PREFETCH_FACTOR
+
+    cfg = _train_config(TEMPLATE, out_dir=runs / "probe", matcher_steps=1, refiner_steps=1, dry_run=dry_run)
+    buffer = cfg.data.workers * PREFETCH_FACTOR
+    probe_m, probe_r = (2, 1) if dry_run else (buffer + 40, buffer + 20)
     t = time.monotonic()
     rec = s.step("train_probe", [*once, "--out-dir", str(runs / "probe"), "--matcher-steps", str(probe_m),
                                  "--refiner-steps", str(probe_r)], 600 if dry_run else 150)
     probe_s = time.monotonic() - t
     if rec["rc"] == 0:
-        pps = seconds_per_step(runs / "probe" / "log.csv")
-        cfg = _train_config(TEMPLATE, out_dir=runs / "probe", matcher_steps=probe_m, refiner_steps=probe_r,
-                            dry_run=dry_run)
+        pps = pairs_per_second(runs / "probe" / "log.csv", skip_steps=buffer)
         batch = {st.name: st.batch_size for st in cfg.stages}
         sps = {k: batch[k] / v for k, v in pps.items() if v > 0}
         overhead = max(0.0, probe_s - sum(sps.get(k, 0) * n for k, n in (("matcher", probe_m), ("refiners", probe_r))))
         spare = 5 if dry_run else 30  # export, pack
-        m, r = plan_steps(s.left() - overhead - spare, sps.get("matcher", 0), sps.get("refiners", 0))
+        m, r = plan_steps(PLAN_SHARE * (s.left() - overhead - spare), sps.get("matcher", 0),
+                          sps.get("refiners", 0))
         if dry_run:
             m, r = max(1, min(m, 2)), max(1, min(r, 1))
-        summary["train_plan"] = {"pairs_per_s": pps, "seconds_per_step": sps, "overhead_s": round(overhead, 1),
-                                 "matcher_steps": m, "refiner_steps": r, "batch": batch}
+        summary["train_plan"] = {"probe_steps": {"matcher": probe_m, "refiners": probe_r}, "skipped_steps": buffer,
+                                 "pairs_per_s": pps, "seconds_per_step": sps, "overhead_s": round(overhead, 1),
+                                 "plan_share": PLAN_SHARE, "matcher_steps": m, "refiner_steps": r, "batch": batch}
         if m >= 1 and r >= 1:
             final = runs / "final"
             rec = s.step("train", [*once, "--out-dir", str(final), "--matcher-steps", str(m),

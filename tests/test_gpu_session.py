@@ -34,14 +34,21 @@ def test_plan_steps_fills_the_time_left():
     assert gs.plan_steps(1e9, 1e-3, 1e-3, cap=7) == (7, 7)
 
 
-def test_seconds_per_step_reads_the_training_log(tmp_path):
+def test_pairs_per_second_is_the_sustained_rate_past_the_prefetch_buffer(tmp_path):
+    """All pairs over all seconds (not a median of window rates), from the windows that end after the
+    skipped steps; a stage without such a window uses all of its windows; the last, shorter window counts
+    by its own length."""
     log = tmp_path / "log.csv"
     log.write_text(
         "global_step,stage,step,pairs_per_s,total\n"
-        "10,matcher,10,10.0,1\n20,matcher,20,30.0,1\n30,matcher,30,20.0,1\n40,refiners,10,4.0,1\n"
-        "50,refiners,20,,1\n"
+        "10,matcher,10,1000.0,1\n20,matcher,20,30.0,1\n30,matcher,30,10.0,1\n35,matcher,35,20.0,1\n"
+        "45,refiners,10,4.0,1\n55,refiners,20,,1\n"
     )
-    assert gs.seconds_per_step(log) == {"matcher": 20.0, "refiners": 4.0}
+    # matcher past step 10: 25 steps; seconds/batch = 10/30 + 10/10 + 5/20 = 19/12 -> 25 * 12 / 19 pairs/s
+    assert gs.pairs_per_second(log, skip_steps=10) == pytest.approx({"matcher": 300 / 19, "refiners": 4.0})
+    # nothing skipped: the 1000 pairs/s window (the prefetched batches) is in, and weighs by its time alone
+    assert gs.pairs_per_second(log)["matcher"] == pytest.approx(35 / (10 / 1000 + 19 / 12))
+    assert gs.pairs_per_second(log, skip_steps=100) == gs.pairs_per_second(log)  # no late window: all
 
 
 def test_train_config_replaces_steps_only(tmp_path):

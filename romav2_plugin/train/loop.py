@@ -41,6 +41,8 @@ from romav2_plugin.train.losses import matcher_loss, refiner_loss
 
 __all__ = ["Trainer", "build_dataset", "trainable_modules", "EMA"]
 
+PREFETCH_FACTOR = 4  # batches each data worker prepares ahead (the first steps of a stage are served from them)
+
 
 def build_dataset(cfg: TrainConfig) -> PairDataset:
     """The (mixed) dataset of ``cfg.data``; every source checked up front (folders, readable images)."""
@@ -317,7 +319,7 @@ class Trainer:
         sampler = range(self.step, st.steps)
         w = self.cfg.data.workers
         loader = DataLoader(ds, batch_size=None, sampler=sampler, num_workers=w,
-                            worker_init_fn=_worker_init if w else None, prefetch_factor=4 if w else None,
+                            worker_init_fn=_worker_init if w else None, prefetch_factor=PREFETCH_FACTOR if w else None,
                             persistent_workers=False)
         yield from loader
 

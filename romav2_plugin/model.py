@@ -116,7 +116,7 @@ class RoMaV2(nn.Module):
             config = config or card_config
         else:
             path = resolve_weights(weights)
-            sd = load_checkpoint(path)
+            sd = pretrained.upcast_stored(load_checkpoint(path), pretrained.read_card(path))
             config = config or pretrained.config_from_card(path)
         model = cls(config, setting=setting, amp=amp)
         model.load_official_state_dict(sd)

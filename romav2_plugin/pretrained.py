@@ -23,7 +23,7 @@ import torch
 
 from romav2_plugin.config import RoMaV2Config, config_from_dict
 
-__all__ = ["NAMED_WEIGHTS", "is_named", "named_path", "load_named", "read_card", "config_from_card"]
+__all__ = ["NAMED_WEIGHTS", "is_named", "named_path", "load_named", "read_card", "config_from_card", "upcast_stored"]
 
 #: name -> file in ``romav2_plugin/assets`` (the card has the same stem, ``.json``)
 NAMED_WEIGHTS = {"tiny": "romav2_tiny.pt"}
@@ -70,6 +70,16 @@ def config_from_card(path: str | os.PathLike) -> RoMaV2Config | None:
         return config_from_dict(RoMaV2Config, card["config"])
     except ValueError as e:
         raise ValueError(f"Model card {Path(path).with_suffix('.json')}: {e}") from None
+
+
+def upcast_stored(sd: dict[str, torch.Tensor], card: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """Float16 tensors back to float32 (the official layout's dtype) when the card beside their file records
+    ``"storage_dtype": "float16"``: a file this project's exporter stored in half precision on purpose
+    (``romav2-train``/``Trainer.export(dtype=torch.float16)``). Without that record nothing changes, and the
+    layout check still refuses float16 tensors in place of float32 ones (they cannot hold released values)."""
+    if not card or card.get("storage_dtype") != "float16":
+        return sd
+    return {k: (v.float() if v.dtype == torch.float16 else v) for k, v in sd.items()}
 
 
 def load_named(name: str) -> tuple[dict[str, torch.Tensor], RoMaV2Config]:

@@ -600,7 +600,8 @@ def check_values(sd: Mapping[str, torch.Tensor], layout: Mapping[str, tuple[tupl
             "official layout (bf16 backbone, fp32 elsewhere), so they cannot hold the released values: "
             f"{_few(refused)}. To load such weights anyway, upcast them explicitly: "
             "sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}; "
-            "RoMaV2.from_pretrained(sd, ...)."
+            "RoMaV2.from_pretrained(sd, ...). (A file that this project's exporter stored in float16 on purpose "
+            "records \"storage_dtype\": \"float16\" in the model card beside it and is upcast at load.)"
         )
     if accepted:
         warnings.warn(

@@ -120,11 +120,11 @@ def test_dry_run_trains_exports_and_packs(tmp_path):
     from romav2_plugin import RoMaV2
     from romav2_plugin.pretrained import config_from_card
 
-    # fp16 storage (the device returns files of at most 16 MB): loading upcasts explicitly, as the loader's
-    # error message for fp16 files says
-    sd = {k: v.float() if v.dtype == torch.float16 else v for k, v in sd.items()}
-    model = RoMaV2.from_pretrained(sd, config=config_from_card(out / "romav2_tiny_gpu.pt"))
+    # fp16 storage (the device returns files of at most 16 MB), recorded in the card: it loads by path alone
+    assert card["storage_dtype"] == "float16"
+    model = RoMaV2.from_pretrained(out / "romav2_tiny_gpu.pt")
     assert model.cfg == config_from_card(out / "romav2_tiny_gpu.pt")
+    assert all(p.dtype == torch.float32 for p in model.matcher.parameters())
 
 
 def test_step_past_its_limit_gets_sigterm_first_then_is_recorded(tmp_path, monkeypatch):

@@ -298,3 +298,35 @@ def test_bf16_autocast_training(tmp_path, photos, train_backbone):
     loaded = RoMaV2.from_pretrained(out, amp=False)
     assert loaded.f.vit.patch_embed.proj.weight.dtype == torch.float32
     assert torch.isfinite(loaded.match(torch.rand(3, 64, 64), torch.rand(3, 64, 64))["warp_AB"]).all()
+
+
+def test_float16_export_records_its_storage_and_loads_by_path(tmp_path):
+    """An export stored in float16 on purpose (``dtype=torch.float16``: the shipped model, GPU-lease exports)
+    records ``storage_dtype`` in its card and loads by path, upcast to the float32 the layout expects; the same
+    tensors without that record are refused with the message naming the fix."""
+    from romav2_plugin import RoMaV2
+    from romav2_plugin.config import tiny_config
+    from romav2_plugin.train.checkpoint import export_weights
+
+    torch.manual_seed(0)
+    model = RoMaV2(tiny_config(), amp=False)
+    path = export_weights(tmp_path / "half.pt", model, dtype=torch.float16)
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card["storage_dtype"] == "float16"
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    assert {v.dtype for v in sd.values() if v.is_floating_point()} >= {torch.float16}
+    loaded = RoMaV2.from_pretrained(path, amp=False).state_dict()
+    # the same as the explicit upcast the refusal message gives, bit for bit
+    manual = RoMaV2.from_pretrained({k: v.float() if v.dtype == torch.float16 else v for k, v in sd.items()},
+                                    config=tiny_config(), amp=False).state_dict()
+    assert loaded.keys() == manual.keys()
+    assert all(torch.equal(loaded[k], manual[k]) and loaded[k].dtype == manual[k].dtype for k in loaded)
+    ref = model.state_dict()  # and within half-precision rounding (fp16 here; bf16 for the backbone) of the model
+    assert all(torch.allclose(loaded[k], ref[k], rtol=2**-7, atol=1e-6) for k in ref if ref[k].is_floating_point())
+    assert not any(v.dtype == torch.float16 for v in loaded.values())
+    assert "storage_dtype" not in json.loads(
+        export_weights(tmp_path / "full.pt", model).with_suffix(".json").read_text())
+    card.pop("storage_dtype")
+    path.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="storage_dtype"):
+        RoMaV2.from_pretrained(path, amp=False)

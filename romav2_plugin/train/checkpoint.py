@@ -137,7 +137,8 @@ def export_weights(path: str | os.PathLike, model, *, state_dict=None, source=No
     """Write official-layout weights (see :func:`official_weights`) and the model card ``<stem>.json``.
 
     ``dtype``: store the layout's float32 tensors in this dtype (``torch.float16`` halves a shipped file; the
-    bf16 backbone stays bf16; :func:`romav2_plugin.pretrained.load_named` upcasts); default: the layout's.
+    bf16 backbone stays bf16); the card then records it as ``storage_dtype`` and ``from_pretrained`` upcasts
+    them back (:func:`romav2_plugin.pretrained.upcast_stored`); default: the layout's.
     """
     path = Path(path)
     sd = official_weights(model, source=source, state_dict=state_dict)
@@ -145,5 +146,7 @@ def export_weights(path: str | os.PathLike, model, *, state_dict=None, source=No
         sd = {k: (v.to(dtype) if v.dtype == torch.float32 else v) for k, v in sd.items()}
     atomic_save(sd, path)
     info = {"config": config_to_dict(model.cfg), **(dict(card) if card else {})}
+    if dtype is not None and dtype != torch.float32:
+        info["storage_dtype"] = str(dtype).removeprefix("torch.")
     _atomic_write_text(json.dumps(info, indent=2, sort_keys=False) + "\n", path.with_suffix(".json"))
     return path

@@ -79,6 +79,10 @@ def upcast_stored(sd: dict[str, torch.Tensor], card: dict[str, Any] | None) -> d
     layout check still refuses float16 tensors in place of float32 ones (they cannot hold released values)."""
     if not card or card.get("storage_dtype") != "float16":
         return sd
+    return _float16_to_float32(sd)
+
+
+def _float16_to_float32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.float() if v.dtype == torch.float16 else v) for k, v in sd.items()}
 
 
@@ -91,4 +95,4 @@ def load_named(name: str) -> tuple[dict[str, torch.Tensor], RoMaV2Config]:
     if config is None:
         raise ValueError(f"The shipped weights {name!r} have no model card with a config ({path.with_suffix('.json')}).")
     sd = load_checkpoint(path)
-    return {k: (v.float() if v.dtype == torch.float16 else v) for k, v in sd.items()}, config
+    return _float16_to_float32(sd), config  # unconditionally: cards shipped before storage_dtype lack it

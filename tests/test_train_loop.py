@@ -301,7 +301,7 @@ def test_bf16_autocast_training(tmp_path, photos, train_backbone):
 
 
 def test_float16_export_records_its_storage_and_loads_by_path(tmp_path):
-    """An export stored in float16 on purpose (``dtype=torch.float16``: the shipped model, GPU-lease exports)
+    """An export stored in float16 on purpose (``dtype=torch.float16``: ``ship``, GPU-lease exports)
     records ``storage_dtype`` in its card and loads by path, upcast to the float32 the layout expects; the same
     tensors without that record are refused with the message naming the fix."""
     from romav2_plugin import RoMaV2

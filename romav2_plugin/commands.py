@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "EXIT_OK",
@@ -409,6 +410,35 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold stop signals (SIGINT, SIGTERM) and child-exit notices (SIGCHLD) back while the block runs.
+
+    For a checkpoint being written: a stop signal, or a dead data worker reported by torch's SIGCHLD handler,
+    inside ``torch.save`` surfaces as a C++ error about a torn file instead of what it is. Inside this block
+    the signals are only recorded; on leaving it the previous handlers are restored and each recorded signal
+    is raised again, so it acts exactly as it would have (an exception, or the default action). Outside the
+    main thread (where handlers cannot be set) the block runs unchanged.
+    """
+    caught: list[int] = []
+    names = ("SIGINT", "SIGTERM", "SIGCHLD")  # SIGCHLD: POSIX only
+    held = [s for s in (getattr(signal, n, None) for n in names) if s is not None and signal.getsignal(s) is not None]
+    old: dict[int, Any] = {}
+    try:
+        for s in held:
+            old[s] = signal.signal(s, lambda signum, frame: caught.append(signum))
+    except ValueError:  # not the main thread (nothing was changed: the first call refuses)
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
 
 
 def report(prog: str, message: str) -> None:

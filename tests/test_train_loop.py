@@ -330,3 +330,56 @@ def test_float16_export_records_its_storage_and_loads_by_path(tmp_path):
     path.with_suffix(".json").write_text(json.dumps(card))
     with pytest.raises(ValueError, match="storage_dtype"):
         RoMaV2.from_pretrained(path, amp=False)
+
+
+@pytest.mark.parametrize("target", ["group", "leader", "workers"])
+def test_sigterm_stops_cleanly_with_data_workers(tmp_path, photos, target):
+    """SIGTERM to the whole process group (``pkill -f``, a batch scheduler) reaches the data workers too; torch
+    then reports a dead worker as a RuntimeError. romav2-train still stops as interrupted (143, the resume
+    hint, no "bug" report) and the checkpoint it kept resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfgfile = tmp_path / "run.toml"
+    cfgfile.write_text(
+        f'out_dir = "{tmp_path / "run"}"\nlog_every = 1\ncheckpoint_every = 1\n[model]\narchitecture = "tiny"\n'
+        f'[data]\nsize = [64, 64]\nworkers = 2\n[[data.sources]]\nkind = "homography"\npath = "{photos}"\n'
+        '[[stages]]\nname = "matcher"\nsteps = 100000\nbatch_size = 1\n'
+    )
+    # data slower than the step (as with rendered scenes): the main process waits on the workers when stopped
+    slow = ("import time\nfrom romav2_plugin.train import loop\nget = loop._Batches.__getitem__\n"
+            "loop._Batches.__getitem__ = lambda self, k: (time.sleep(0.5), get(self, k))[1]\n"
+            "from romav2_plugin.train.__main__ import main\nraise SystemExit(main())\n")
+    cmd = [sys.executable, "-c", slow, str(cfgfile), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        log = tmp_path / "run" / "log.csv"
+        deadline = time.monotonic() + 240
+        while (not log.exists() or len(log.read_text().splitlines()) < 3) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no training step logged in time"
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        if target == "group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        elif target == "leader":
+            proc.send_signal(signal.SIGTERM)
+        else:  # the workers alone, as ``pkill -f`` may reach them before the main process
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            assert children, "no data worker found"
+            for pid in children:
+                os.kill(int(pid), signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted" in err and "--resume" in err and "bug" not in err, err
+    done = subprocess.run(cmd + ["--resume", "--max-steps", "1"], capture_output=True, text=True, env=env,
+                          timeout=240)
+    assert done.returncode == 0 and "stopped after --max-steps" in done.stdout, done.stderr

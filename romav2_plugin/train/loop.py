@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import csv
 import math
+import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from romav2_plugin.commands import Terminated, deferred_interrupts
 from romav2_plugin.config import config_to_dict, get_architecture
 from romav2_plugin.train.checkpoint import (
     export_weights,
@@ -42,6 +45,29 @@ from romav2_plugin.train.losses import matcher_loss, refiner_loss
 __all__ = ["Trainer", "build_dataset", "trainable_modules", "EMA"]
 
 PREFETCH_FACTOR = 4  # batches each data worker prepares ahead (the first steps of a stage are served from them)
+
+_WORKER_KILLED = re.compile(r"DataLoader worker \(pid \d+\) is killed by signal: (\w+)")
+_STOP_SIGNALS = {"Terminated": signal.SIGTERM, "Interrupt": signal.SIGINT, "Hangup": signal.SIGHUP}
+
+
+def _interruption(e: RuntimeError) -> KeyboardInterrupt | None:
+    """The interruption that ``e`` (a DataLoader error) stands for, or ``None`` when it is a real failure.
+
+    A signal sent to the whole process group (``kill -TERM -PGID``, ``pkill -f``, a batch scheduler, Ctrl-C in
+    a terminal) reaches the data workers too. Torch then reports the dead worker as a ``RuntimeError``, either
+    instead of the main process's own interruption or raised while that interruption unwinds the loader. Both
+    are a stop, not a crash: the interruption is returned (the run resumes from the last checkpoint).
+    """
+    ctx: BaseException | None = e
+    while ctx is not None:
+        if isinstance(ctx, KeyboardInterrupt):
+            return ctx
+        m = _WORKER_KILLED.search(str(ctx))
+        if m is not None and m.group(1) in _STOP_SIGNALS:
+            sig = _STOP_SIGNALS[m.group(1)]
+            return KeyboardInterrupt() if sig == signal.SIGINT else Terminated(sig)
+        ctx = ctx.__context__
+    return None
 
 
 def build_dataset(cfg: TrainConfig) -> PairDataset:
@@ -265,6 +291,11 @@ class Trainer:
         return self.out / "checkpoint.pt"
 
     def save(self) -> Path:
+        """Write the checkpoint atomically; a stop signal arriving meanwhile is acted on once it is written."""
+        with deferred_interrupts():
+            return self._save()
+
+    def _save(self) -> Path:
         return save_training_state(self.checkpoint_path, {
             "config": config_to_dict(self.cfg),
             "model": self.model.state_dict(),
@@ -341,8 +372,19 @@ class Trainer:
     def run(self, *, resume: bool = False, max_steps: int | None = None) -> Path | None:
         """Train to the end of the last stage (or for ``max_steps`` more steps: then no export).
 
-        Returns the exported weights' path, or ``None`` when stopped early by ``max_steps``.
+        Returns the exported weights' path, or ``None`` when stopped early by ``max_steps``. A stop signal
+        (Ctrl-C; SIGTERM where a handler turns it into :class:`KeyboardInterrupt`, as the commands do) raises
+        ``KeyboardInterrupt`` even when it reached the data workers first; the last checkpoint is kept.
         """
+        try:
+            return self._run(resume=resume, max_steps=max_steps)
+        except RuntimeError as e:
+            stop = _interruption(e)
+            if stop is None:
+                raise
+            raise stop from None
+
+    def _run(self, *, resume: bool, max_steps: int | None) -> Path | None:
         self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.resume()

@@ -332,6 +332,7 @@ def test_float16_export_records_its_storage_and_loads_by_path(tmp_path):
         RoMaV2.from_pretrained(path, amp=False)
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="process groups and /proc children: Linux only")
 @pytest.mark.parametrize("target", ["group", "leader", "workers"])
 def test_sigterm_stops_cleanly_with_data_workers(tmp_path, photos, target):
     """SIGTERM to the whole process group (``pkill -f``, a batch scheduler) reaches the data workers too; torch

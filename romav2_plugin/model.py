@@ -2,7 +2,7 @@
 
 Public surface follows the official ``romav2.RoMaV2`` (2.0.1): ``forward``, ``match``, ``sample``,
 ``to_pixel_coordinates``, ``match_keypoints``, ``apply_setting`` and the settable attributes
-``H_lr, W_lr, H_hr, W_hr, bidirectional, threshold, balanced_sampling``.
+``H_lr, W_lr, H_hr, W_hr, bidirectional, threshold, balanced_sampling, half_precision_kde``.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class RoMaV2(nn.Module):
     bidirectional: bool
     threshold: float | None
     balanced_sampling: bool
+    half_precision_kde: bool
 
     def __init__(
         self,
@@ -150,6 +151,7 @@ class RoMaV2(nn.Module):
         self.bidirectional = s.bidirectional
         self.threshold = s.threshold
         self.balanced_sampling = s.balanced_sampling
+        self.half_precision_kde = s.half_precision_kde
 
     @property
     def device(self) -> torch.device:
@@ -409,7 +411,7 @@ class RoMaV2(nn.Module):
         """
         return postprocess.sample_matches(
             preds, num_corresp, batch_index=batch_index, generator=generator, min_overlap=min_overlap,
-            balanced=self.balanced_sampling,
+            balanced=self.balanced_sampling, half_precision_kde=self.half_precision_kde,
         )
 
     def grid_matches(

@@ -87,6 +87,7 @@ def sample_matches(
     generator: torch.Generator | int | None = None,
     min_overlap: float | None = None,
     balanced: bool = True,
+    half_precision_kde: bool = True,
 ):
     """Sample up to ``num`` matches (see :meth:`romav2_plugin.RoMaV2.sample`, which this implements).
 
@@ -98,7 +99,10 @@ def sample_matches(
     if min_overlap is not None:
         confidence = torch.where(confidence > min_overlap, confidence, torch.zeros_like(confidence))
     g = resolve_generator(generator, confidence.device)
-    m, c, p = balanced_sample(matches, confidence, num, extras=precision, balanced=balanced, generator=g)
+    m, c, p = balanced_sample(
+        matches, confidence, num, extras=precision, balanced=balanced, half_precision_kde=half_precision_kde,
+        generator=g,
+    )
     if p is None:
         return m, c, None, None
     return m, c, p[:, 0], p[:, 1]

@@ -301,6 +301,7 @@ def test_rendered3d_command_end_to_end(rendered, tmp_path):
                     "--size", "120", "160", "--draws", "1", "--num-double", "500", "--out", str(out), "--tag", "t"]) == 0
     md = (out / "accuracy_rendered3d_t.md").read_text()
     assert "| double |" in md and str(folder) in md and "Command: `" in md
+    assert "- Sampling KDE: the doubles as their setting, turbo: half precision." in md
     row = json.loads((out / "accuracy_rendered3d_t.json").read_text())["rows"][0]
     assert row["pairs"] == 2 and row["draws"] == 1 and len(row["per_pair"]) == 2 and row["auc@5"] > 0.97
 

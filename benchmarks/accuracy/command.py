@@ -150,12 +150,25 @@ def _weights_line(args) -> str:
     return "- Weights: " + ("; ".join(parts) if parts else "none (no network rows)") + "."
 
 
-def _common_lines(args) -> list[str]:
+def _kde_line(matchers) -> list[str]:
+    """Which KDE each RoMa v2 row's balanced sampling used (its setting's ``half_precision_kde``)."""
+    kinds = {name: ("half precision (official draws)" if m.model.half_precision_kde else "float32")
+             for name, m in matchers.items() if isinstance(getattr(getattr(m, "model", None), "half_precision_kde",
+                                                                   None), bool)}
+    if any(n.startswith("double") for n in matchers):
+        kinds["the doubles"] = "as their setting, turbo: half precision"
+    if not kinds:
+        return []
+    return ["- Sampling KDE: " + ", ".join(f"{n} {k}" for n, k in kinds.items()) + "."]
+
+
+def _common_lines(args, matchers) -> list[str]:
     return [
         f"- Rows: {', '.join(args.matchers)}. RoMa v2 rows sample {args.num} matches per pair "
         f"({args.num_double} for the doubles); `sift` = OpenCV SIFT (default parameters, grayscale) + "
         f"ratio test {args.sift_ratio:g}, then the same geometry estimation as the other rows.",
         _weights_line(args),
+        *_kde_line(matchers),
     ]
 
 
@@ -196,7 +209,7 @@ def main(argv=None) -> int:
             "- Metrics: AUC of the mean corner error of a RANSAC homography (numpy 4-point DLT, 3 px, 2000 iterations, "
             "least-squares refit) at 3/5/10 px, and its median over the pairs (inf = no homography); "
             "precision@3px = fraction of a pair's *matches* within 3 px of the ground truth, averaged over the pairs.",
-            *_common_lines(args),
+            *_common_lines(args, matchers),
             "- `double` = ground-truth test double (exact warp, setting turbo): the metrics must be perfect; "
             "`double-shift<t>` = the same composed with a t-px translation: precision 1 if t <= 3 else 0, corner "
             "error exactly t, so AUC@T = (T - t + t/(2n))/T for t < T with n pairs.",
@@ -214,7 +227,7 @@ def main(argv=None) -> int:
             f"- Metric: relative pose AUC@5/10/20 deg of max(rotation error, translation direction error), "
             "as MegaDepth-1500: cv2.findEssentialMat (RANSAC, 0.5 px, confidence 0.99999) + recoverPose with "
             f"the known intrinsics, {args.draws} draws per pair (a failure counts 90 deg).",
-            *_common_lines(args),
+            *_common_lines(args, matchers),
             "- `double` = exact depth-warp test double: the AUCs must be ~1.",
         ]
     elif bench in ("megadepth1500", "scannet1500"):

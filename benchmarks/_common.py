@@ -133,6 +133,17 @@ def skimage_image(name: str) -> np.ndarray:
     return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
 
 
+def tiny_on_demo_pair():
+    """romav2-tiny (the shipped weights, CPU) and the demo pair as PIL images: ``(model, A, B)``."""
+    from PIL import Image
+
+    from romav2_plugin import RoMaV2
+
+    assets = REPO / "romav2_plugin" / "assets"
+    A, B = Image.open(assets / "demo_A.jpg").convert("RGB"), Image.open(assets / "demo_B.jpg").convert("RGB")
+    return RoMaV2.from_pretrained("tiny", device="cpu"), A, B
+
+
 def benchmark_pair(pair: tuple[str, str] | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """The image pair of the speed benchmark: given paths, else the shared toronto pair, else two
     scikit-image photos (different sizes, like a real pair). Returns ``(img_A, img_B, description)``."""

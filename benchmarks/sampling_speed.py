@@ -21,7 +21,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import RESULTS, command_line, machine_info, now_utc, provenance_markdown
+from benchmarks._common import (
+    RESULTS,
+    command_line,
+    machine_info,
+    now_utc,
+    provenance_markdown,
+    tiny_on_demo_pair,
+)
 
 
 def _float64_density(x: torch.Tensor, std: float = 0.1, chunk: int = 1024) -> torch.Tensor:
@@ -39,14 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from PIL import Image
-
-    from romav2_plugin import RoMaV2
     from romav2_plugin.sampling import kde_density
 
-    assets = Path(__file__).resolve().parents[1] / "romav2_plugin" / "assets"
-    A, B = Image.open(assets / "demo_A.jpg").convert("RGB"), Image.open(assets / "demo_B.jpg").convert("RGB")
-    model = RoMaV2.from_pretrained("tiny", device="cpu")
+    model, A, B = tiny_on_demo_pair()
     preds = model.match(A, B)
 
     def timed(half: bool | None) -> float:

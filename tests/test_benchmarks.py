@@ -485,6 +485,18 @@ def test_settings_study_candidates_parse_and_bad_ones_are_named():
         _candidates("256+384:bi")
 
 
+def test_sampling_speed_times_both_kdes_in_turns(tmp_path):
+    """``benchmarks.sampling_speed``: both KDEs timed, each compared with float64, provenance written."""
+    from benchmarks.sampling_speed import main
+
+    assert main(["--runs", "2", "--num", "300", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "sampling_kde_cpu.json").read_text())
+    assert res["candidates"] == 1200 and all(len(res["seconds"][k]) == 2 for k in ("half", "float32", "match"))
+    assert res["max_rel_error_vs_float64"]["float32"] < 1e-4 < res["max_rel_error_vs_float64"]["half"]
+    md = (tmp_path / "sampling_kde_cpu.md").read_text()
+    assert "Command: `" in md and "| sample(), float32 KDE |" in md and "Ratio half / float32" in md
+
+
 def test_tiny_speed_times_a_second_pass_against_the_default(tmp_path):
     """``benchmarks.tiny.speed --second-pass``: each variant timed in turns with the default, ratios to it."""
     from benchmarks.tiny.speed import main

@@ -34,13 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from PIL import Image
+    from benchmarks._common import tiny_on_demo_pair
 
-    from romav2_plugin import RoMaV2
-
-    assets = Path(__file__).resolve().parents[2] / "romav2_plugin" / "assets"
-    A, B = Image.open(assets / "demo_A.jpg").convert("RGB"), Image.open(assets / "demo_B.jpg").convert("RGB")
-    model = RoMaV2.from_pretrained("tiny", device="cpu")
+    model, A, B = tiny_on_demo_pair()
     model.match(A, B)  # warm-up
     if args.second_pass:
         return _second_pass(model, A, B, [int(n) for n in args.second_pass.split(",")], args, argv)

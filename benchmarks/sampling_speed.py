@@ -76,10 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     idx = torch.multinomial(conf, min(4 * args.num, int((conf > 0).sum())), generator=torch.Generator().manual_seed(0))
     x = m[idx]
     ref = _float64_density(x)
-    err = {k: float(((kde_density(x, half=h).double() - ref).abs() / ref).max()) for k, h in
-           (("half", True), ("float32", False))}
-    flips = {k: int(((kde_density(x, half=h).double() < 10) != (ref < 10)).sum()) for k, h in
-             (("half", True), ("float32", False))}
+    dens = {k: kde_density(x, half=h).double() for k, h in (("half", True), ("float32", False))}
+    err = {k: float(((d - ref).abs() / ref).max()) for k, d in dens.items()}
+    flips = {k: int(((d < 10) != (ref < 10)).sum()) for k, d in dens.items()}
 
     info, command, date = machine_info(), command_line(), now_utc()
     record = {"machine": info, "command": command, "date": date, "threads": torch.get_num_threads(),

@@ -24,6 +24,7 @@ __all__ = [
     "bhwc_grid_sample",
     "bhwc_interpolate",
     "precision_matrix",
+    "largest_sigma",
 ]
 
 
@@ -87,3 +88,21 @@ def precision_matrix(p: torch.Tensor) -> torch.Tensor:
     row0 = torch.stack((p[..., 0], p[..., 1]), dim=-1)
     row1 = torch.stack((p[..., 1], p[..., 2]), dim=-1)
     return torch.stack((row0, row1), dim=-2)
+
+
+def largest_sigma(precision: torch.Tensor) -> torch.Tensor:
+    """Standard deviation along the least certain direction of symmetric 2x2 precision matrices.
+
+    ``1 / sqrt(smallest eigenvalue)``, in the units of the precision (pixels of the prediction grid for
+    RoMa v2's refiners); ``inf`` where the matrix is not positive definite, NaN where it is NaN.
+
+    Args:
+        precision: ``(..., 2, 2)``.
+
+    Returns:
+        ``(...)``, the input's dtype (computed in float64).
+    """
+    a, b, c = (precision[..., i, j].double() for i, j in ((0, 0), (0, 1), (1, 1)))
+    lam_min = (a + c) / 2 - torch.sqrt(((a - c) / 2) ** 2 + b * b)
+    sigma = torch.where(lam_min > 0, lam_min.clamp_min(1e-300).rsqrt(), torch.full_like(lam_min, float("inf")))
+    return sigma.where(~lam_min.isnan(), lam_min).to(precision.dtype)

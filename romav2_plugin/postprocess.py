@@ -12,16 +12,17 @@ Predictions (``preds``) are dicts as returned by :meth:`RoMaV2.match`: ``warp_AB
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from romav2_plugin.geometry import bhwc_grid_sample, normalized_grid, precision_matrix
+from romav2_plugin.geometry import bhwc_grid_sample, largest_sigma, normalized_grid, precision_matrix
 from romav2_plugin.sampling import balanced_sample, resolve_generator
 
-__all__ = ["resize_image", "map_confidence", "candidates", "sample_matches", "grid_matches"]
+__all__ = ["resize_image", "map_confidence", "candidates", "sample_matches", "precise_candidates", "grid_matches"]
 
 
 def resize_image(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -88,14 +89,22 @@ def sample_matches(
     min_overlap: float | None = None,
     balanced: bool = True,
     half_precision_kde: bool = True,
+    precise_fraction: float = 1.0,
 ):
     """Sample up to ``num`` matches (see :meth:`romav2_plugin.RoMaV2.sample`, which this implements).
+
+    ``precise_fraction < 1`` draws only from that fraction of the grid's candidates with the smallest
+    predicted uncertainty (:func:`precise_candidates`).
 
     Returns:
         matches ``(N, 4)``, overlap ``(N,)``, A-side and B-side precision ``(N, 2, 2)`` (``None`` when absent).
     """
+    if not 0.0 < precise_fraction <= 1.0:
+        raise ValueError(f"precise_fraction must be in (0, 1], got {precise_fraction}")
     matches, confidence, precision, H = candidates(preds, batch_index)
     confidence = confidence * matches.abs().amax(dim=-1).le(1 - 1 / H).float()
+    if precise_fraction < 1.0:
+        confidence = confidence * precise_candidates(precision, precise_fraction).to(confidence.dtype)
     if min_overlap is not None:
         confidence = torch.where(confidence > min_overlap, confidence, torch.zeros_like(confidence))
     g = resolve_generator(generator, confidence.device)
@@ -106,6 +115,37 @@ def sample_matches(
     if p is None:
         return m, c, None, None
     return m, c, p[:, 0], p[:, 1]
+
+
+def precise_candidates(precision: torch.Tensor | None, fraction: float) -> torch.Tensor:
+    """Which candidates are in the ``fraction`` with the smallest predicted uncertainty.
+
+    A candidate's uncertainty is :func:`~romav2_plugin.geometry.largest_sigma` of its predicted precision
+    (the larger of its two sides where both are predicted; NaN sides are unknown and left out). The cut is
+    the ``ceil(fraction * n)``-th smallest of the ``n`` finite values; ties at the cut are kept.
+
+    Args:
+        precision: ``(N, 2, 2, 2)`` (A side, B side) from :func:`candidates`.
+        fraction: in ``(0, 1]``.
+
+    Returns:
+        ``(N,)`` bool.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"precise_fraction must be in (0, 1], got {fraction}")
+    if precision is None:
+        raise ValueError(
+            "precise_fraction < 1 needs the predicted precisions (precision_AB in the predictions), which "
+            "these predictions lack; set model.precise_fraction = 1.0 to sample by overlap alone")
+    # (N,): the larger side; -1 marks an unknown (NaN) side, so a known one wins, and both unknown -> inf
+    sigma = largest_sigma(precision).nan_to_num(nan=-1.0, posinf=float("inf")).amax(dim=-1)
+    sigma = sigma.where(sigma >= 0, torch.full_like(sigma, float("inf")))
+    finite = sigma[torch.isfinite(sigma)]
+    if finite.numel() == 0:
+        return torch.zeros_like(sigma, dtype=torch.bool)
+    k = max(1, min(finite.numel(), math.ceil(fraction * finite.numel())))
+    cut = finite.kthvalue(k).values
+    return sigma <= cut
 
 
 def grid_matches(preds: Mapping[str, Any], threshold: float, *, batch_index: int = 0):

@@ -485,6 +485,48 @@ def test_settings_study_candidates_parse_and_bad_ones_are_named():
         _candidates("256+384:bi")
 
 
+def test_sampling_study_candidates_set_the_shipped_options():
+    """``keepQ`` is the setting's ``precise_fraction`` (the option as it ships), ``unbalanced`` turns the KDE
+    balancing off, ``powK`` multiplies the overlap by ``sigma ** -K``."""
+    import torch
+
+    from benchmarks.tiny.sampling_study import apply_candidate, reweight
+    from romav2_plugin.geometry import largest_sigma
+
+    class M:
+        precise_fraction, balanced_sampling = 1.0, True
+
+    m = M()
+    apply_candidate(m, "keep0.3")
+    assert (m.precise_fraction, m.balanced_sampling) == (0.3, True)
+    apply_candidate(m, "unbalanced")
+    assert (m.precise_fraction, m.balanced_sampling) == (1.0, False)
+    apply_candidate(m, "overlap")
+    assert (m.precise_fraction, m.balanced_sampling) == (1.0, True)
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(1, 4, 4, 2, 2, generator=g, dtype=torch.float64)
+    prec = A @ A.transpose(-1, -2) + 0.1 * torch.eye(2, dtype=torch.float64)
+    prec[0, 0, 0] = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # not positive definite: weight 0
+    overlap = torch.rand(1, 4, 4, 1, generator=g, dtype=torch.float64)
+    w = reweight(overlap, prec, "pow4")
+    assert w[0, 0, 0, 0] == 0
+    torch.testing.assert_close(w[0, 1:], (overlap * largest_sigma(prec)[..., None] ** -4)[0, 1:])
+    assert reweight(overlap, prec, "keep0.3") is overlap and reweight(overlap, prec, "unbalanced") is overlap
+
+
+def test_sampling_study_refuses_held_out_photographs_and_names_bad_candidates(capsys):
+    import argparse
+
+    from benchmarks.tiny.sampling_study import _candidates, main
+
+    assert main(["--images", ".tiny-data/heldout"]) == 2
+    assert "never the held-out ones" in capsys.readouterr().err
+    assert _candidates("overlap, keep0.3,pow8,unbalanced") == ["overlap", "keep0.3", "pow8", "unbalanced"]
+    for bad in ("keep1.5", "keep0", "power8", "top0.3"):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(repr(bad))):
+            _candidates(f"overlap,{bad}")
+
+
 def test_sampling_speed_times_both_kdes_in_turns(tmp_path):
     """``benchmarks.sampling_speed``: both KDEs timed, each compared with float64, provenance written."""
     from benchmarks.sampling_speed import main

@@ -20,6 +20,7 @@ def test_presets_equal_official(name):
     for attr in ("H_lr", "W_lr", "H_hr", "W_hr", "bidirectional", "threshold", "balanced_sampling"):
         assert getattr(s, attr) == getattr(d, attr), (name, attr)
     assert s.half_precision_kde  # the official KDE (and so its random draws)
+    assert s.precise_fraction == 1.0  # every candidate can be drawn, as in the official sampler
 
 
 def test_unknown_setting_and_keys_rejected():

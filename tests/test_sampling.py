@@ -61,6 +61,8 @@ def test_float32_kde_sampling_is_reproducible_and_draws_candidates():
 def test_settings_choose_the_kde():
     assert all(s.half_precision_kde for name, s in SETTINGS.items() if name != "tiny")  # the official draws
     assert SETTINGS["tiny"].half_precision_kde is False  # no official draws to reproduce
+    assert all(s.precise_fraction == 1.0 for name, s in SETTINGS.items() if name != "tiny")  # every candidate
+    assert SETTINGS["tiny"].precise_fraction == 0.3  # chosen on training-photo validation pairs
 
 
 @pytest.mark.parametrize("setting, half", [("tiny", False), ("turbo", True)])
@@ -79,6 +81,100 @@ def test_model_sample_uses_the_setting_kde(monkeypatch, setting, half):
     model = RoMaV2(tiny_config(), setting=setting).eval()
     H = W = 16
     grid = torch.stack(torch.meshgrid(torch.linspace(-1, 1, W), torch.linspace(-1, 1, H), indexing="xy"), -1)
-    preds = {"warp_AB": grid[None], "overlap_AB": torch.ones(1, H, W, 1)}
+    preds = {"warp_AB": grid[None], "overlap_AB": torch.ones(1, H, W, 1),
+             "precision_AB": torch.eye(2).expand(1, H, W, 2, 2)}  # tiny's precise_fraction needs precisions
     m = model.sample(preds, 50, generator=0)[0]
     assert seen == [half] and m.shape == (50, 4)
+
+
+# ---------------------------------------------------------------- precise_fraction: drawing the most precise
+def _spd(n: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, 2, 2, generator=g, dtype=torch.float64)
+    return (A @ A.transpose(-1, -2) + 0.05 * torch.eye(2, dtype=torch.float64)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_largest_sigma_matches_float64_eigenvalues(dtype, rtol):
+    from romav2_plugin.geometry import largest_sigma
+
+    P = _spd(200, dtype=dtype)
+    want = torch.linalg.eigvalsh(P.double())[:, 0].rsqrt()
+    got = largest_sigma(P)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=0)
+    # not positive definite -> inf; NaN stays NaN
+    odd = torch.tensor([[[1.0, 2.0], [2.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]], [[float("nan")] * 2] * 2], dtype=dtype)
+    out = largest_sigma(odd)
+    assert torch.isinf(out[:2]).all() and torch.isnan(out[2])
+
+
+def test_precise_candidates_keeps_the_smallest_uncertainties():
+    from romav2_plugin.geometry import largest_sigma
+    from romav2_plugin.postprocess import precise_candidates
+
+    n = 101
+    P_B = _spd(n, seed=1, dtype=torch.float32)
+    nan = torch.full_like(P_B, float("nan"))
+    prec = torch.stack((nan, P_B), dim=1)  # one direction: the A side is unknown
+    sigma = largest_sigma(P_B)
+    for fraction in (0.3, 0.5, 1.0):
+        keep = precise_candidates(prec, fraction)
+        k = int(torch.tensor(fraction * n).ceil())
+        assert int(keep.sum()) == k
+        assert sigma[keep].max() <= sigma[~keep].min() if fraction < 1 else bool(keep.all())
+    # both sides predicted: the less certain side decides
+    P_A = _spd(n, seed=2, dtype=torch.float32)
+    both = torch.stack((P_A, P_B), dim=1)
+    worst = torch.maximum(largest_sigma(P_A), sigma)
+    keep = precise_candidates(both, 0.2)
+    assert int(keep.sum()) == 21 and worst[keep].max() <= worst[~keep].min()
+    # a matrix that is not positive definite is never kept
+    bad = prec.clone()
+    bad[0, 1] = torch.tensor([[1.0, 2.0], [2.0, 1.0]])
+    assert not precise_candidates(bad, 1.0)[0] and precise_candidates(bad, 1.0)[1:].all()
+
+
+def test_precise_fraction_errors_name_the_problem():
+    from romav2_plugin.config import MatchSetting
+    from romav2_plugin.postprocess import precise_candidates, sample_matches
+
+    with pytest.raises(ValueError, match="precise_fraction must be in \\(0, 1\\], got 0"):
+        MatchSetting(256, 256, precise_fraction=0.0)
+    with pytest.raises(ValueError, match="got 1.5"):
+        precise_candidates(torch.ones(3, 2, 2, 2), 1.5)
+    H = W = 8
+    grid = torch.stack(torch.meshgrid(torch.linspace(-1, 1, W), torch.linspace(-1, 1, H), indexing="xy"), -1)
+    preds = {"warp_AB": grid[None], "overlap_AB": torch.ones(1, H, W, 1)}  # no precision_AB
+    with pytest.raises(ValueError, match="lack.*precise_fraction = 1.0"):
+        sample_matches(preds, 10, precise_fraction=0.5)
+    assert sample_matches(preds, 10, generator=0)[0].shape == (10, 4)  # 1.0 needs no precisions
+    with pytest.raises(ValueError, match="got 1.5"):  # a model attribute set out of range is not ignored
+        sample_matches(preds, 10, precise_fraction=1.5)
+
+
+def test_model_sample_draws_only_the_precise_fraction():
+    """Through ``RoMaV2.sample``: with the setting's ``precise_fraction`` every drawn match is among the most
+    precise candidates; at 1.0 the draws are exactly those of the official sampler's path."""
+    from romav2_plugin.geometry import largest_sigma, precision_matrix
+    from romav2_plugin.postprocess import sample_matches
+
+    torch.manual_seed(0)
+    model = RoMaV2(tiny_config(), setting="tiny").eval()
+    assert model.precise_fraction == SETTINGS["tiny"].precise_fraction
+    H = W = 24
+    g = torch.Generator().manual_seed(4)
+    grid = torch.stack(torch.meshgrid(torch.linspace(-1, 1, W), torch.linspace(-1, 1, H), indexing="xy"), -1)
+    warp = (grid + 0.01 * torch.randn(H, W, 2, generator=g))[None]
+    params = torch.stack((torch.rand(H, W, generator=g) * 4 + 0.1, torch.zeros(H, W), torch.rand(H, W, generator=g) * 4 + 0.1), -1)
+    prec = precision_matrix(params)[None]
+    preds = {"warp_AB": warp, "overlap_AB": torch.rand(1, H, W, 1, generator=g) * 0.9 + 0.1, "precision_AB": prec}
+    sigma = largest_sigma(prec[0]).reshape(-1)
+    cut = sigma.kthvalue(int(torch.tensor(0.3 * H * W).ceil())).values
+    model.precise_fraction = 0.3
+    m, c, _, pB = model.sample(preds, 100, generator=1)
+    assert 0 < len(m) <= 100 and bool((largest_sigma(pB) <= cut).all())
+    model.precise_fraction = 1.0
+    m1 = model.sample(preds, 100, generator=1)[0]
+    m_ref = sample_matches(preds, 100, generator=1, half_precision_kde=model.half_precision_kde)[0]
+    assert torch.equal(m1, m_ref) and bool((largest_sigma(model.sample(preds, 300, generator=2)[3]) > cut).any())

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import tempfile
@@ -168,10 +169,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import romav2_plugin  # noqa: F401  registers KF.RoMaV2
     from romav2_plugin import RoMaV2
+    from romav2_plugin.config import get_setting
 
     model = RoMaV2.from_pretrained(args.weights, setting="tiny", device="cpu")
     fig: dict = {"label": args.label, "weights": args.weights, "date": now_utc(), "command": command_line(),
-                 "machine": machine_info("cpu")}
+                 "machine": machine_info("cpu"),
+                 # the sampling options change which matches are drawn, so the figures name them
+                 "setting": {"name": "tiny", **dataclasses.asdict(get_setting("tiny"))}}
     fig["demo_pair_median_reprojection_px"] = round(demo_median_error(model), 2)
     fig["demo_pair_median_reprojection_px_untrained"] = round(demo_median_error(untrained_tiny()), 1)
     print("demo pair:", fig["demo_pair_median_reprojection_px"], "px; untrained",

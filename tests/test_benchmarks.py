@@ -527,6 +527,26 @@ def test_sampling_study_refuses_held_out_photographs_and_names_bad_candidates(ca
             _candidates(f"overlap,{bad}")
 
 
+def test_validation_studies_write_provenance_and_the_table(tmp_path, capsys):
+    """``write_study`` (both studies): JSON with command, date, machine and rows; markdown with the table."""
+    import argparse
+
+    from benchmarks.tiny.settings_study import write_study
+
+    args = argparse.Namespace(weights="tiny", images=".tiny-data/train", threads=2, out=str(tmp_path), tag="x")
+    rows = [{"candidate": "keep0.3", "p": 0.5}]
+    write_study(args, ["--tag", "x"], "sampling_study", "romav2-tiny sampling weights", [0] * 3, [0] * 2,
+                {"draws": 2}, "a note", rows, "| weights | p |", ["| keep0.3 | 0.500 |"])
+    res = json.loads((tmp_path / "tiny_sampling_study_x.json").read_text())
+    assert res["command"] == "python -m benchmarks.tiny.sampling_study --tag x" and res["rows"] == rows
+    assert res["pairs"] == {"synthetic": 3, "rendered": 2, "draws": 2, "seed": 7} and res["machine"]["cpu"]
+    md = (tmp_path / "tiny_sampling_study_x.md").read_text().splitlines()
+    assert md[0] == "# romav2-tiny sampling weights, validated on training photographs"
+    assert "3 synthetic pairs at 512 px and 2 rendered pairs at 384x512 (2 draws)" in md[2] and "a note." in md[2]
+    assert md[-3:] == ["| weights | p |", "|---|---|", "| keep0.3 | 0.500 |"]
+    assert "| keep0.3 | 0.500 |" in capsys.readouterr().out
+
+
 def test_sampling_speed_times_both_kdes_in_turns(tmp_path):
     """``benchmarks.sampling_speed``: both KDEs timed, each compared with float64, provenance written."""
     from benchmarks.sampling_speed import main

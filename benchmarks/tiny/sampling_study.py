@@ -27,8 +27,8 @@ import argparse
 import json
 import re
 import sys
-import time
-from pathlib import Path
+
+from benchmarks.tiny.settings_study import add_validation_arguments, load_validation, write_study
 
 CANDIDATES = ["overlap", "keep0.5", "keep0.3", "pow4", "pow8"]
 
@@ -91,33 +91,19 @@ class _Reweighted:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", default="tiny")
-    ap.add_argument("--pairs", type=int, default=16, help="synthetic homography pairs")
-    ap.add_argument("--rendered", type=int, default=8, help="rendered 3D pairs")
+    add_validation_arguments(ap)
     ap.add_argument("--draws", type=int, default=5, help="match draws per rendered pair (pose RANSAC runs)")
-    ap.add_argument("--images", default=".tiny-data/train")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
     ap.add_argument("--candidates", type=_candidates, default=CANDIDATES,
                     help="comma list of overlap, unbalanced, keepQ, powK (default: " + ",".join(CANDIDATES) + ")")
-    ap.add_argument("--tag", default="", help="suffix of the result files' name")
     args = ap.parse_args(argv)
 
-    import torch
-
-    from benchmarks._common import machine_info
-    from benchmarks.accuracy.data import rendered_pairs, synthetic_pairs
     from benchmarks.accuracy.matchers import RoMaV2Matcher
     from benchmarks.accuracy.protocols import evaluate_rendered3d, evaluate_synthetic
-    from romav2_plugin import RoMaV2
 
-    if "heldout" in Path(args.images).parts:
-        print("error: this study validates on training photographs, never the held-out ones", file=sys.stderr)
+    loaded = load_validation(args)
+    if loaded is None:
         return 2
-    torch.set_num_threads(args.threads)
-    model = RoMaV2.from_pretrained(args.weights, amp=False).eval()
-    syn = synthetic_pairs(args.pairs, seed=7, long_side=512, images=args.images)
-    ren = rendered_pairs(args.rendered, folder=args.images, seed=7)
+    model, syn, ren = loaded
     wrapped = _Reweighted(model, {})
     rows = []
     for cand in args.candidates:
@@ -136,29 +122,15 @@ def main(argv: list[str] | None = None) -> int:
                "mean_matches": [s["mean_matches"], r["mean_matches"]]}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    info = machine_info()
-    out = {"command": " ".join(["python -m benchmarks.tiny.sampling_study", *(argv or sys.argv[1:])]),
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": info,
-           "weights": args.weights, "images": args.images, "threads": args.threads,
-           "pairs": {"synthetic": len(syn), "rendered": len(ren), "draws": args.draws, "seed": 7},
-           "note": "validation on training photographs (fresh warps and scenes), 5000 matches a pair, the tiny "
-                   "setting's resolutions; one network run per pair shared by every candidate", "rows": rows}
-    path = Path(args.out) / f"tiny_sampling_study{'_' + args.tag if args.tag else ''}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    md = ["# romav2-tiny sampling weights, validated on training photographs", "",
-          f"{out['date']}, {info['cpu']}, {args.threads} threads; `{out['command']}`; weights `{args.weights}`; "
-          f"{len(syn)} synthetic pairs at 512 px and {len(ren)} rendered pairs at 384x512 ({args.draws} draws) "
-          f"from `{args.images}` (seed 7). " + out["note"] + ".", "",
-          "| sampling weights | precision@3px | synthetic median corner px | synthetic AUC@3/5/10px "
-          "| rendered AUC@5/10/20 | rendered median pose error deg | failed draws |",
-          "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['candidate']} | {r['synthetic_precision@3px']:.3f} | {r['synthetic_median_corner_px']:.2f} | "
-                  + "/".join(f"{x:.3f}" for x in r["synthetic_auc@3/5/10px"]) + " | "
-                  + "/".join(f"{x:.3f}" for x in r["rendered_auc@5/10/20"])
-                  + f" | {r['rendered_median_pose_error_deg']:.2f} | {r['rendered_failures']} |")
-    path.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    header = ("| sampling weights | precision@3px | synthetic median corner px | synthetic AUC@3/5/10px "
+              "| rendered AUC@5/10/20 | rendered median pose error deg | failed draws |")
+    lines = [f"| {r['candidate']} | {r['synthetic_precision@3px']:.3f} | {r['synthetic_median_corner_px']:.2f} | "
+             + "/".join(f"{x:.3f}" for x in r["synthetic_auc@3/5/10px"]) + " | "
+             + "/".join(f"{x:.3f}" for x in r["rendered_auc@5/10/20"])
+             + f" | {r['rendered_median_pose_error_deg']:.2f} | {r['rendered_failures']} |" for r in rows]
+    write_study(args, argv, "sampling_study", "romav2-tiny sampling weights", syn, ren, {"draws": args.draws},
+                "validation on training photographs (fresh warps and scenes), 5000 matches a pair, the tiny "
+                "setting's resolutions; one network run per pair shared by every candidate", rows, header, lines)
     return 0
 
 

@@ -51,35 +51,73 @@ def _set(model, lr: int, hr: int | None, both: bool) -> None:
     model.bidirectional = both
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_validation_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options the validation studies share (weights, pairs, training photographs, threads, output)."""
     ap.add_argument("--weights", default="tiny")
     ap.add_argument("--pairs", type=int, default=16, help="synthetic homography pairs")
     ap.add_argument("--rendered", type=int, default=8, help="rendered 3D pairs")
     ap.add_argument("--images", default=".tiny-data/train")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
-    ap.add_argument("--candidates", type=_candidates, default=CANDIDATES,
-                    help="comma list of COARSE or COARSE+SECOND, each optionally with :both (both directions; "
-                         "default: 256,256+512,384,384+512)")
     ap.add_argument("--tag", default="", help="suffix of the result files' name")
-    args = ap.parse_args(argv)
 
+
+def load_validation(args):
+    """``(model, synthetic pairs, rendered pairs)`` of the training photographs (seed 7), or ``None`` (after
+    saying why on stderr) when ``--images`` points at the held-out photographs."""
     import torch
 
-    from benchmarks._common import machine_info
     from benchmarks.accuracy.data import rendered_pairs, synthetic_pairs
-    from benchmarks.accuracy.matchers import RoMaV2Matcher
-    from benchmarks.accuracy.protocols import evaluate_rendered3d, evaluate_synthetic
     from romav2_plugin import RoMaV2
 
     if "heldout" in Path(args.images).parts:
         print("error: this study validates on training photographs, never the held-out ones", file=sys.stderr)
-        return 2
+        return None
     torch.set_num_threads(args.threads)
     model = RoMaV2.from_pretrained(args.weights, amp=False).eval()
     syn = synthetic_pairs(args.pairs, seed=7, long_side=512, images=args.images)
     ren = rendered_pairs(args.rendered, folder=args.images, seed=7)
+    return model, syn, ren
+
+
+def write_study(args, argv, module: str, title: str, syn, ren, pairs_extra: dict, note: str, rows: list,
+                header: str, lines: list[str]) -> None:
+    """Write ``benchmarks/results/tiny_<module>[_TAG].{json,md}`` with machine, command and date, and print the
+    table (``header``: its first row; ``lines``: one per candidate)."""
+    from benchmarks._common import machine_info
+
+    info = machine_info()
+    out = {"command": " ".join([f"python -m benchmarks.tiny.{module}", *(argv or sys.argv[1:])]),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": info,
+           "weights": args.weights, "images": args.images, "threads": args.threads,
+           "pairs": {"synthetic": len(syn), "rendered": len(ren), **pairs_extra, "seed": 7}, "note": note,
+           "rows": rows}
+    path = Path(args.out) / f"tiny_{module}{'_' + args.tag if args.tag else ''}.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    draws = f" ({pairs_extra['draws']} draws)" if "draws" in pairs_extra else ""
+    md = [f"# {title}, validated on training photographs", "",
+          f"{out['date']}, {info['cpu']}, {args.threads} threads; `{out['command']}`; weights `{args.weights}`; "
+          f"{len(syn)} synthetic pairs at 512 px and {len(ren)} rendered pairs at 384x512{draws} from "
+          f"`{args.images}` (seed 7). {note}.", "", header, "|" + "---|" * (header.count("|") - 1), *lines]
+    path.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_validation_arguments(ap)
+    ap.add_argument("--candidates", type=_candidates, default=CANDIDATES,
+                    help="comma list of COARSE or COARSE+SECOND, each optionally with :both (both directions; "
+                         "default: 256,256+512,384,384+512)")
+    args = ap.parse_args(argv)
+
+    from benchmarks.accuracy.matchers import RoMaV2Matcher
+    from benchmarks.accuracy.protocols import evaluate_rendered3d, evaluate_synthetic
+
+    loaded = load_validation(args)
+    if loaded is None:
+        return 2
+    model, syn, ren = loaded
     rows = []
     for lr, hr, both in args.candidates:
         _set(model, lr, hr, both)
@@ -101,30 +139,16 @@ def main(argv: list[str] | None = None) -> int:
                "match_seconds_median_of_3": float(np.median(times))}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    info = machine_info()
-    out = {"command": " ".join(["python -m benchmarks.tiny.settings_study", *(argv or sys.argv[1:])]),
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": info,
-           "weights": args.weights, "images": args.images, "threads": args.threads,
-           "pairs": {"synthetic": len(syn), "rendered": len(ren), "seed": 7},
-           "note": "validation on training photographs (fresh warps and scenes); match() times are one run of 3 "
-                   "repeats and only indicative: compare them with benchmarks.tiny.speed on an idle machine", "rows": rows}
-    path = Path(args.out) / f"tiny_settings_study{'_' + args.tag if args.tag else ''}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    md = ["# romav2-tiny inference resolutions, validated on training photographs", "",
-          f"{out['date']}, {info['cpu']}, {args.threads} threads; `{out['command']}`; weights `{args.weights}`; "
-          f"{len(syn)} synthetic pairs at 512 px and {len(ren)} rendered pairs at 384x512 from `{args.images}` "
-          "(seed 7). " + out["note"] + ".", "",
-          "| coarse | second pass | directions | synthetic median corner px | precision@3px | rendered AUC@5/10/20 "
-          "| match() s |",
-          "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['coarse']} | {r['second_pass'] or '-'} | {'both' if r['both_directions'] else 'A->B'} | "
-                  f"{r['synthetic_median_corner_px']:.1f} | "
-                  f"{r['synthetic_precision@3px']:.3f} | "
-                  + "/".join(f"{x:.3f}" for x in r["rendered_auc@5/10/20"])
-                  + f" | {r['match_seconds_median_of_3']:.2f} |")
-    path.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    header = ("| coarse | second pass | directions | synthetic median corner px | precision@3px | rendered AUC@5/10/20 "
+              "| match() s |")
+    lines = [f"| {r['coarse']} | {r['second_pass'] or '-'} | {'both' if r['both_directions'] else 'A->B'} | "
+             f"{r['synthetic_median_corner_px']:.1f} | {r['synthetic_precision@3px']:.3f} | "
+             + "/".join(f"{x:.3f}" for x in r["rendered_auc@5/10/20"])
+             + f" | {r['match_seconds_median_of_3']:.2f} |" for r in rows]
+    write_study(args, argv, "settings_study", "romav2-tiny inference resolutions", syn, ren, {},
+                "validation on training photographs (fresh warps and scenes); match() times are one run of 3 "
+                "repeats and only indicative: compare them with benchmarks.tiny.speed on an idle machine",
+                rows, header, lines)
     return 0
 
 

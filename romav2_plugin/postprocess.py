@@ -137,9 +137,9 @@ def precise_candidates(precision: torch.Tensor | None, fraction: float) -> torch
         raise ValueError(
             "precise_fraction < 1 needs the predicted precisions (precision_AB in the predictions), which "
             "these predictions lack; set model.precise_fraction = 1.0 to sample by overlap alone")
-    # (N,): the larger side; -1 marks an unknown (NaN) side, so a known one wins, and both unknown -> inf
-    sigma = largest_sigma(precision).nan_to_num(nan=-1.0, posinf=float("inf")).amax(dim=-1)
-    sigma = sigma.where(sigma >= 0, torch.full_like(sigma, float("inf")))
+    # (N,): the larger side (fmax skips a NaN side); both sides unknown -> inf
+    side = largest_sigma(precision)
+    sigma = torch.fmax(side[:, 0], side[:, 1]).nan_to_num(nan=float("inf"), posinf=float("inf"))
     finite = sigma[torch.isfinite(sigma)]
     if finite.numel() == 0:
         return torch.zeros_like(sigma, dtype=torch.bool)

@@ -1,18 +1,21 @@
 """Put a trained romav2-tiny into the package: fp16 weights + model card in romav2_plugin/assets/.
 
-    python -m benchmarks.tiny.ship runs/romav2_tiny_part2 [--config benchmarks/tiny/romav2_tiny_part2.toml]
-        [--data .tiny-data] [--figures benchmarks/results/tiny_heldout.json]
+    python -m benchmarks.tiny.ship runs/romav2_tiny_part12 [--config benchmarks/tiny/romav2_tiny_continue.toml]
+        [--set KEY=VALUE ...] [--data .tiny-data] [--figures benchmarks/results/tiny_heldout_cpu.json]
+
+``--config`` and ``--set``: the run's training config, exactly as given to ``romav2-train`` (the recipe's
+command lines: docs/romav2_tiny_recipe.md, ``python -m benchmarks.tiny.recipe``).
 
 Reads the run's checkpoint (EMA weights), writes ``romav2_tiny.pt`` (official key layout; bf16 backbone as
 the layout has it, fp16 elsewhere, upcast at load) and ``romav2_tiny.json``: the config, the training data
 and their licences (from the fetch manifest), steps, training time, machine, and the held-out figures; copies
-the training log to ``benchmarks/results/tiny_training.csv`` with its curves ``tiny_training.png``.
+the training log to ``benchmarks/results/tiny_training_cpu.csv`` with its curves ``tiny_training_cpu.png``.
 
 A run that started from an earlier run's exported weights (``model.weights = ".../<run>/model.pt"``) is
 shipped with that history: the card lists every part (config, steps, hours) and the training time is their
 sum; the log joins the parts, each stage's steps counted on from the previous part's (column ``part``).
 A run that started from the shipped model (``model.weights = "tiny"``) continues the shipped card's history
-instead: its parts and their log rows (``benchmarks/results/tiny_training.csv``) come first, so a part can be
+instead: its parts and their log rows (``benchmarks/results/tiny_training_cpu.csv``) come first, so a part can be
 trained on any machine without the earlier runs' folders. Shipping such a run again (e.g. with ``--figures``)
 drops its own earlier entry from that history first.
 """
@@ -24,6 +27,7 @@ import csv
 import datetime as dt
 import json
 import os
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +35,7 @@ from pathlib import Path
 import torch
 
 ASSETS = Path(__file__).resolve().parents[2] / "romav2_plugin" / "assets"
+TRAINING_LOG = "tiny_training_cpu.csv"
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 NOTE = "demo model trained on synthetic data; not the paper's accuracy"
 
@@ -83,10 +88,10 @@ def _shipped_history(run_name: str) -> tuple[list[dict], list[dict[str, str]]]:
     parts = json.loads((ASSETS / "romav2_tiny.json").read_text(encoding="utf-8"))["parts"]
     keep = next((i for i, p in enumerate(parts) if p["run"] == run_name), len(parts))
     parts = parts[:keep]
-    rows = [r for r in csv.DictReader((RESULTS / "tiny_training.csv").open(encoding="utf-8"))
+    rows = [r for r in csv.DictReader((RESULTS / TRAINING_LOG).open(encoding="utf-8"))
             if int(r["part"]) <= keep]
     if {int(r["part"]) for r in rows} != set(range(1, keep + 1)):
-        raise SystemExit(f"error: {RESULTS / 'tiny_training.csv'} does not hold the log of the shipped card's "
+        raise SystemExit(f"error: {RESULTS / TRAINING_LOG} does not hold the log of the shipped card's "
                          f"{keep} part(s); restore it from git (git checkout -- benchmarks/results)")
     return parts, rows
 
@@ -94,7 +99,9 @@ def _shipped_history(run_name: str) -> tuple[list[dict], list[dict[str, str]]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="the run's out_dir (holds checkpoint.pt and log.csv)")
-    ap.add_argument("--config", default="benchmarks/tiny/romav2_tiny_part2.toml")
+    ap.add_argument("--config", default="benchmarks/tiny/romav2_tiny_continue.toml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="the run's romav2-train --set overrides (repeatable)")
     ap.add_argument("--data", default=".tiny-data", help="the folder made by benchmarks.tiny.fetch_images")
     ap.add_argument("--figures", default=None, help="JSON of held-out figures to record in the card")
     args = ap.parse_args(argv)
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     from romav2_plugin.train.config import load_config
     from romav2_plugin.train.loop import Trainer, plot_curves
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     if Path(cfg.out_dir).resolve() != Path(args.run).resolve():
         print(f"error: {args.config} trains into {cfg.out_dir}, not {args.run}", file=sys.stderr)
         return 2
@@ -147,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                                "pause of the process and are counted at that median"),
         "machine": f"{machine_info()['cpu']}, {os.cpu_count()} CPUs (shared with other work), torch {torch.__version__}",
         "date": dt.date.today().isoformat(),
-        "recipe": "; ".join([f"romav2-train {c}" for c in _recipe_configs(args.config, len(history))]
-                            + [f"python -m benchmarks.tiny.ship {args.run} --config {args.config}"]),
+        "recipe": "; ".join(_recipe(args, len(history))),
         "training_data": {
             "sources": ["synthetic homography pairs of photographs (strong photometric augmentation)",
                         "ray-cast 3D scenes (floor, walls, boxes) textured with crops of the same photographs"],
@@ -161,12 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     card["train_config"] = config_to_dict(cfg)  # as the trainer records it, but with the paths below made relative
     path = trainer.export(ASSETS / "romav2_tiny.pt", card=_relative(card), dtype=torch.float16)
-    with (RESULTS / "tiny_training.csv").open("w", newline="", encoding="utf-8") as f:
+    with (RESULTS / TRAINING_LOG).open("w", newline="", encoding="utf-8") as f:
         fields = list(dict.fromkeys(k for r in rows for k in r))
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    plot_curves(RESULTS / "tiny_training.csv", RESULTS / "tiny_training.png")
+    plot_curves(RESULTS / TRAINING_LOG, (RESULTS / TRAINING_LOG).with_suffix(".png"))
     size = path.stat().st_size / 2**20
     print(f"wrote {path} ({size:.1f} MiB) and {path.with_suffix('.json')}")
     if size > 25:
@@ -185,11 +191,15 @@ def _relative(obj):
     return obj[len(root):] if isinstance(obj, str) and obj.startswith(root) else obj
 
 
-def _recipe_configs(config: str, n_parts: int) -> list[str]:
-    """The recipe's config files, oldest first: ``romav2_tiny.toml`` then ``romav2_tiny_part2.toml`` ..."""
-    p = Path(config)
-    return [str(p.with_name("romav2_tiny.toml" if i == 1 else f"romav2_tiny_part{i}.toml"))
-            for i in range(1, n_parts + 1)] if n_parts > 1 else [config]
+def _recipe(args: argparse.Namespace, n_parts: int) -> list[str]:
+    """The recipe's commands, oldest first: the earlier parts' (benchmarks.tiny.recipe), this run's, the ship."""
+    from benchmarks.tiny.recipe import PARTS, command
+
+    sets = [f"--set {shlex.quote(o)}" for o in args.overrides]
+    this = " ".join(["romav2-train", args.config, *sets])
+    earlier = [command(i) for i in range(1, n_parts) if i in PARTS]
+    ship = " ".join(["python -m benchmarks.tiny.ship", args.run, "--config", args.config, *sets])
+    return [*earlier, this, ship]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``romav2-train CONFIG.toml [--resume]``: train or fine-tune RoMa v2 (see :mod:`romav2_plugin.train.config`).
+"""``romav2-train CONFIG.toml [--set KEY=VALUE ...] [--resume]``: train or fine-tune RoMa v2 (see :mod:`romav2_plugin.train.config`).
 
 Exit codes are those of every command of the package (:mod:`romav2_plugin.commands`): 0 done; 1 runtime
 failure; 2 bad config or input (unknown key, missing folder, unreadable image, a run that exists or differs);
@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit codes: 0 done, 1 runtime failure, 2 bad config or input, 4 weights missing or invalid, 130/143 interrupted.",
     )
     p.add_argument("config", help="TOML training config (keys: see romav2_plugin.train.config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a key of CONFIG, checked like the file's keys (repeatable): --set seed=11 "
+                   "--set 'stages[0].steps=1200' --set model.weights=runs/a/model.pt (paths given here are "
+                   "relative to the current directory)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (checkpointed, no export)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -52,7 +56,7 @@ def _body(args: argparse.Namespace) -> int:
     from romav2_plugin.train.loop import Trainer
 
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.overrides)
         trainer = Trainer(cfg, progress=not args.no_progress)
         if args.export:
             trainer.resume()
@@ -65,13 +69,19 @@ def _body(args: argparse.Namespace) -> int:
             raise
         raise _input_error(e) from None
     except KeyboardInterrupt:
-        print(f"{PROG}: the last checkpoint is kept; resume with: {PROG} {args.config} --resume", file=sys.stderr)
+        print(f"{PROG}: the last checkpoint is kept; resume with: {PROG} {_config_args(args)} --resume", file=sys.stderr)
         raise
     if path is not None:
         print(f"{PROG}: exported {path} (EMA weights, official layout) and {path.with_suffix('.json')}")
     else:
         print(f"{PROG}: stopped after --max-steps; checkpoint {trainer.checkpoint_path}")
     return EXIT_OK
+
+
+def _config_args(args: argparse.Namespace) -> str:
+    import shlex
+
+    return " ".join([shlex.quote(args.config), *(f"--set {shlex.quote(o)}" for o in args.overrides)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,9 @@ Example (``romav2-train finetune.toml``)::
 
 from __future__ import annotations
 
+import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +35,7 @@ from typing import Any, Literal
 from romav2_plugin.config import config_from_dict
 from romav2_plugin.train.losses import LossConfig
 
-__all__ = ["ModelSection", "DataSource", "DataSection", "StageConfig", "TrainConfig", "load_config"]
+__all__ = ["ModelSection", "DataSource", "DataSection", "StageConfig", "TrainConfig", "load_config", "apply_overrides"]
 
 
 @dataclass(frozen=True)
@@ -134,9 +136,10 @@ class TrainConfig:
             raise ValueError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
 
 
-def load_config(path: str | Path) -> TrainConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read and validate a TOML training config; relative paths (data, ``out_dir``, a ``model.weights``
-    file) are relative to the file."""
+    file) are relative to the file. ``overrides``: ``KEY=VALUE`` strings (``romav2-train --set``, see
+    :func:`apply_overrides`), applied to the file's keys before validation."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
@@ -151,6 +154,8 @@ def load_config(path: str | Path) -> TrainConfig:
         raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ValueError(f"{path}: not valid TOML ({e})") from None
+    if overrides:
+        raw = apply_overrides(raw, overrides)
     for src in raw.get("data", {}).get("sources", []) or []:
         if isinstance(src, dict) and isinstance(src.get("path"), str):
             src["path"] = [src["path"]]
@@ -166,3 +171,86 @@ def load_config(path: str | Path) -> TrainConfig:
         if not pretrained.is_named(w) and not Path(w).expanduser().is_absolute():
             model["weights"] = str((path.parent / w).resolve())
     return config_from_dict(TrainConfig, raw)
+
+
+_KEY_PART = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[[0-9]+\])*)")
+_SET_HELP = "expected KEY=VALUE, e.g. --set seed=11 or --set 'stages[0].steps=1200'"
+
+
+def _override_value(text: str) -> Any:
+    """A TOML value (``1200``, ``3e-4``, ``true``, ``[320, 320]``, ``"x"``); anything else is a bare string."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``raw`` (a parsed config file) with each ``KEY=VALUE`` of ``overrides`` set, in order.
+
+    ``KEY`` is a dotted path with list indices, as the file nests them: ``seed``, ``model.weights``,
+    ``stages[0].steps``, ``data.sources[1].weight``, ``data.size[0]``. ``VALUE`` is read as a TOML value, else
+    taken as a string. A missing table on the way is created; the result is then validated exactly like the
+    file (unknown key, wrong type: the same errors, naming the key). A relative path given here
+    (``out_dir``, ``model.weights`` unless a named model, ``data.sources[i].path``) is relative to the current
+    directory, not to the file. Raises ValueError for a malformed KEY=VALUE, an index past the end of a list,
+    or a key under a value that is not a table."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: {_SET_HELP}")
+        path: list[str | int] = []
+        for part in key.split("."):
+            m = _KEY_PART.fullmatch(part)
+            if m is None:
+                raise ValueError(f"--set {key}: {part!r} is not a key (a name, optionally with [index], e.g. stages[0])")
+            path.append(m.group(1))
+            path.extend(int(i) for i in re.findall(r"\[([0-9]+)\]", m.group(2)))
+        value = _override_value(text.strip())
+        node: Any = raw
+        where = ""
+        for step, nxt in zip(path, [*path[1:], None]):
+            if isinstance(step, int):
+                if not isinstance(node, list):
+                    raise ValueError(f"--set {key}: {where} is not a list, cannot take [{step}]")
+                if step >= len(node):
+                    raise ValueError(
+                        f"--set {key}: index {step} is past the end of {where} ({len(node)} entries: "
+                        f"indices 0 to {len(node) - 1})" if node else f"--set {key}: {where} is empty")
+                here = f"{where}[{step}]"
+            else:
+                if not isinstance(node, dict):
+                    raise ValueError(f"--set {key}: {where} is a value, not a table: it has no key {step!r}")
+                if nxt is not None and step not in node:
+                    node[step] = [] if isinstance(nxt, int) else {}
+                here = f"{where}.{step}" if where else step
+            if nxt is None:
+                node[step] = _cwd_path(path, value)
+            else:
+                node = node[step]
+                where = here
+    return raw
+
+
+def _cwd_path(path: list[str | int], value: Any) -> Any:
+    """A relative path set on the command line, made absolute against the current directory."""
+    names = [p for p in path if isinstance(p, str)]
+    is_path = names in (["out_dir"], ["model", "weights"], ["data", "sources", "path"])
+    if not is_path or not isinstance(value, (str, list)):
+        return value
+    if names == ["model", "weights"]:
+        from romav2_plugin import pretrained
+
+        if pretrained.is_named(value):
+            return value
+    if isinstance(value, list):
+        return [str(Path(v).expanduser().resolve()) if isinstance(v, str) else v for v in value]
+    return str(Path(value).expanduser().resolve())

@@ -1,29 +1,28 @@
-"""One prepared GPU lease: every GPU-side check of the project in one run, inside a fixed time budget.
+"""Every GPU benchmark of the project in one command, within a time budget.
 
-    # here (the CPU machine), before the lease: the wheels the GPU image lacks + the training pictures
-    python -m benchmarks.gpu_session prepare        # writes .whl/ and .gpu-data/ (both git-ignored)
-    # the device tool's `run`, carry [".whl", ".gpu-data"], timeout_s 600:
-    bash benchmarks/gpu_session.sh                  # installs, then: python -m benchmarks.gpu_session run --out $OUT
-    # the same steps on CPU with token sizes (what the tests run):
-    python -m benchmarks.gpu_session run --dry-run --out /tmp/gpu-dry
+    python -m benchmarks.gpu_suite --budget-s 600                 # all steps, results into benchmarks/results/
+    python -m benchmarks.gpu_suite --budget-s 300 --only kernels,throughput
+    python -m benchmarks.gpu_suite --dry-run --out /tmp/gpu-dry   # no GPU needed: token sizes on the CPU
 
-Steps of ``run``, each in its own process with its own time limit (a failed or timed-out step is recorded
-and the next one runs):
+It needs a CUDA GPU (without one it exits 2, saying so; ``--dry-run`` checks the plumbing on the CPU). Each
+step runs in its own process with its own time limit; a failed or timed-out step is recorded and the next one
+runs. ``<gpu>`` below is the GPU model, e.g. ``h200`` (:func:`benchmarks._common.gpu_label`):
 
-1. ``kernels``: ``benchmarks/gpu_kernels.py`` (NVRTC build + self-check, parity in fp32/bf16/fp16, time and
-   peak memory against the official native path and, with the carried ``fused-local-corr`` wheel, the
-   official fused kernel);
-2. ``throughput``: ``benchmarks/speed.py``, ours against the official code (``romav2==2.0.1``, carried),
-   ``base`` setting, 640x640, batch 8, bf16;
-3. ``train``: romav2-tiny from the shipped weights (``benchmarks/tiny/romav2_tiny_gpu.toml``): a probe of a
-   few matcher and refiner steps (past the data loader's prefetch buffer) measures the sustained seconds
-   per step, then one run whose step counts fill the time
-   left (80% matcher, 20% refiners), exported in fp16 to ``OUT/romav2_tiny_gpu.pt`` (+ ``.json``) with its
-   ``log.csv``;
-4. pack: the text results into ``OUT/gpu_session.tar.gz`` (the device returns at most 8 files) and a summary
-   ``OUT/gpu_session.json`` (per step: command, exit code, seconds, what it wrote).
+1. ``kernels``: ``python -m benchmarks.gpu_kernels`` (NVRTC build + self-check, parity in fp32/bf16/fp16, time
+   and peak memory against the official native path and, with ``fused-local-corr`` installed, the official
+   fused kernel) -> ``gpu_kernels_<gpu>.md/.json``;
+2. ``throughput``: ``python -m benchmarks.speed``, ours against the official code (``pip install --no-deps
+   romav2==2.0.1 einops``), ``base`` setting, 640x640, batch 8, bf16 -> ``speed_<gpu>.md/.csv/.json/.png``;
+3. ``train``: romav2-tiny from the shipped weights (``benchmarks/tiny/romav2_tiny_continue.toml`` with the
+   GPU overrides of :data:`benchmarks.tiny.recipe.GPU`, pictures from ``--pictures``, by default the
+   ``.tiny-data/train`` of ``python -m benchmarks.tiny.fetch_images``): a probe of a few matcher and refiner
+   steps (past the data loader's prefetch buffer) measures the sustained seconds per step, then one run whose
+   step counts fill the time left (80% matcher, 20% refiners) -> ``tiny_training_<gpu>.csv`` (its log) and
+   ``tiny_training_<gpu>.json`` (the exported model's card; the fp16 weights stay in ``--work``);
+4. a summary: ``gpu_suite_<gpu>.json`` and ``.md`` (per step: command, limit, exit code, seconds), with the
+   machine, commit and date.
 
-Unpack here with ``tar xzf gpu_session.tar.gz -C benchmarks/results``.
+Step logs and training runs go to ``--work`` (default ``runs/gpu_suite``), not into the results.
 """
 
 from __future__ import annotations
@@ -38,56 +37,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE = ROOT / "benchmarks" / "tiny" / "romav2_tiny_gpu.toml"
-WHEELS = {"romav2": "2.0.1", "fused-local-corr": "0.3.211"}  # the GPU image has torch 2.11, timm, einops, rich
-GPU_PYTHON = "3.12"
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+TEMPLATE = ROOT / "benchmarks" / "tiny" / "romav2_tiny_continue.toml"
+PICTURES = ROOT / ".tiny-data" / "train"
+RESULTS = ROOT / "benchmarks" / "results"
 GRACE_S = 30  # after SIGTERM, before SIGKILL
 PLAN_SHARE = 0.85  # of the time left that the training run is planned to fill (the pace of data workers varies)
-PICTURE_SIDE = 640  # ImageFolder shrinks to max(640, 2 * crop) on load anyway: nothing is lost at 256 px crops
-
-
-# ------------------------------------------------------------------------------------------------ prepare
-def prepare(src: Path, dst: Path, wheels: Path, *, download: bool = True) -> dict:
-    """Copy the training pictures (``src``: the fetched ``.tiny-data/train``, links resolved) into ``dst``,
-    shrunk to :data:`PICTURE_SIDE` px on the long side, and download :data:`WHEELS` for the GPU's Python into
-    ``wheels``. The held-out folder is never read."""
-    from PIL import Image
-
-    if src.name != "train" or not src.is_dir():
-        raise SystemExit(
-            f"gpu_session prepare: {src} is not a fetched training folder; run "
-            "`python -m benchmarks.tiny.fetch_images --out .tiny-data --install` first"
-        )
-    dst.mkdir(parents=True, exist_ok=True)
-    n = 0
-    for p in sorted(src.iterdir()):
-        if p.suffix.lower() not in (".jpg", ".jpeg", ".png"):
-            continue
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            im.thumbnail((PICTURE_SIDE, PICTURE_SIDE), Image.Resampling.LANCZOS)
-            im.save(dst / (p.stem + ".jpg"), quality=95)
-        n += 1
-    out = {"pictures": n, "pictures_MiB": sum(f.stat().st_size for f in dst.iterdir()) / 2**20}
-    if download:
-        wheels.mkdir(parents=True, exist_ok=True)
-        plat = [a for p in PLATFORMS for a in ("--platform", p)]
-        for name, version in WHEELS.items():
-            subprocess.run(
-                [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                 "--python-version", GPU_PYTHON, "--implementation", "cp", *plat, "-d", str(wheels),
-                 f"{name}=={version}"],
-                check=True,
-            )
-        out["wheels"] = sorted(f.name for f in wheels.glob("*.whl"))
-        out["wheels_MiB"] = sum(f.stat().st_size for f in wheels.glob("*.whl")) / 2**20
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -95,9 +53,10 @@ def _train_config(template: Path, *, out_dir: Path, matcher_steps: int, refiner_
                   dry_run: bool, pictures: Path | None = None):
     """The template with the step counts replaced (warm-ups shortened to at most a tenth of a stage) and,
     with ``pictures``, every source reading that folder instead."""
+    from benchmarks.tiny.recipe import GPU
     from romav2_plugin.train.config import load_config
 
-    cfg = load_config(template)
+    cfg = load_config(template, [o for o in GPU if not o.startswith("data.sources")])
     stages = []
     for st in cfg.stages:
         steps = matcher_steps if st.name == "matcher" else refiner_steps
@@ -119,19 +78,19 @@ def _train_config(template: Path, *, out_dir: Path, matcher_steps: int, refiner_
 
 
 def train_main(argv: list[str]) -> int:
-    """``python -m benchmarks.gpu_session train-once``: one training run of the template (own process)."""
+    """``python -m benchmarks.gpu_suite train-once``: one training run of the template (own process)."""
     import torch
 
     from romav2_plugin.commands import sigterm_as_interrupt
     from romav2_plugin.train.loop import Trainer
 
-    ap = argparse.ArgumentParser(prog="gpu_session train-once")
+    ap = argparse.ArgumentParser(prog="gpu_suite train-once")
     ap.add_argument("--template", type=Path, default=TEMPLATE)
     ap.add_argument("--out-dir", type=Path, required=True)
     ap.add_argument("--matcher-steps", type=int, required=True)
     ap.add_argument("--refiner-steps", type=int, required=True)
     ap.add_argument("--export", type=Path, default=None, help="fp16 export of the EMA weights")
-    ap.add_argument("--pictures", type=Path, default=None, help="training pictures (default: the template's)")
+    ap.add_argument("--pictures", type=Path, default=PICTURES, help="training pictures")
     ap.add_argument("--dry-run", action="store_true")
     a = ap.parse_args(argv)
     cfg = _train_config(a.template, out_dir=a.out_dir, matcher_steps=a.matcher_steps,
@@ -143,11 +102,11 @@ def train_main(argv: list[str]) -> int:
     with sigterm_as_interrupt():
         try:
             trainer.run()
-        except KeyboardInterrupt as e:  # the session's time limit: keep what was trained
+        except KeyboardInterrupt as e:  # the step's time limit: keep what was trained
             stopped = f"{e or 'interrupted'} at global step {trainer.global_step}"
             print(f"train-once: {stopped}; exporting the EMA weights as they are", flush=True)
     if a.export is not None:
-        card = {"trained_by": "benchmarks/gpu_session.py", "template": TEMPLATE.name,
+        card = {"trained_by": "python -m benchmarks.gpu_suite", "template": TEMPLATE.name,
                 "matcher_steps": a.matcher_steps, "refiner_steps": a.refiner_steps, "stopped_early": stopped,
                 "machine": _machine(), "note": "demo model trained on synthetic data; not the paper's accuracy"}
         trainer.export(a.export, card=card, dtype=torch.float16)
@@ -192,15 +151,18 @@ def _machine() -> dict:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+    from benchmarks._common import _cpu_model
+
+    return {"host": platform.node(), "cpu": _cpu_model(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "gpu": gpu, "cpus": os.cpu_count()}
 
 
-class _Session:
-    def __init__(self, out: Path, budget_s: float, dry_run: bool) -> None:
+class _Suite:
+    def __init__(self, out: Path, work: Path, budget_s: float, dry_run: bool) -> None:
         self.out, self.dry_run = out, dry_run
-        self.results = out / "results"
-        self.results.mkdir(parents=True, exist_ok=True)
+        self.logs = work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         self.t0 = time.monotonic()
         self.deadline = self.t0 + budget_s
         self.steps: list[dict] = []
@@ -213,7 +175,7 @@ class _Session:
         exports what it has), and the whole group SIGKILL :data:`GRACE_S` seconds later, workers included."""
         limit = max(1.0, min(limit_s, self.left()))
         rec = {"step": name, "command": " ".join(cmd), "limit_s": round(limit, 1)}
-        log = self.results / f"{name}.log"
+        log = self.logs / f"{name}.log"
         t = time.monotonic()
         print(f"== {name} (limit {limit:.0f} s): {rec['command']}", flush=True)
         with open(log, "w") as f:
@@ -245,42 +207,45 @@ class _Session:
 STEPS = ("kernels", "throughput", "train")
 
 
-def run(out: Path, budget_s: float, dry_run: bool, pictures: Path | None = None,
-        only: tuple[str, ...] = STEPS) -> int:
+def run(out: Path, budget_s: float, dry_run: bool, pictures: Path = PICTURES, only: tuple[str, ...] = STEPS,
+        work: Path = ROOT / "runs" / "gpu_suite") -> int:
+    from benchmarks._common import command_line, gpu_label, now_utc
+
     py = sys.executable
-    s = _Session(out, budget_s, dry_run)
-    res = str(s.results)
-    summary: dict = {"machine": _machine(), "budget_s": budget_s, "dry_run": dry_run, "steps": s.steps}
+    s = _Suite(out, work, budget_s, dry_run)
+    machine = _machine()
+    label = "dry" if dry_run else gpu_label(machine["gpu"] or "")
+    summary: dict = {"date": now_utc(), "command": command_line(), "machine": machine, "budget_s": budget_s,
+                     "dry_run": dry_run, "steps": s.steps}
     if "kernels" in only:
-        _kernels(s, py, res, dry_run)
+        _kernels(s, py, label, dry_run)
     if "throughput" in only:
-        _throughput(s, py, res, dry_run)
+        _throughput(s, py, label, dry_run)
     if "train" in only:
-        _train(s, py, out, dry_run, pictures, summary)
-    return _pack(s, out, summary)
+        _train(s, py, work, label, dry_run, pictures, summary)
+    return _summary(s, label, summary)
 
 
-def _kernels(s: _Session, py: str, res: str, dry_run: bool) -> None:
-    s.step("kernels", [py, "-m", "benchmarks.gpu_kernels", "--out", res, *(["--dry-run"] if dry_run else [])],
-           60 if dry_run else 150)
+def _kernels(s: _Suite, py: str, label: str, dry_run: bool) -> None:
+    s.step("kernels", [py, "-m", "benchmarks.gpu_kernels", "--out", str(s.out), "--name", f"gpu_kernels_{label}",
+                       *(["--dry-run"] if dry_run else [])], 60 if dry_run else 150)
 
 
-def _throughput(s: _Session, py: str, res: str, dry_run: bool) -> None:
-    speed = [py, "-m", "benchmarks.speed", "--out", res]
+def _throughput(s: _Suite, py: str, label: str, dry_run: bool) -> None:
+    speed = [py, "-m", "benchmarks.speed", "--out", str(s.out), "--tag", label]
     if dry_run:
-        speed += ["--dry-run", "--tag", "gpu_session_dry"]
+        speed += ["--dry-run"]
     else:
         speed += ["--device", "cuda", "--batch", "8", "--dtype", "bf16", "--settings", "base",
-                  "--input-size", "640", "--matchers", "ours,official", "--repeats", "5", "--warmup", "2",
-                  "--tag", "cuda_b8_bf16"]
+                  "--input-size", "640", "--matchers", "ours,official", "--repeats", "5", "--warmup", "2"]
     s.step("throughput", speed, 120 if dry_run else 200)
 
 
-def _train(s: _Session, py: str, out: Path, dry_run: bool, pictures: Path | None, summary: dict) -> None:
+def _train(s: _Suite, py: str, work: Path, label: str, dry_run: bool, pictures: Path, summary: dict) -> None:
     """A probe measures seconds per step of each stage; the final run's steps fill the time left."""
-    runs = out / "train_runs"
-    once = [py, "-m", "benchmarks.gpu_session", "train-once", *(["--dry-run"] if dry_run else []),
-            *(["--pictures", str(pictures)] if pictures is not None else [])]
+    runs = work / "train_runs"
+    once = [py, "-m", "benchmarks.gpu_suite", "train-once", "--pictures", str(pictures),
+            *(["--dry-run"] if dry_run else [])]
     # the probe runs past each stage's prefetch buffer (workers x PREFETCH_FACTOR batches) and measures after it
     from romav2_plugin.train.loop import PREFETCH_FACTOR
 
@@ -296,7 +261,7 @@ def _train(s: _Session, py: str, out: Path, dry_run: bool, pictures: Path | None
         batch = {st.name: st.batch_size for st in cfg.stages}
         sps = {k: batch[k] / v for k, v in pps.items() if v > 0}
         overhead = max(0.0, probe_s - sum(sps.get(k, 0) * n for k, n in (("matcher", probe_m), ("refiners", probe_r))))
-        spare = 5 if dry_run else 30  # export, pack
+        spare = 5 if dry_run else 30  # export, summary
         m, r = plan_steps(PLAN_SHARE * (s.left() - overhead - spare), sps.get("matcher", 0),
                           sps.get("refiners", 0))
         if dry_run:
@@ -306,26 +271,38 @@ def _train(s: _Session, py: str, out: Path, dry_run: bool, pictures: Path | None
                                  "plan_share": PLAN_SHARE, "matcher_steps": m, "refiner_steps": r, "batch": batch}
         if m >= 1 and r >= 1:
             final = runs / "final"
-            rec = s.step("train", [*once, "--out-dir", str(final), "--matcher-steps", str(m),
-                                   "--refiner-steps", str(r), "--export", str(out / "romav2_tiny_gpu.pt")],
-                         s.left() - spare / 2)
+            weights = work / f"romav2_tiny_{label}.pt"
+            s.step("train", [*once, "--out-dir", str(final), "--matcher-steps", str(m),
+                             "--refiner-steps", str(r), "--export", str(weights)], s.left() - spare / 2)
             if (final / "log.csv").is_file():
-                shutil.copy(final / "log.csv", s.results / "train_log.csv")
+                shutil.copy(final / "log.csv", s.out / f"tiny_training_{label}.csv")
+            if weights.with_suffix(".json").is_file():
+                shutil.copy(weights.with_suffix(".json"), s.out / f"tiny_training_{label}.json")
     shutil.rmtree(runs, ignore_errors=True)
 
 
-def _pack(s: _Session, out: Path, summary: dict) -> int:
+def _summary(s: _Suite, label: str, summary: dict) -> int:
+    from benchmarks._common import git_commit
+
+    summary["commit"] = git_commit()
     summary["total_s"] = round(time.monotonic() - s.t0, 1)
-    (out / "gpu_session.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    shutil.copy(out / "gpu_session.json", s.results / "gpu_session.json")
-    with tarfile.open(out / "gpu_session.tar.gz", "w:gz") as tar:
-        for f in sorted(s.results.iterdir()):
-            if f.is_file() and f.stat().st_size < 8 * 2**20:
-                tar.add(f, arcname=f.name)
-    shutil.rmtree(s.results)
+    name = f"gpu_suite_{label}"
+    (s.out / f"{name}.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    m = summary["machine"]
+    lines = [f"# GPU benchmark suite ({m['gpu'] or 'no GPU: dry run'})", "",
+             f"- Machine: GPU {m['gpu']}; host {m['cpu']}, {m['cpus']} CPUs; Python {m['python']}, torch {m['torch']}",
+             f"- Command: `{summary['command']}`", f"- Date: {summary['date']}",
+             f"- Commit: {summary['commit'] or 'unknown (not a git checkout)'}",
+             f"- Budget: {summary['budget_s']:g} s; took {summary['total_s']} s", "",
+             "| step | exit code | seconds | limit s | command |", "|---|---|---|---|---|"]
+    lines += [f"| {st['step']} | {st['rc']} | {st['seconds']} | {st['limit_s']} | `{st['command']}` |"
+              for st in s.steps]
+    if "train_plan" in summary:
+        lines += ["", f"Training plan: {json.dumps(summary['train_plan'], default=str)}"]
+    (s.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     ok = all(st["rc"] == 0 for st in s.steps)
-    print(f"gpu_session: {'all steps ok' if ok else 'some steps failed'} in {summary['total_s']} s; "
-          f"wrote {out / 'gpu_session.tar.gz'} and {out / 'gpu_session.json'}", flush=True)
+    print(f"gpu_suite: {'all steps ok' if ok else 'some steps failed'} in {summary['total_s']} s; "
+          f"wrote {s.out / (name + '.md')} and .json; step logs in {s.logs}", flush=True)
     return 0 if ok else 1
 
 
@@ -333,32 +310,40 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-once"]:
         return train_main(argv[1:])
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare", help="here: copy the training pictures, download the wheels")
-    p.add_argument("--pictures", type=Path, default=ROOT / ".tiny-data" / "train")
-    p.add_argument("--data-out", type=Path, default=ROOT / ".gpu-data" / "train")
-    p.add_argument("--wheels", type=Path, default=ROOT / ".whl")
-    p.add_argument("--no-download", action="store_true")
-    r = sub.add_parser("run", help="on the GPU machine: every step, then pack")
-    r.add_argument("--out", type=Path, required=True)
-    r.add_argument("--budget-s", type=float, default=500.0, help="wall-clock budget of all steps (default 500)")
-    r.add_argument("--dry-run", action="store_true", help="CPU, token sizes: checks the plumbing")
-    r.add_argument("--pictures", type=Path, default=None, help="training pictures (default: the template's)")
-    r.add_argument("--only", default=",".join(STEPS), help=f"comma list of {', '.join(STEPS)} (default: all)")
-    sub.add_parser("train-once", help="internal: one training run (own process)")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_suite", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget-s", type=float, default=600.0, help="wall-clock budget of all steps (default 600)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results folder (default benchmarks/results; with --dry-run: runs/gpu_suite/dry)")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "gpu_suite",
+                    help="step logs, training runs and the trained weights (default runs/gpu_suite)")
+    ap.add_argument("--only", default=",".join(STEPS), help=f"comma list of {', '.join(STEPS)} (default: all)")
+    ap.add_argument("--pictures", type=Path, default=PICTURES,
+                    help="training pictures (default .tiny-data/train: python -m benchmarks.tiny.fetch_images)")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, token sizes: checks the plumbing, no GPU needed")
     a = ap.parse_args(argv)
-    if a.cmd == "prepare":
-        info = prepare(a.pictures, a.data_out, a.wheels, download=not a.no_download)
-        print(json.dumps(info, indent=1))
-        print('then: device run, carry [".whl", ".gpu-data"], command "bash benchmarks/gpu_session.sh", '
-              "timeout_s 600")
-        return 0
     only = tuple(x.strip() for x in a.only.split(",") if x.strip())
     bad = sorted(set(only) - set(STEPS))
     if bad or not only:
         ap.error(f"--only: unknown step(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(STEPS)}")
-    return run(a.out, a.budget_s, a.dry_run, a.pictures, only)
+    if a.budget_s <= 0:
+        ap.error(f"--budget-s: must be positive, got {a.budget_s:g}")
+    if not a.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("gpu_suite: no CUDA GPU here (torch.cuda.is_available() is False; torch "
+                  f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}). The suite measures GPU kernels, "
+                  "throughput and training: run it on a machine with an NVIDIA GPU and a CUDA build of torch, "
+                  "or add --dry-run to check the plumbing on this CPU.", file=sys.stderr)
+            return 2
+        if "train" in only and not a.pictures.is_dir():
+            print(f"gpu_suite: no training pictures in {a.pictures}: run `python -m benchmarks.tiny.fetch_images "
+                  "--out .tiny-data --install` first, pass --pictures DIR, or leave the step out with "
+                  "--only kernels,throughput.", file=sys.stderr)
+            return 2
+    out = a.out or (ROOT / "runs" / "gpu_suite" / "dry" if a.dry_run else RESULTS)
+    return run(out, a.budget_s, a.dry_run, a.pictures, only, a.work)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+import benchmarks.accuracy as acc
+import benchmarks.speed as speed
+from benchmarks._common import SKIMAGE_IMAGES, gpu_label
 
-acc = pytest.importorskip("benchmarks.accuracy")
-speed = pytest.importorskip("benchmarks.speed")
-from benchmarks._common import SKIMAGE_IMAGES  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 SKI = ("astronaut", "coffee", "chelsea")  # scikit-image's bundled photos: the tests do not depend on .tiny-data
 
@@ -451,7 +451,7 @@ def test_ship_continues_the_shipped_history_once(tmp_path, monkeypatch):
 
     card = {"parts": [{"part": 1, "run": "a"}, {"part": 2, "run": "b"}]}
     (tmp_path / "romav2_tiny.json").write_text(json.dumps(card))
-    csv_path = tmp_path / "tiny_training.csv"
+    csv_path = tmp_path / ship.TRAINING_LOG
     csv_path.write_text("part,global_step,stage,step\n1,10,matcher,10\n1,20,matcher,20\n2,30,matcher,30\n")
     monkeypatch.setattr(ship, "ASSETS", tmp_path)
     monkeypatch.setattr(ship, "RESULTS", tmp_path)
@@ -552,10 +552,10 @@ def test_sampling_speed_times_both_kdes_in_turns(tmp_path):
     from benchmarks.sampling_speed import main
 
     assert main(["--runs", "2", "--num", "300", "--out", str(tmp_path)]) == 0
-    res = json.loads((tmp_path / "sampling_kde_cpu.json").read_text())
+    res = json.loads((tmp_path / "sampling_speed_cpu.json").read_text())
     assert res["candidates"] == 1200 and all(len(res["seconds"][k]) == 2 for k in ("half", "float32", "match"))
     assert res["max_rel_error_vs_float64"]["float32"] < 1e-4 < res["max_rel_error_vs_float64"]["half"]
-    md = (tmp_path / "sampling_kde_cpu.md").read_text()
+    md = (tmp_path / "sampling_speed_cpu.md").read_text()
     assert "Command: `" in md and "| sample(), float32 KDE |" in md and "Ratio half / float32" in md
 
 
@@ -571,32 +571,36 @@ def test_tiny_speed_times_a_second_pass_against_the_default(tmp_path):
     assert not (tmp_path / "tiny_speed_cpu.json").exists()  # the default figure's file is left alone
 
 
-def test_tiny_recipe_configs_load_and_chain():
-    """The committed romav2-tiny recipe: every part's config passes the training config's validation, each part
-    starts from the previous part's exported weights (or from the shipped model, ``"tiny"``, when that is the
-    previous part as the shipped card records it), no part reads the held-out pictures, and seeds differ."""
-    from romav2_plugin.train.config import load_config
+def test_tiny_recipe_reproduces_every_shipped_part_and_chains():
+    """The recipe (two files + --set overrides, benchmarks/tiny/recipe.py): each part's command parses to the
+    config the shipped card records for that part; each part starts from the previous part's exported weights
+    (or from the shipped model, ``"tiny"``, when that is the previous part as the card records it), no part
+    reads the held-out pictures, seeds differ; the tiny folder holds just the two files."""
+    from benchmarks.tiny import recipe
 
+    assert recipe.check() == []
     tiny = REPO / "benchmarks" / "tiny"
-    names = sorted([tiny / "romav2_tiny.toml", *tiny.glob("romav2_tiny_part*.toml")],
-                   key=lambda p: int(re.fullmatch(r"romav2_tiny(?:_part(\d+))?", p.stem).group(1) or 1))
-    assert [p.name for p in names[:2]] == ["romav2_tiny.toml", "romav2_tiny_part2.toml"]
-    cfgs = [load_config(p) for p in names]
+    assert sorted(p.name for p in tiny.glob("*.toml")) == ["romav2_tiny.toml", "romav2_tiny_continue.toml"]
+    cfgs = [recipe.load(i) for i in sorted(recipe.PARTS)]
     runs = REPO / "runs"
     assert Path(cfgs[0].out_dir) == runs / "romav2_tiny" and cfgs[0].model.weights is None
     shipped = [p["run"] for p in json.loads((REPO / "romav2_plugin/assets/romav2_tiny.json").read_text())["parts"]]
     for i, (prev, cfg) in enumerate(zip(cfgs, cfgs[1:]), 2):
-        assert Path(cfg.out_dir) == runs / f"romav2_tiny_part{i}", names[i - 1]
+        assert Path(cfg.out_dir) == runs / f"romav2_tiny_part{i}", i
         if cfg.model.weights == "tiny":
-            assert shipped[i - 2:i - 1] == [Path(prev.out_dir).name], (names[i - 1], shipped)
+            assert shipped[i - 2:i - 1] == [Path(prev.out_dir).name], (i, shipped)
         else:
-            assert Path(cfg.model.weights) == Path(prev.out_dir) / "model.pt", names[i - 1]
-    gpu = load_config(tiny / "romav2_tiny_gpu.toml")  # benchmarks/gpu_session.py's: not a part of the chain
-    assert gpu.model.weights == "tiny" and gpu.seed not in {c.seed for c in cfgs}
-    assert sorted(p.name for p in tiny.glob("*.toml")) == sorted([p.name for p in names] + ["romav2_tiny_gpu.toml"])
+            assert Path(cfg.model.weights) == Path(prev.out_dir) / "model.pt", i
     heldout = (REPO / ".tiny-data" / "heldout").resolve()
-    for p, cfg in zip([*names, tiny / "romav2_tiny_gpu.toml"], [*cfgs, gpu]):
+    for i, cfg in enumerate(cfgs, 1):
         for src in cfg.data.sources:
             assert all(heldout not in Path(d).resolve().parents and Path(d).resolve() != heldout
-                       for d in src.path), p.name
+                       for d in src.path), i
     assert len({c.seed for c in cfgs}) == len(cfgs)
+
+
+def test_gpu_labels_name_the_model():
+    assert gpu_label("NVIDIA H200") == "h200"
+    assert gpu_label("NVIDIA H100 80GB HBM3") == "h100"
+    assert gpu_label("NVIDIA GeForce RTX 4090") == "rtx4090"
+    assert gpu_label("NVIDIA A100-SXM4-80GB") == "a100"

@@ -1,8 +1,8 @@
-"""benchmarks/gpu_session.py: the one prepared script of a GPU lease, checked on CPU (no GPU needed).
+"""benchmarks/gpu_suite.py: every GPU benchmark within a time budget, checked on CPU (no GPU needed).
 
 The kernels and throughput steps call ``gpu_kernels.py`` and ``speed.py``, whose own ``--dry-run`` paths are
-tested in test_kernels.py and test_benchmarks.py; here: the training step's sizing, its config, the packing,
-and ``prepare``'s picture copies.
+tested in tests/test_kernels.py and test_benchmarks.py; here: the refusal without CUDA, the training step's
+sizing, its config, the results' names and the summary.
 """
 
 from __future__ import annotations
@@ -11,18 +11,16 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from benchmarks import gpu_session as gs  # noqa: E402
+from benchmarks import gpu_suite as gs
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_plan_steps_fills_the_time_left():
@@ -52,14 +50,15 @@ def test_pairs_per_second_is_the_sustained_rate_past_the_prefetch_buffer(tmp_pat
 
 
 def test_train_config_replaces_steps_only(tmp_path):
-    """The template loads (unknown keys would be rejected) and only the steps, warm-ups, out_dir and, when
-    given, the pictures change; the dry run also moves to CPU at token sizes."""
+    """The template + the recipe's GPU overrides load (unknown keys would be rejected) and only the steps,
+    warm-ups, out_dir and the pictures change; the dry run also moves to CPU at token sizes."""
     base = gs._train_config(gs.TEMPLATE, out_dir=tmp_path / "a", matcher_steps=400, refiner_steps=7,
-                            dry_run=False)
+                            dry_run=False, pictures=tmp_path / "pics")
     assert [(s.name, s.steps, s.warmup_steps, s.batch_size) for s in base.stages] == [
         ("matcher", 400, 40, 32), ("refiners", 7, 1, 32)]
     assert base.device == "cuda" and base.model.weights == "tiny" and base.data.workers == 14
-    assert all(Path(p).parts[-2:] == (".gpu-data", "train") for s in base.data.sources for p in s.path)
+    assert all(s.path == (str(tmp_path / "pics"),) for s in base.data.sources)
+    assert base.seed == 100 and base.ema_decay == 0.995 and base.checkpoint_every == 100
     assert base.out_dir == str(tmp_path / "a")
     dry = gs._train_config(gs.TEMPLATE, out_dir=tmp_path / "b", matcher_steps=2, refiner_steps=1,
                            dry_run=True, pictures=tmp_path)
@@ -69,61 +68,67 @@ def test_train_config_replaces_steps_only(tmp_path):
     assert dry.seed == base.seed and dry.ema_decay == base.ema_decay  # the rest is the template's
 
 
-def test_prepare_copies_shrunk_pictures_and_refuses_other_folders(tmp_path):
-    src = tmp_path / "data" / "train"
-    src.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (900, 1200, 3), dtype=np.uint8)).save(src / "a.png")
-    Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(src / "b.jpg")
-    (src / "notes.txt").write_text("not a picture")
-    info = gs.prepare(src, tmp_path / "out" / "train", tmp_path / "whl", download=False)
-    assert info["pictures"] == 2 and "wheels" not in info
-    with Image.open(tmp_path / "out" / "train" / "a.jpg") as im:
-        assert im.size == (640, 480)
-    with Image.open(tmp_path / "out" / "train" / "b.jpg") as im:
-        assert im.size == (200, 300)  # never enlarged
-    with pytest.raises(SystemExit, match="fetch_images"):
-        gs.prepare(tmp_path / "data", tmp_path / "o2", tmp_path / "whl", download=False)
+def test_refuses_without_cuda_naming_the_problem(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gs.main(["--budget-s", "60", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err and "--dry-run" in err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_refuses_a_missing_pictures_folder_when_training(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gs.main(["--budget-s", "60", "--out", str(tmp_path), "--pictures", str(tmp_path / "none")]) == 2
+    assert "fetch_images" in capsys.readouterr().err
+
+
+def test_budget_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        gs.main(["--budget-s", "0", "--dry-run"])
+    assert "--budget-s" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_dry_run_trains_exports_and_packs(tmp_path):
-    """``run --dry-run --only train`` on CPU: probe, sized run, fp16 export with its card, one archive back."""
+def test_dry_run_trains_exports_and_writes_the_results(tmp_path):
+    """``--dry-run --only train`` on CPU: probe, sized run, fp16 export with its card; the results folder gets
+    the log, the card and the summary under the scheme's names, the weights and step logs stay in --work."""
     pics = tmp_path / "pics"
     pics.mkdir()
     import skimage.data
 
     for name in ("astronaut", "chelsea", "rocket"):
         Image.fromarray(getattr(skimage.data, name)()).save(pics / f"{name}.jpg")
-    out = tmp_path / "out"
+    out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     res = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_session", "run", "--dry-run", "--only", "train", "--out",
-         str(out), "--pictures", str(pics), "--budget-s", "1500"],
+        [sys.executable, "-m", "benchmarks.gpu_suite", "--dry-run", "--only", "train", "--out",
+         str(out), "--work", str(work), "--pictures", str(pics), "--budget-s", "1500"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1600,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    summary = json.loads((out / "gpu_session.json").read_text())
+    summary = json.loads((out / "gpu_suite_dry.json").read_text())
+    assert summary["command"].startswith("python -m benchmarks.gpu_suite") and summary["date"]
+    md = (out / "gpu_suite_dry.md").read_text()
+    assert "- Commit: " in md and "| train_probe | 0 |" in md and "| train | 0 |" in md
     assert [s["step"] for s in summary["steps"]] == ["train_probe", "train"]
     plan = summary["train_plan"]
     assert plan["matcher_steps"] >= 1 and plan["refiner_steps"] >= 1
     assert set(plan["seconds_per_step"]) == {"matcher", "refiners"}
-    with tarfile.open(out / "gpu_session.tar.gz") as tar:
-        names = set(tar.getnames())
-    assert {"gpu_session.json", "train_probe.log", "train.log", "train_log.csv"} <= names
-    sd = torch.load(out / "romav2_tiny_gpu.pt", map_location="cpu", weights_only=True)
+    assert {p.name for p in (work / "logs").iterdir()} == {"train_probe.log", "train.log"}
+    weights = work / "romav2_tiny_dry.pt"
+    sd = torch.load(weights, map_location="cpu", weights_only=True)
     assert any(v.dtype == torch.float16 for v in sd.values())
-    card = json.loads((out / "romav2_tiny_gpu.json").read_text())
+    card = json.loads((out / "tiny_training_dry.json").read_text())
     assert card["matcher_steps"] == plan["matcher_steps"] and "not the paper's accuracy" in card["note"]
     assert sorted(p.name for p in out.iterdir()) == [
-        "gpu_session.json", "gpu_session.tar.gz", "romav2_tiny_gpu.json", "romav2_tiny_gpu.pt"]
+        "gpu_suite_dry.json", "gpu_suite_dry.md", "tiny_training_dry.csv", "tiny_training_dry.json"]
     from romav2_plugin import RoMaV2
     from romav2_plugin.pretrained import config_from_card
 
-    # fp16 storage (the device returns files of at most 16 MB), recorded in the card: it loads by path alone
+    # fp16 storage, recorded in the card: it loads by path alone
     assert card["storage_dtype"] == "float16"
-    model = RoMaV2.from_pretrained(out / "romav2_tiny_gpu.pt")
-    assert model.cfg == config_from_card(out / "romav2_tiny_gpu.pt")
+    model = RoMaV2.from_pretrained(weights)
+    assert model.cfg == config_from_card(weights)
     assert all(p.dtype == torch.float32 for p in model.matcher.parameters())
 
 
@@ -131,7 +136,7 @@ def test_step_past_its_limit_gets_sigterm_first_then_is_recorded(tmp_path, monke
     """A step over its limit is sent SIGTERM (so training can export what it has), the whole process group
     goes, and the run records ``timeout`` and goes on."""
     monkeypatch.setattr(gs, "GRACE_S", 20)
-    s = gs._Session(tmp_path / "out", budget_s=60, dry_run=True)
+    s = gs._Suite(tmp_path / "out", tmp_path / "work", budget_s=60, dry_run=True)
     marker = tmp_path / "got_sigterm"
     child = (
         "import signal, subprocess, sys, time\n"
@@ -144,12 +149,12 @@ def test_step_past_its_limit_gets_sigterm_first_then_is_recorded(tmp_path, monke
     rec = s.step("slow", [sys.executable, "-c", child], limit_s=3)
     assert rec["rc"] == "timeout" and marker.exists(), rec
     assert time.monotonic() - t < 20  # it exited on SIGTERM, no grace period spent
-    assert "started" in (s.results / "slow.log").read_text()
+    assert "started" in (s.logs / "slow.log").read_text()
     assert s.step("quick", [sys.executable, "-c", "print('ok')"], limit_s=30)["rc"] == 0
     assert [r["step"] for r in s.steps] == ["slow", "quick"]
 
 
 def test_only_rejects_unknown_steps(capsys):
     with pytest.raises(SystemExit):
-        gs.main(["run", "--out", "/nonexistent", "--only", "kernels,trian"])
+        gs.main(["--out", "/nonexistent", "--only", "kernels,trian"])
     assert "trian" in capsys.readouterr().err

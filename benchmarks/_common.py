@@ -44,6 +44,61 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: CPU features that decide which kernels torch uses on CPU (listed with the model when present)
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in _CPU_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (short hash, ``-dirty`` with uncommitted changes), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_label(device: str = "cpu") -> str:
+    """The device part of a results file name: ``cpu``, or the GPU model (``NVIDIA H200`` -> ``h200``,
+    ``NVIDIA H100 80GB HBM3`` -> ``h100``, ``NVIDIA GeForce RTX 4090`` -> ``rtx4090``)."""
+    if not device.startswith("cuda"):
+        return device.split(":")[0]
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cuda"
+    return gpu_label(torch.cuda.get_device_name(torch.device(device)))
+
+
+def gpu_label(name: str) -> str:
+    import re
+
+    words = [w for w in re.split(r"[\s_-]+", name) if w and w.lower() not in ("nvidia", "geforce", "tesla", "quadro")]
+    out = []
+    for w in words:
+        out.append(re.sub(r"[^a-z0-9]", "", w.lower()))
+        if any(c.isdigit() for c in w):
+            break
+    return "".join(out) or "cuda"
+
+
 def _ram_gb() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -65,6 +120,7 @@ def machine_info(device: str = "cpu") -> dict:
     """CPU model, cores, RAM, GPU (when ``device`` is CUDA), Python and package versions."""
     info: dict = {
         "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
         "cores": os.cpu_count(),
         "ram_gb": _ram_gb(),
         "python": platform.python_version(),
@@ -79,6 +135,7 @@ def machine_info(device: str = "cpu") -> dict:
             info["cuda"] = torch.version.cuda
     info["versions"] = {p: v for p in _PACKAGES if (v := _version(p)) is not None}
     info["romav2_plugin"] = _version("romav2-plugin") or "source checkout"
+    info["commit"] = git_commit()
     return info
 
 
@@ -105,12 +162,15 @@ def now_utc() -> str:
 def provenance_markdown(info: dict, command: str, date: str) -> str:
     v = ", ".join(f"{k} {x}" for k, x in info["versions"].items())
     lines = [
-        f"- Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM"
+        f"- Machine: {info['cpu']}"
+        + (f" ({', '.join(info['cpu_flags'])})" if info.get("cpu_flags") else "")
+        + f", {info['cores']} cores, {info['ram_gb']} GB RAM"
         + (f"; GPU {info['gpu']}, CUDA {info.get('cuda')}" if "gpu" in info else ""),
         f"- Python {info['python']} on {info['platform']}",
         f"- Versions: {v}; romav2_plugin {info['romav2_plugin']}",
         f"- Command: `{command}`",
         f"- Date: {date}",
+        f"- Commit: {info.get('commit') or 'unknown (not a git checkout)'}",
     ]
     return "\n".join(lines)
 

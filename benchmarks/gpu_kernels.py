@@ -13,8 +13,10 @@ Steps on a CUDA device:
    ours vs the official native torch path and, if importable, the official fused ``local_corr`` extension.
 Targets: >= 90 % less memory than native, >= 1.5x faster than the official fused kernel.
 
-Writes ``gpu_kernels.md`` and ``gpu_kernels.json`` under ``--out`` (default ``benchmarks/results/``) with the
-machine, torch version, command and date. Exits 0 with a clear message when no CUDA device is present.
+    python -m benchmarks.gpu_kernels [--out benchmarks/results] [--quick] [--dry-run]
+
+Writes ``gpu_kernels_<GPU model>.md`` and ``.json`` (e.g. ``gpu_kernels_h200``) under ``--out`` (default
+``benchmarks/results/``) with the machine, torch version, command, commit and date. Exits 0 with a clear message when no CUDA device is present.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks._common import command_line, git_commit, gpu_label, machine_info
 from romav2_plugin.ops import local_corr, local_corr_backward
 
 lcm = importlib.import_module("romav2_plugin.ops.local_corr")
@@ -272,6 +275,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output directory")
     ap.add_argument("--dry-run", action="store_true", help="no GPU: compile through NVRTC + CPU sanity only")
+    ap.add_argument("--name", default=None,
+                    help="file name without suffix (default: gpu_kernels_<GPU model>, e.g. gpu_kernels_h200)")
     ap.add_argument("--quick", action="store_true", help="fewer timing iterations")
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args(argv)
@@ -289,7 +294,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     meta = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([sys.executable, *sys.argv]),
+        "command": command_line(),
+        "commit": git_commit(),
         "machine": {
             "gpu": torch.cuda.get_device_name(0),
             "capability": list(torch.cuda.get_device_capability(0)),
@@ -343,16 +349,19 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     md = (
         f"# local_corr GPU kernels\n\n- date: {meta['date']}\n- command: `{meta['command']}`\n"
+        f"- commit: {meta['commit'] or 'unknown (not a git checkout)'}\n"
+        f"- host CPU: {machine_info()['cpu']}, {os.cpu_count()} cores\n"
         f"- machine: {meta['machine']}\n- torch {meta['torch']} (CUDA {meta['torch_cuda']})\n"
         f"- targets: >= 90% less memory than native, >= 1.5x faster than the official fused kernel\n\n"
         f"## parity\n\n{par_md}\n\n## time / peak memory\n\n{bench_md}\n"
     )
-    (out / "gpu_kernels.md").write_text(md)
-    (out / "gpu_kernels.json").write_text(
+    name = args.name or f"gpu_kernels_{gpu_label(meta['machine']['gpu'])}"
+    (out / f"{name}.md").write_text(md)
+    (out / f"{name}.json").write_text(
         json.dumps({"meta": meta, "parity": par, "benchmark": bench}, indent=1)
     )
     print(
-        f"wrote {out / 'gpu_kernels.md'} and {out / 'gpu_kernels.json'}; status {'OK' if not status else 'FAIL'}"
+        f"wrote {out / (name + '.md')} and {out / (name + '.json')}; status {'OK' if not status else 'FAIL'}"
     )
     return status
 

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     info["versions"]["onnxruntime"] = ort.__version__
     cmd, date = command_line(), now_utc()
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"onnx_{args.tag}"
+    stem = args.out / f"onnx_speed_{args.tag}"
     stem.with_suffix(".json").write_text(
         json.dumps({"machine": info, "command": cmd, "date": date, "pair": pair_name, "repeats": args.repeats, "rows": rows}, indent=2)
         + "\n"

@@ -1,7 +1,7 @@
 """Throughput of ``romav2-match --pairs --engine ray`` with 1 and 2 (or N) workers on this machine.
 
     python -m benchmarks.ray_scaling [--pairs 8] [--runs 3] [--workers 1 2] [--weights tiny|PATH]
-        [--setting tiny] [--gpus-per-worker G] [--out benchmarks/results/ray_scaling_cpu]
+        [--setting tiny] [--gpus-per-worker G] [--out benchmarks/results/ray_scaling_cpu]  (stem; default by model/device)
 
 One local Ray cluster for all runs; each run starts fresh workers (the model loads once per worker) and
 matches the same pair list into a new results file. Throughput = pairs / seconds from "every worker ready"
@@ -112,8 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--note", default="", help="a sentence for the results file (e.g. the machine was busy)")
-    p.add_argument("--out", type=Path, default=RESULTS / "ray_scaling_cpu")
+    p.add_argument("--out", type=Path, default=None,
+                   help="file stem (default benchmarks/results/ray_scaling_cpu; with --weights tiny: ray_scaling_tiny_cpu; "
+                   "on GPUs the GPU model instead of cpu)")
     args = p.parse_args(argv)
+    if args.out is None:
+        from benchmarks._common import device_label
+
+        device = device_label("cuda") if args.gpus_per_worker else "cpu"
+        args.out = RESULTS / f"ray_scaling{'_' + args.weights if args.weights == 'tiny' else ''}_{device}"
 
     os.environ.setdefault("RAY_gcs_server_request_timeout_seconds", "300")  # busy machine; read at import
     import ray

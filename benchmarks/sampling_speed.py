@@ -7,7 +7,7 @@ romav2-tiny matches the demo pair once (setting ``tiny``); then ``sample(preds, 
 ``tiny`` setting's), alternating, after one warm-up each; ``match()`` is timed in the same turns for scale. The
 KDE runs on the ``4 * NUM`` candidates that balanced sampling draws first; both KDEs are also compared with a
 float64 reference on one such draw (largest relative error). Writes
-``benchmarks/results/sampling_kde_cpu.{json,md}`` with machine, command and date. Run it on an idle machine:
+``benchmarks/results/sampling_speed_cpu.{json,md}`` with machine, command and date. Run it on an idle machine:
 the ratio is measured in one run, the absolute times depend on the load.
 """
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
               "ratio_half_over_float32": med["half"] / med["float32"], "max_rel_error_vs_float64": err,
               "density_threshold_flips_vs_float64": flips}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sampling_kde_cpu.json").write_text(json.dumps(record, indent=1))
+    (args.out / "sampling_speed_cpu.json").write_text(json.dumps(record, indent=1))
     md = [
         "# sample(): half-precision (official) against float32 KDE, CPU", "",
         provenance_markdown(info, command, date),
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{err[k]:.2e} | {flips[k]} of {len(x)} |")
     md.append(f"| match() (for scale) | {med['match']:.2f} | {', '.join(f'{t:.2f}' for t in times['match'])} | - | - |")
     md += ["", f"Ratio half / float32: {med['half'] / med['float32']:.2f}x.", ""]
-    (args.out / "sampling_kde_cpu.md").write_text("\n".join(md))
+    (args.out / "sampling_speed_cpu.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0
 

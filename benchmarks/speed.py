@@ -48,6 +48,7 @@ from benchmarks._common import (
     RESULTS,
     benchmark_pair,
     command_line,
+    device_label,
     hwm_mb,
     machine_info,
     now_utc,
@@ -311,8 +312,8 @@ class Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.speed", "--worker", job],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
-            # the folder that holds this benchmarks/ as imported (not resolved: gpu_session.sh imports it through
-            # a link outside the checkout, so that the installed romav2_plugin, not the source tree, is imported)
+            # the folder that holds this benchmarks/ as imported (not resolved: benchmarks/ may be imported
+            # through a link outside the checkout, so that an installed romav2_plugin, not the source tree, is used)
             cwd=str(Path(__file__).absolute().parents[1]),
         )
         self.ready = self._read()
@@ -591,7 +592,7 @@ def parse_args(argv=None):
     p.add_argument("--loftr-res", type=int, default=640)
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default benchmarks/results; a temporary folder for --dry-run)")
-    p.add_argument("--tag", default=None, help="file name tag (default: the device type)")
+    p.add_argument("--tag", default=None, help="file name tag (default: the device: cpu, or the GPU model, e.g. h200)")
     p.add_argument("--dry-run", action="store_true", help="ground-truth double only: checks the harness in seconds")
     p.add_argument("--render-from", type=Path, default=None, metavar="JSON",
                    help="rewrite the md/csv/png of an earlier run from its json (no measurement)")
@@ -650,7 +651,7 @@ def main(argv=None) -> int:
             tmp.cleanup()
     if tmp is not None:
         spec["weights"] = None  # the temporary file is gone; the report says "random"
-    tag = args.tag or ("dry" if args.dry_run else args.device.split(":")[0])
+    tag = args.tag or ("dry" if args.dry_run else device_label(args.device))
     paths = write_outputs(rows, spec, args.out, tag, meta)
     print(paths["md"].read_text())
     return 0 if all(r.get("median_s") is not None for r in rows) else 1

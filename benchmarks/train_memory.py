@@ -1,7 +1,7 @@
 """Peak memory of one refiner training step: our local-correlation op vs plain autograd.
 
     python -m benchmarks.train_memory [--runs 3] [--scope corr refiner] [--size 320] [--out benchmarks/results]
-        [--name train_memory_cpu]
+        [--name train_memory_<scopes>_cpu]
 
 The refiner of RoMa v2 correlates each pixel of A with a (2r+1)^2 window of B around the current warp. Written
 with plain autograd (sample the window with ``grid_sample``, multiply, sum), the backward pass keeps the whole
@@ -93,13 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scope", nargs="+", default=["corr", "refiner"], choices=["corr", "refiner"])
     ap.add_argument("--size", type=int, default=320, help="feature map side at stride 4 (precise: 320)")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--name", default="train_memory_cpu", help="file stem of the .md/.json written under --out")
+    ap.add_argument("--name", default=None,
+                    help="file stem of the .md/.json written under --out (default train_memory_<scopes>_cpu, e.g. "
+                    "train_memory_corr_cpu)")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(_child(args.child[0], args.child[1], int(args.child[2]))))
         return 0
     rows = []
+    name = args.name or f"train_memory_{'_'.join(args.scope)}_cpu"
     for scope in args.scope:
         for run in range(args.runs):
             for variant in ("op", "plain"):
@@ -111,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{scope:8s} {variant:5s} run {run}: +{r['peak_increase_mib']:.0f} MiB, {r['seconds']:.1f} s",
                       flush=True)
     summary = {}
+    name = args.name or f"train_memory_{'_'.join(args.scope)}_cpu"
     for scope in args.scope:
         med = {v: {k: statistics.median(r[k] for r in rows if r["scope"] == scope and r["variant"] == v)
                    for k in ("peak_increase_mib", "seconds")} for v in ("op", "plain")}
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
             "cpus": os.cpu_count(), "command": "python -m benchmarks.train_memory " + " ".join(argv or sys.argv[1:]),
             "torch": __import__("torch").__version__}
-    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
     lines = [f"# Refiner training-step memory: local-correlation op vs plain autograd ({meta['date']})", "",
              f"Machine: {meta['machine']}, {meta['cpus']} CPUs, torch {meta['torch']}. Command: `{meta['command']}`.",
              f"Shape: stride-4 refiner of the precise setting's second pass ({args.size}x{args.size}, 192 projected "
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     for scope, s in summary.items():
         lines.append(f"| {scope} | {s['op']['peak_increase_mib']:.0f} MiB | {s['plain']['peak_increase_mib']:.0f} MiB | "
                      f"{s['memory_ratio']:.2f}x | {s['op']['seconds']:.1f} s | {s['plain']['seconds']:.1f} s |")
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

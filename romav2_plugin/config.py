@@ -164,7 +164,7 @@ _BENCH = MatchSetting(800, 800, 1024, 1024, bidirectional=True, threshold=0.05)
 #: The official presets of RoMa v2 2.0.1 (read-only), and ``tiny``: romav2-tiny's own (trained at 256x256; a
 #: second refinement pass at 384x384 raised precision@3px on validation pairs from the training photographs,
 #: benchmarks/results/tiny_settings_study*.md). It has no official draws to reproduce, so its sampling KDE
-#: runs in float32 (benchmarks/results/sampling_kde_cpu.md), and it draws only from the 30% of candidates with
+#: runs in float32 (benchmarks/results/sampling_speed_cpu.md), and it draws only from the 30% of candidates with
 #: the smallest predicted uncertainty, which raised precision@3px on those validation pairs without lowering
 #: the RANSAC figures (benchmarks/results/tiny_sampling_study*.md).
 SETTINGS: Mapping[str, MatchSetting] = MappingProxyType(

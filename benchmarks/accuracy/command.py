@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks._common import RESULTS, command_line, machine_info, now_utc, provenance_markdown
+from benchmarks._common import RESULTS, command_line, device_label, machine_info, now_utc, provenance_markdown
 from benchmarks.accuracy.data import (
     DATA_HELP,
     MEGADEPTH_SCENES,
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("highest")
     bench = args.benchmark
-    tag = args.tag or args.device.split(":")[0]
+    tag = args.tag or device_label(args.device)
     if bench not in ("synthetic", "rendered3d"):
         if args.data_root is None:
             raise DataMissingError(f"{bench}: pass --data-root.\n" + DATA_HELP[bench].replace("{scenes}", ", ".join(MEGADEPTH_SCENES)))

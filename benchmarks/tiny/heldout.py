@@ -1,4 +1,4 @@
-"""romav2-tiny's held-out figures, gathered into one file: ``benchmarks/results/tiny_heldout.json``.
+"""romav2-tiny's held-out figures, gathered into one file: ``benchmarks/results/tiny_heldout_cpu.json``.
 
     python -m benchmarks.tiny.heldout [--weights tiny] [--label "after part 3"] [--no-hloc] [--no-rendered3d]
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-hloc", action="store_true", help="skip the hloc reconstruction")
     ap.add_argument("--no-rendered3d", action="store_true",
                     help="leave out the rendered-3D rows (accuracy_rendered3d_cpu.json not yet run with these weights)")
-    ap.add_argument("--out", default=str(RESULTS / "tiny_heldout.json"))
+    ap.add_argument("--out", default=str(RESULTS / "tiny_heldout_cpu.json"))
     args = ap.parse_args(argv)
 
     import kornia

@@ -18,7 +18,7 @@ predicted standard deviation along the least certain direction (``1 / sqrt(small
 * ``unbalanced``: the overlap alone without the KDE balancing (the setting's ``balanced_sampling=False``).
 
 The network runs once per pair; every candidate samples from the same prediction with the same seed. Writes
-``benchmarks/results/tiny_sampling_study[_TAG].{json,md}`` with machine, command and date.
+``benchmarks/results/tiny_sampling_study_cpu.{json,md}`` (``--tag`` replaces ``cpu``) with machine, command and date.
 """
 
 from __future__ import annotations

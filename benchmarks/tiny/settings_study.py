@@ -9,7 +9,7 @@ refinement pass (the official ``precise`` setting's high-resolution pass), and o
 training photographs (``.tiny-data/train``) with seeds that neither training nor the held-out benchmarks use:
 synthetic homography pairs at 512 px (the synthetic benchmark's generator, seed 7) and rendered 3D pairs at
 384x512 (the rendered3d generator, seed 7). The held-out photographs are never read, so the chosen setting is
-not tuned on the held-out figures. Writes ``benchmarks/results/tiny_settings_study[_TAG].{json,md}`` with
+not tuned on the held-out figures. Writes ``benchmarks/results/tiny_settings_study_cpu.{json,md}`` (``--tag`` replaces ``cpu``) with
 machine, command and date.
 """
 
@@ -59,7 +59,8 @@ def add_validation_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--images", default=".tiny-data/train")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
-    ap.add_argument("--tag", default="", help="suffix of the result files' name")
+    ap.add_argument("--tag", default="cpu", help="the result files are tiny_<study>_<tag>; the default, cpu, "
+                    "replaces the current result")
 
 
 def load_validation(args):
@@ -82,7 +83,7 @@ def load_validation(args):
 
 def write_study(args, argv, module: str, title: str, syn, ren, pairs_extra: dict, note: str, rows: list,
                 header: str, lines: list[str]) -> None:
-    """Write ``benchmarks/results/tiny_<module>[_TAG].{json,md}`` with machine, command and date, and print the
+    """Write ``benchmarks/results/tiny_<module>_<tag>.{json,md}`` with machine, command and date, and print the
     table (``header``: its first row; ``lines``: one per candidate)."""
     from benchmarks._common import machine_info
 
@@ -92,7 +93,7 @@ def write_study(args, argv, module: str, title: str, syn, ren, pairs_extra: dict
            "weights": args.weights, "images": args.images, "threads": args.threads,
            "pairs": {"synthetic": len(syn), "rendered": len(ren), **pairs_extra, "seed": 7}, "note": note,
            "rows": rows}
-    path = Path(args.out) / f"tiny_{module}{'_' + args.tag if args.tag else ''}.json"
+    path = Path(args.out) / f"tiny_{module}_{args.tag}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     draws = f" ({pairs_extra['draws']} draws)" if "draws" in pairs_extra else ""
     md = [f"# {title}, validated on training photographs", "",

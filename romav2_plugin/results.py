@@ -13,6 +13,12 @@ lose the pair being written; free space is checked before each pair, and a full 
 message instead of writing into a file system with no room. Files of the earlier layout (format 1: ``/``
 in a name replaced by ``-``, which let ``a/b.jpg`` and ``a-b.jpg`` collide) are migrated in place: each
 finished group is moved to the key of the names stored in its attributes; resume reads those attributes.
+
+Only files that carry our marks are read, migrated or written to (:meth:`ResultsFile.is_ours`): format 2 has
+``romav2_results_format`` at the root; format 1 had no format attribute, but its writer stored all the run
+options (``setting``, ``weights_sha256``, ``seed``, ``num_samples``, ``min_overlap``) as root attributes with
+every pair. hloc's ``feats-*.h5`` / ``matches-*.h5`` (and other HDF5 files) carry no such root attributes:
+any other HDF5 file is refused (exit 2, :class:`NotOurs`) and left byte-identical, ``--overwrite`` or not.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ __all__ = [
     "estimate_pair_bytes",
     "WriteFailed",
     "Unreadable",
+    "NotOurs",
 ]
 
 FORMAT_ATTR = "romav2_results_format"
@@ -60,6 +67,10 @@ class WriteFailed(CommandError):
 
 class Unreadable(CommandError):
     """An existing results file cannot be read (damaged or not HDF5); not raised for a locked file."""
+
+
+class NotOurs(CommandError):
+    """An existing HDF5 file that ``romav2-match`` did not write (no mark of ours): never modified."""
 
 
 def _quote(name: str) -> str:
@@ -155,6 +166,13 @@ class ResultsFile:
         f = self._open("r")
         try:
             attrs = {k: _attr(f.attrs[k]) for k in f.attrs}
+            if not self.is_ours(attrs):
+                raise NotOurs(
+                    f"{self.path} is an HDF5 file that romav2-match did not write (it is not a romav2-match "
+                    f"results file: no '{FORMAT_ATTR}' nor the run options at its root; hloc's features or "
+                    "matches file?). It was left untouched. Choose another --out (e.g. a new results.h5).",
+                    EXIT_USAGE,
+                )
             fmt = int(attrs.get(FORMAT_ATTR, 1))
 
             def visit(name, obj):
@@ -177,6 +195,11 @@ class ResultsFile:
         finally:
             _close_quietly(f)
         return attrs, done, fmt
+
+    @staticmethod
+    def is_ours(attrs: dict[str, Any]) -> bool:
+        """Root attributes ``attrs`` carry our marks: format 2's format attribute, or format 1's run options."""
+        return FORMAT_ATTR in attrs or all(k in attrs for k in RUN_KEYS)
 
     def option_diff(self, attrs: dict[str, Any], meta: dict[str, Any]) -> list[str]:
         if "setting" not in attrs:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from romav2_plugin.commands import (
     EXIT_OK,
+    EXIT_SETUP,
     EXIT_USAGE,
     CommandError,
     is_weights_error,
@@ -42,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _input_error(e: Exception) -> CommandError:
+    from romav2_plugin.train.checkpoint import UnsafeCheckpoint
+
+    if isinstance(e, UnsafeCheckpoint):  # a checkpoint with code: a set-up problem, as unsafe weights are
+        return CommandError(str(e), EXIT_SETUP)
     if is_weights_error(e):
         return weights_error(e)
     return CommandError(str(e), EXIT_USAGE)

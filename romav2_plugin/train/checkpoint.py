@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import tempfile
 from collections.abc import Mapping
@@ -27,7 +28,17 @@ import torch
 from romav2_plugin.config import config_to_dict
 
 __all__ = ["atomic_save", "save_training_state", "load_training_state", "rng_state", "set_rng_state",
-           "official_weights", "export_weights"]
+           "official_weights", "export_weights", "UnsafeCheckpoint"]
+
+
+class UnsafeCheckpoint(ValueError):
+    """A training checkpoint holding Python objects beyond training state (loading it could run code)."""
+
+
+def _numpy_globals() -> list:
+    """What numpy's RNG state (a uint32 array in a tuple) needs beyond torch's safe types."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -88,8 +99,17 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"No training checkpoint at {path} (nothing to resume; run without --resume)")
     try:
-        # optimizer states and RNG states (numpy arrays, tuples) are not plain tensors
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: tensors, containers, numbers; plus numpy's RNG state. Nothing else is unpickled, so a
+        # file holding a pickled callable is refused before anything in it runs.
+        with torch.serialization.safe_globals(_numpy_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).split("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0].split(". Please")[0]
+        raise UnsafeCheckpoint(
+            f"{path} holds Python objects that are not training state ({reason.strip() or 'unsupported content'}); "
+            "it is refused because loading it could run code. Use a checkpoint written by romav2-train, or "
+            "start afresh without --resume (another out_dir)."
+        ) from None
     except Exception as e:
         raise ValueError(f"{path} is not a readable training checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or state.get("format") != "romav2_plugin.train/1":

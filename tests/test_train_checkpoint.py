@@ -3,6 +3,7 @@ full disk while writing one is reported as such, keeping the last checkpoint and
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +96,47 @@ def test_load_training_state_refuses_code_directly(tmp_path):
     with pytest.raises(Exception, match="code"):
         checkpoint.load_training_state(tmp_path / "checkpoint.pt")
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- item 6: disk full while saving
+class _FullDisk:
+    """A file whose writes fail with ENOSPC after ``room`` bytes (as a full file system does)."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, b) -> int:
+        if self.room < len(b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(b)
+        return self.f.write(b)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+@pytest.mark.parametrize("how", ["torch-wraps-it", "plain-oserror"])
+def test_disk_full_while_saving_says_so_keeps_the_last_checkpoint_no_temp(tmp_path, photos, capsys, monkeypatch, how):
+    from romav2_plugin.train.__main__ import main
+
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            return real_save(obj, f, *a, **k)
+        if how == "plain-oserror":
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, _FullDisk(f, 1000), *a, **k)  # torch raises RuntimeError, ENOSPC as context
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    cfg = _config(tmp_path, photos, extra="checkpoint_every = 1\nlog_every = 1\n")
+    rc = main([str(cfg), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "disk is full" in err and "checkpoint.pt" in err and "probably a bug" not in err
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint.pt"]  # no temp file
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert checkpoint.load_training_state(run / "checkpoint.pt")["global_step"] == 1  # the last good one

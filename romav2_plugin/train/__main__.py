@@ -14,6 +14,7 @@ from pathlib import Path
 
 from romav2_plugin.commands import (
     EXIT_OK,
+    EXIT_RUNTIME,
     EXIT_SETUP,
     EXIT_USAGE,
     CommandError,
@@ -53,6 +54,7 @@ def _input_error(e: Exception) -> CommandError:
 
 
 def _body(args: argparse.Namespace) -> int:
+    from romav2_plugin.train.checkpoint import DiskFull
     from romav2_plugin.train.config import load_config
     from romav2_plugin.train.loop import Trainer
 
@@ -65,6 +67,9 @@ def _body(args: argparse.Namespace) -> int:
             print(f"{PROG}: exported {path} (EMA weights at step {trainer.global_step}) and {path.with_suffix('.json')}")
             return EXIT_OK
         path = trainer.run(resume=args.resume, max_steps=args.max_steps)
+    except DiskFull as e:  # the last checkpoint is kept: the run resumes from it
+        hint = f" and resume with: {PROG} {args.config} --resume" if not args.export else " and rerun"
+        raise CommandError(f"{e.strerror}{hint}.", EXIT_RUNTIME) from None
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not is_weights_error(e):
             raise

@@ -13,6 +13,7 @@ CLIs), plus a model card ``<stem>.json`` with the architecture (so non-official 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -28,7 +29,24 @@ import torch
 from romav2_plugin.config import config_to_dict
 
 __all__ = ["atomic_save", "save_training_state", "load_training_state", "rng_state", "set_rng_state",
-           "official_weights", "export_weights", "UnsafeCheckpoint"]
+           "official_weights", "export_weights", "UnsafeCheckpoint", "DiskFull"]
+
+
+class DiskFull(OSError):
+    """The disk filled up while a file was written; the previous file is kept and no temporary file is left."""
+
+
+def _is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC/EDQUOT anywhere in ``e``'s chain (torch.save reports a failed write as a RuntimeError whose
+    context is the OSError)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 class UnsafeCheckpoint(ValueError):
@@ -53,8 +71,12 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights are shared files
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError | RuntimeError) and _is_disk_full(e):
+            kept = f"the previous {path.name} is kept unchanged" if path.exists() else "nothing was written"
+            raise DiskFull(errno.ENOSPC, f"the disk is full: cannot write {path} ({kept}, no temporary file "
+                           "left). Free some space") from None
         raise
     return path
 

@@ -278,6 +278,13 @@ def resolve_device(name: str):
         dev = torch.device(name)
     except (RuntimeError, ValueError) as e:
         raise CommandError(f"--device {name!r} is not a device torch knows ({e})", EXIT_USAGE) from None
+    if dev.type not in ("cuda", "mps"):  # meta, xpu, ...: checked here, before anything loads
+        from romav2_plugin.runtime import check_device
+
+        try:
+            check_device(name)
+        except ValueError as e:
+            raise CommandError(f"--device {name}: {e}", EXIT_USAGE) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CommandError(
             f"--device {name}: CUDA is not available in this PyTorch installation / machine. Use --device cpu.",

@@ -596,6 +596,13 @@ def match_pairs(
     from romav2_plugin.results import ResultsFile, Unreadable, WriteFailed, estimate_pair_bytes, import_h5py
     from romav2_plugin.summary import pairs_summary
 
+    if device != "auto":  # the string here (workers may have devices the driver lacks); availability on them
+        from romav2_plugin.runtime import check_device
+
+        try:
+            check_device(device, here=False)
+        except ValueError as e:
+            raise CommandError(f"--device {device}: {e}", EXIT_USAGE) from None
     if batch_size <= 0 or max_in_flight <= 0:
         raise CommandError(
             f"--batch-size ({batch_size}) and max_in_flight ({max_in_flight}) must be positive", EXIT_USAGE

@@ -204,6 +204,13 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
         check_ranges(self)
+        if self.device != "auto":  # before any data or model is loaded
+            from romav2_plugin.runtime import check_device
+
+            try:
+                check_device(self.device)
+            except ValueError as e:
+                raise ValueError(f"device: {e}") from None
 
 
 def load_config(path: str | Path) -> TrainConfig:

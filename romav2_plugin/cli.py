@@ -193,6 +193,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--image-dir only applies to --pairs")
     if args.num_samples <= 0:
         p.error("--num-samples must be positive")
+    if not 0 <= args.seed < 2**63:  # what HDF5's int64 attribute, torch and numpy all accept
+        p.error(f"--seed must be in [0, 2**63), got {args.seed}")
     if not 0.0 <= args.min_overlap < 1.0:
         p.error(f"--min-overlap must lie in [0, 1), got {args.min_overlap:g}")
     if args.max_draw < 0:

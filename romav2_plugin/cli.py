@@ -48,6 +48,7 @@ from romav2_plugin.results import (
     WriteFailed,
     estimate_pair_bytes,
     import_h5py,
+    one_writer,
     pair_key,
     write_npz,
 )
@@ -192,6 +193,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--image-dir only applies to --pairs")
     if args.num_samples <= 0:
         p.error("--num-samples must be positive")
+    if not 0 <= args.seed < 2**63:  # what HDF5's int64 attribute, torch and numpy all accept
+        p.error(f"--seed must be in [0, 2**63), got {args.seed}")
     if not 0.0 <= args.min_overlap < 1.0:
         p.error(f"--min-overlap must lie in [0, 1), got {args.min_overlap:g}")
     if args.max_draw < 0:
@@ -216,6 +219,28 @@ def check_run_options(results, out: Path, attrs: dict, options: dict, *, damaged
             EXIT_USAGE,
         )
     return diff
+
+
+def early_run_options(
+    *, seed: int, num_samples: int, min_overlap: float, setting: str | None, choice: WeightsChoice, attrs: dict
+) -> dict[str, Any]:
+    """The run options that can be compared with a results file before the model loads: all but the
+    weights' hash, which is added when it is cheap (shipped or local weights, the official file already
+    cached) and the file records one; otherwise it is compared once the model is loaded."""
+    early: dict[str, Any] = {"seed": int(seed), "num_samples": int(num_samples), "min_overlap": float(min_overlap)}
+    if setting is not None:
+        early["setting"] = setting
+    if "weights_sha256" in attrs:
+        try:
+            if choice.named or choice.local_path() is not None:
+                early["weights_sha256"] = choice.info()["weights_sha256"]
+            elif choice.spec is None and (cached := cached_official_weights()) is not None:
+                from romav2_plugin.commands import sha256_prefix
+
+                early["weights_sha256"] = sha256_prefix(cached)
+        except (OSError, ValueError):
+            pass  # compared after loading, where a problem with the weights is reported
+    return early
 
 
 def prepare_results_file(
@@ -255,6 +280,13 @@ def resolve_device(name: str):
         dev = torch.device(name)
     except (RuntimeError, ValueError) as e:
         raise CommandError(f"--device {name!r} is not a device torch knows ({e})", EXIT_USAGE) from None
+    if dev.type not in ("cuda", "mps"):  # meta, xpu, ...: checked here, before anything loads
+        from romav2_plugin.runtime import check_device
+
+        try:
+            check_device(name)
+        except ValueError as e:
+            raise CommandError(f"--device {name}: {e}", EXIT_USAGE) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CommandError(
             f"--device {name}: CUDA is not available in this PyTorch installation / machine. Use --device cpu.",
@@ -492,6 +524,7 @@ def _demo_weights(arg: str | None) -> tuple[WeightsChoice, str]:
     )
 
 
+@one_writer
 def _run_single(args: argparse.Namespace) -> int:
     gt_H = None
     with ExitStack() as stack:
@@ -513,6 +546,8 @@ def _run_single(args: argparse.Namespace) -> int:
         need = estimate_pair_bytes(args.num_samples) + (0 if args.no_pictures else PICTURES_BYTES)
         check_output(matches_path, need)
         results = ResultsFile(matches_path) if is_h5 else None
+        if results is not None:
+            results.hold_lock()  # one writer per results file, until this run ends
         if results is not None and matches_path.exists():
             _read_or_repair(results)  # locked / not HDF5: refused now, not after matching
         device = resolve_device(args.device)
@@ -668,6 +703,7 @@ def _probe_images(image_dir: Path, pairs: list[tuple[str, str]]) -> dict[str, st
     return bad
 
 
+@one_writer
 def _run_pairs(args: argparse.Namespace) -> int:
     if getattr(args, "engine", "local") == "ray":  # the same file, matched by Ray workers
         from romav2_plugin.distributed import run_pairs_command
@@ -692,6 +728,7 @@ def _run_pairs(args: argparse.Namespace) -> int:
     results = ResultsFile(out)
     per_pair = estimate_pair_bytes(args.num_samples)
     check_output(out, per_pair)
+    results.hold_lock()  # one writer per results file, until this run ends; before the file is read
     attrs: dict[str, Any] = {}
     done: set[tuple[str, str]] = set()
     fmt = 2
@@ -703,6 +740,13 @@ def _run_pairs(args: argparse.Namespace) -> int:
             if not args.overwrite:
                 raise
             damaged = True
+    # the options that need no model are compared first, also when nothing is left to do (the weights'
+    # hash where it is cheap, else once the model is loaded)
+    early = early_run_options(
+        seed=args.seed, num_samples=args.num_samples, min_overlap=args.min_overlap, setting=args.setting,
+        choice=choice, attrs=attrs,
+    )  # fmt: skip
+    check_run_options(results, out, attrs, early, damaged=damaged, overwrite=args.overwrite)
     if args.overwrite:
         done = set()
     todo = [p for p in pairs if p not in done]
@@ -723,12 +767,6 @@ def _run_pairs(args: argparse.Namespace) -> int:
             )
     except OSError:
         pass
-    # the options that need no model are compared now (the weights' hash once the model is loaded)
-    early: dict[str, Any] = {"seed": int(args.seed), "num_samples": int(args.num_samples)}
-    early["min_overlap"] = float(args.min_overlap)
-    if args.setting is not None:
-        early["setting"] = args.setting
-    check_run_options(results, out, attrs, early, damaged=damaged, overwrite=args.overwrite)
     failures: list[tuple[str, str, str]] = []
     bad = _probe_images(image_dir, todo)
     if bad:

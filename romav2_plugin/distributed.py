@@ -63,6 +63,7 @@ from romav2_plugin.commands import (
     interrupt_code,
     missing_dependency,
 )
+from romav2_plugin.results import one_writer
 
 __all__ = [
     "import_ray",
@@ -537,6 +538,7 @@ def _err(msg: str) -> None:
     print(f"romav2-match: {msg}", file=sys.stderr, flush=True)
 
 
+@one_writer
 def match_pairs(
     pairs: str | os.PathLike | Iterable[tuple[str, str]],
     image_dir: str | os.PathLike,
@@ -594,6 +596,13 @@ def match_pairs(
     from romav2_plugin.results import ResultsFile, Unreadable, WriteFailed, estimate_pair_bytes, import_h5py
     from romav2_plugin.summary import pairs_summary
 
+    if device != "auto":  # the string here (workers may have devices the driver lacks); availability on them
+        from romav2_plugin.runtime import check_device
+
+        try:
+            check_device(device, here=False)
+        except ValueError as e:
+            raise CommandError(f"--device {device}: {e}", EXIT_USAGE) from None
     if batch_size <= 0 or max_in_flight <= 0:
         raise CommandError(
             f"--batch-size ({batch_size}) and max_in_flight ({max_in_flight}) must be positive", EXIT_USAGE
@@ -619,6 +628,7 @@ def match_pairs(
     results = ResultsFile(out)
     per_pair = estimate_pair_bytes(num_samples)
     check_output(out, per_pair)
+    results.hold_lock()  # one writer per results file (the driver writes it), until this run ends
     attrs: dict[str, Any] = {}
     done: set[tuple[str, str]] = set()
     fmt, damaged = 2, False
@@ -629,6 +639,10 @@ def match_pairs(
             if not overwrite:
                 raise
             damaged = True
+    early = cli.early_run_options(
+        seed=seed, num_samples=num_samples, min_overlap=min_overlap, setting=setting, choice=choice, attrs=attrs
+    )  # checked first, also when nothing is left to do
+    cli.check_run_options(results, out, attrs, early, damaged=damaged, overwrite=overwrite)
     if overwrite:
         done = set()
     todo = [p for p in pair_list if p not in done]
@@ -640,14 +654,6 @@ def match_pairs(
         run.summary = f"all {len(pair_list)} pairs already in {out}; nothing to do"
         print(run.summary)
         return run
-    early: dict[str, Any] = {
-        "seed": int(seed),
-        "num_samples": int(num_samples),
-        "min_overlap": float(min_overlap),
-    }
-    if setting is not None:
-        early["setting"] = setting
-    cli.check_run_options(results, out, attrs, early, damaged=damaged, overwrite=overwrite)
     try:
         import shutil
 

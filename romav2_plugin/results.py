@@ -13,11 +13,27 @@ lose the pair being written; free space is checked before each pair, and a full 
 message instead of writing into a file system with no room. Files of the earlier layout (format 1: ``/``
 in a name replaced by ``-``, which let ``a/b.jpg`` and ``a-b.jpg`` collide) are migrated in place: each
 finished group is moved to the key of the names stored in its attributes; resume reads those attributes.
+
+Only files that carry our marks are read, migrated or written to (:meth:`ResultsFile.is_ours`): format 2 has
+``romav2_results_format`` at the root; format 1 had no format attribute, but its writer stored all the run
+options (``setting``, ``weights_sha256``, ``seed``, ``num_samples``, ``min_overlap``) as root attributes with
+every pair. hloc's ``feats-*.h5`` / ``matches-*.h5`` (and other HDF5 files) carry no such root attributes:
+any other HDF5 file is refused (exit 2, :class:`NotOurs`) and left byte-identical, ``--overwrite`` or not.
+
+One writer per results file: a run holds an OS lock (``fcntl.flock``) on the sidecar ``<file>.lock`` (which
+holds its pid) from before it reads the file until it ends (:meth:`ResultsFile.hold_lock`, inside a function
+decorated with :func:`one_writer`); a second run is refused (exit 2) naming the first one's pid. The kernel
+drops the lock when a process dies, so a killed run never blocks the next one.
 """
 
 from __future__ import annotations
 
+import contextvars
+import errno
+import functools
 import os
+import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +60,8 @@ __all__ = [
     "estimate_pair_bytes",
     "WriteFailed",
     "Unreadable",
+    "NotOurs",
+    "one_writer",
 ]
 
 FORMAT_ATTR = "romav2_results_format"
@@ -60,6 +78,91 @@ class WriteFailed(CommandError):
 
 class Unreadable(CommandError):
     """An existing results file cannot be read (damaged or not HDF5); not raised for a locked file."""
+
+
+class NotOurs(CommandError):
+    """An existing HDF5 file that ``romav2-match`` did not write (no mark of ours): never modified."""
+
+
+_HELD: contextvars.ContextVar[ExitStack | None] = contextvars.ContextVar("romav2_results_locks", default=None)
+
+
+def one_writer(fn):
+    """Run ``fn`` holding the results-file locks it takes (:meth:`ResultsFile.hold_lock`) until it returns."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with ExitStack() as stack:
+            token = _HELD.set(stack)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _HELD.reset(token)
+
+    return wrapper
+
+
+class _RunLock:
+    """An exclusive ``flock`` on ``<results>.lock`` (holding the owner's pid), removed when released."""
+
+    def __init__(self, results: Path) -> None:
+        self.results = results
+        self.path = results.with_name(results.name + ".lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        for _ in range(10):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise CommandError(
+                    f"cannot create the lock file {self.path} for {self.results} ({e.strerror or e}). "
+                    "Choose a writable --out.",
+                    EXIT_USAGE,
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)  # e.g. ENOLCK: a file system without locks; go on unguarded, and say so
+                    print(f"note: cannot lock {self.path} ({e.strerror or e}): make sure no other run writes "
+                          f"{self.results} at the same time.", file=sys.stderr, flush=True)
+                    return False
+                try:
+                    pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                except OSError:
+                    pid = ""
+                os.close(fd)
+                who = f"pid {pid}" if pid.isdigit() else "pid unknown"
+                raise CommandError(
+                    f"{self.results} is being written by another run (another romav2-match, {who}; lock "
+                    f"{self.path}). One writer per results file: wait for it to finish, or choose another --out.",
+                    EXIT_USAGE,
+                ) from None
+            try:  # a run that just ended may have removed the file we opened: lock the one at the path
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except OSError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.fd = fd
+            return True
+        raise CommandError(f"cannot lock {self.path}: it keeps being replaced", EXIT_USAGE)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still held: the next run locks a fresh file
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
 
 
 def _quote(name: str) -> str:
@@ -130,6 +233,16 @@ class ResultsFile:
         self.path = Path(path)
 
     # ---------------------------------------------------------------------------------------- opening
+    def hold_lock(self) -> None:
+        """Take this file's writer lock until the enclosing :func:`one_writer` function returns; a second
+        run is refused (exit 2, naming the holder's pid). Call before reading the file."""
+        stack = _HELD.get()
+        if stack is None:
+            raise RuntimeError("ResultsFile.hold_lock() outside a function decorated with @one_writer")
+        lock = _RunLock(self.path)
+        if lock.acquire():
+            stack.callback(lock.release)
+
     def _open(self, mode: str):
         h5py = import_h5py()
         try:
@@ -155,6 +268,13 @@ class ResultsFile:
         f = self._open("r")
         try:
             attrs = {k: _attr(f.attrs[k]) for k in f.attrs}
+            if not self.is_ours(attrs):
+                raise NotOurs(
+                    f"{self.path} is an HDF5 file that romav2-match did not write (it is not a romav2-match "
+                    f"results file: no '{FORMAT_ATTR}' nor the run options at its root; hloc's features or "
+                    "matches file?). It was left untouched. Choose another --out (e.g. a new results.h5).",
+                    EXIT_USAGE,
+                )
             fmt = int(attrs.get(FORMAT_ATTR, 1))
 
             def visit(name, obj):
@@ -177,6 +297,11 @@ class ResultsFile:
         finally:
             _close_quietly(f)
         return attrs, done, fmt
+
+    @staticmethod
+    def is_ours(attrs: dict[str, Any]) -> bool:
+        """Root attributes ``attrs`` carry our marks: format 2's format attribute, or format 1's run options."""
+        return FORMAT_ATTR in attrs or all(k in attrs for k in RUN_KEYS)
 
     def option_diff(self, attrs: dict[str, Any], meta: dict[str, Any]) -> list[str]:
         if "setting" not in attrs:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MAX_BATCH_PIXELS_CPU", "MAX_BATCH_PIXELS_GPU", "LOCAL_CORR_CHUNK_BYTES", "max_batch_pixels"]
+__all__ = ["MAX_BATCH_PIXELS_CPU", "MAX_BATCH_PIXELS_GPU", "LOCAL_CORR_CHUNK_BYTES", "max_batch_pixels", "check_device"]
 
 #: batching bound on CPU: batching buys nothing there, memory does
 MAX_BATCH_PIXELS_CPU: int = 2**17
@@ -39,3 +39,30 @@ def max_batch_pixels(device: torch.device, override: int | None = None) -> int:
     if override is not None:
         return int(override)
     return MAX_BATCH_PIXELS_CPU if device.type == "cpu" else MAX_BATCH_PIXELS_GPU
+
+
+def check_device(name: str, *, here: bool = True) -> torch.device:
+    """``torch.device(name)`` for a device that can run the model, else ``ValueError`` naming what is wrong:
+    not a device string, ``meta`` (shapes only, no data), or (``here=True``) a device type this PyTorch
+    build / machine lacks (``xpu`` without an XPU, ``cuda:9``...). ``here=False`` checks the string only
+    (a device that exists on other machines, e.g. Ray workers)."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{name!r} is not a device torch knows ({e}); use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "meta":
+        raise ValueError("meta holds no data (shapes only) and cannot run the model; use cpu, cuda or mps")
+    if not here or dev.type == "cpu":
+        return dev
+    if dev.type == "mps":
+        ok = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+        count = 1 if ok else 0
+    else:
+        mod = getattr(torch, dev.type, None)
+        ok = bool(mod is not None and callable(getattr(mod, "is_available", None)) and mod.is_available())
+        count = mod.device_count() if ok and callable(getattr(mod, "device_count", None)) else (1 if ok else 0)
+    if not ok:
+        raise ValueError(f"{dev.type} is not available in this PyTorch installation / machine; use cpu")
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"only {count} {dev.type} device(s) present")
+    return dev

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from romav2_plugin.commands import (
     EXIT_OK,
+    EXIT_RUNTIME,
+    EXIT_SETUP,
     EXIT_USAGE,
     CommandError,
     is_weights_error,
@@ -46,12 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _input_error(e: Exception) -> CommandError:
+    from romav2_plugin.train.checkpoint import UnsafeCheckpoint
+
+    if isinstance(e, UnsafeCheckpoint):  # a checkpoint with code: a set-up problem, as unsafe weights are
+        return CommandError(str(e), EXIT_SETUP)
     if is_weights_error(e):
         return weights_error(e)
     return CommandError(str(e), EXIT_USAGE)
 
 
 def _body(args: argparse.Namespace) -> int:
+    from romav2_plugin.train.checkpoint import DiskFull
     from romav2_plugin.train.config import load_config
     from romav2_plugin.train.loop import Trainer
 
@@ -64,6 +71,9 @@ def _body(args: argparse.Namespace) -> int:
             print(f"{PROG}: exported {path} (EMA weights at step {trainer.global_step}) and {path.with_suffix('.json')}")
             return EXIT_OK
         path = trainer.run(resume=args.resume, max_steps=args.max_steps)
+    except DiskFull as e:  # the last checkpoint is kept: the run resumes from it
+        hint = f" and resume with: {PROG} {args.config} --resume" if not args.export else " and rerun"
+        raise CommandError(f"{e.strerror}{hint}.", EXIT_RUNTIME) from None
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not is_weights_error(e):
             raise

@@ -13,8 +13,10 @@ CLIs), plus a model card ``<stem>.json`` with the architecture (so non-official 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import random
 import tempfile
 from collections.abc import Mapping
@@ -27,7 +29,34 @@ import torch
 from romav2_plugin.config import config_to_dict
 
 __all__ = ["atomic_save", "save_training_state", "load_training_state", "rng_state", "set_rng_state",
-           "official_weights", "export_weights"]
+           "official_weights", "export_weights", "UnsafeCheckpoint", "DiskFull"]
+
+
+class DiskFull(OSError):
+    """The disk filled up while a file was written; the previous file is kept and no temporary file is left."""
+
+
+def _is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC/EDQUOT anywhere in ``e``'s chain (torch.save reports a failed write as a RuntimeError whose
+    context is the OSError)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+class UnsafeCheckpoint(ValueError):
+    """A training checkpoint holding Python objects beyond training state (loading it could run code)."""
+
+
+def _numpy_globals() -> list:
+    """What numpy's RNG state (a uint32 array in a tuple) needs beyond torch's safe types."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -42,8 +71,12 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights are shared files
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError | RuntimeError) and _is_disk_full(e):
+            kept = f"the previous {path.name} is kept unchanged" if path.exists() else "nothing was written"
+            raise DiskFull(errno.ENOSPC, f"the disk is full: cannot write {path} ({kept}, no temporary file "
+                           "left). Free some space") from None
         raise
     return path
 
@@ -88,8 +121,17 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"No training checkpoint at {path} (nothing to resume; run without --resume)")
     try:
-        # optimizer states and RNG states (numpy arrays, tuples) are not plain tensors
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: tensors, containers, numbers; plus numpy's RNG state. Nothing else is unpickled, so a
+        # file holding a pickled callable is refused before anything in it runs.
+        with torch.serialization.safe_globals(_numpy_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).split("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0].split(". Please")[0]
+        raise UnsafeCheckpoint(
+            f"{path} holds Python objects that are not training state ({reason.strip() or 'unsupported content'}); "
+            "it is refused because loading it could run code. Use a checkpoint written by romav2-train, or "
+            "start afresh without --resume (another out_dir)."
+        ) from None
     except Exception as e:
         raise ValueError(f"{path} is not a readable training checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or state.get("format") != "romav2_plugin.train/1":

@@ -21,10 +21,15 @@ Example (``romav2-train finetune.toml``)::
     name = "refiners"                  # "matcher" (stage 1) or "refiners" (stage 2)
     steps = 2000
     lr = 1e-4
+
+Every numeric key has a range (:data:`RANGES`, one table), checked when the config is built; an error names
+the key's path (``stages[0].grad_clip: must be > 0 ...``) and ``romav2-train`` exits 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -35,7 +40,75 @@ from typing import Any, Literal
 from romav2_plugin.config import config_from_dict
 from romav2_plugin.train.losses import LossConfig
 
-__all__ = ["ModelSection", "DataSource", "DataSection", "StageConfig", "TrainConfig", "load_config", "apply_overrides"]
+__all__ = [
+    "ModelSection", "DataSource", "DataSection", "StageConfig", "TrainConfig", "load_config", "apply_overrides", "RANGES",
+]
+
+_INF = math.inf
+#: The range of every numeric key: ``"Class.field": (low, high, low included, high included, why)``; a
+#: tuple-valued key (``data.size``, ``scale_range``) applies it to each element; ``None`` where the key is
+#: optional means "not set". Values must also be finite. Checked by :func:`check_ranges` at config build.
+RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
+    "TrainConfig.seed": (0, 2**63 - 1, True, True, "a seed torch and numpy accept"),
+    "TrainConfig.ema_decay": (0, 1, True, False, "an EMA decay"),
+    "TrainConfig.log_every": (1, _INF, True, False, "steps between log rows"),
+    "TrainConfig.checkpoint_every": (1, _INF, True, False, "steps between checkpoints"),
+    "TrainConfig.threads": (1, 1024, True, True, "CPU threads"),
+    "DataSection.size": (16, 4096, True, True, "pixels (height, width), multiples of 16"),
+    "DataSection.workers": (0, 256, True, True, "data loader processes (0: in the main process)"),
+    "DataSource.weight": (0, _INF, False, False, "the source's share of the samples"),
+    "DataSource.photometric_strength": (0, 4, True, True, "1 = the default colour jitter"),
+    "DataSource.max_rotation_deg": (0, 180, True, True, "degrees"),
+    "DataSource.scale_range": (0, 16, False, True, "scale factors (low <= high)"),
+    "DataSource.max_translation": (0, 1, True, True, "a fraction of the image size"),
+    "DataSource.max_perspective": (0, 0.5, True, False, "a fraction of the image size (corners must not cross)"),
+    "DataSource.max_angle_deg": (0, 180, True, True, "degrees between the two cameras"),
+    "StageConfig.steps": (1, _INF, True, False, "optimizer steps"),
+    "StageConfig.lr": (0, 1, False, True, "the peak learning rate"),
+    "StageConfig.batch_size": (1, 4096, True, True, "pairs per step"),
+    "StageConfig.warmup_steps": (0, _INF, True, False, "linear warm-up steps"),
+    "StageConfig.min_lr_ratio": (0, 1, True, True, "the final learning rate / lr"),
+    "StageConfig.weight_decay": (0, 1, True, True, "AdamW's decoupled weight decay"),
+    "StageConfig.grad_clip": (0, _INF, False, False, "the global gradient norm clipped to"),
+    "LossConfig.nll_weight": (0, _INF, True, False, "a loss weight"),
+    "LossConfig.matcher_warp_weight": (0, _INF, True, False, "a loss weight"),
+    "LossConfig.matcher_overlap_weight": (0, _INF, True, False, "a loss weight"),
+    "LossConfig.charbonnier_alpha": (0, 2, False, True, "the Charbonnier exponent"),
+    "LossConfig.charbonnier_c": (0, _INF, False, False, "the Charbonnier scale, pixels"),
+    "LossConfig.refiner_warp_weight": (0, _INF, True, False, "a loss weight"),
+    "LossConfig.overlap_weight": (0, _INF, True, False, "a loss weight"),
+    "LossConfig.precision_weight": (0, _INF, True, False, "a loss weight"),
+    "LossConfig.cutoff_px": (0, _INF, False, False, "pixels (times the stride)"),
+}
+
+
+def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
+    if hi == _INF:
+        return f"{'>=' if lo_in else '>'} {lo:g}"
+    return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def check_ranges(obj: Any, where: str = "") -> None:
+    """Raise ``ValueError("<key path>: must be ...")`` for the first numeric value of ``obj`` (a config
+    dataclass, walked recursively) outside its :data:`RANGES` entry."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), where + f.name
+        items = value if isinstance(value, tuple) else (value,)
+        if items and all(dataclasses.is_dataclass(v) for v in items):
+            for i, v in enumerate(items):
+                check_ranges(v, f"{key}[{i}]." if isinstance(value, tuple) else key + ".")
+            continue
+        spec = RANGES.get(f"{type(obj).__name__}.{f.name}")
+        if spec is None or value is None:
+            continue
+        lo, hi, lo_in, hi_in, why = spec
+        for v in items:
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            ok = ok and (lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)
+            if not ok:
+                raise ValueError(f"{key}: must be {_range_text(lo, hi, lo_in, hi_in)} ({why}), got {value!r}")
+        if f.name == "scale_range" and items[0] > items[1]:
+            raise ValueError(f"{key}: must be [low, high] with low <= high, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -134,6 +207,14 @@ class TrainConfig:
             raise ValueError("stages: give at least one [[stages]] table")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
+        check_ranges(self)
+        if self.device != "auto":  # before any data or model is loaded
+            from romav2_plugin.runtime import check_device
+
+            try:
+                check_device(self.device)
+            except ValueError as e:
+                raise ValueError(f"device: {e}") from None
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:

@@ -68,6 +68,18 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
+def _check_eight_bit(path: Path) -> None:
+    """16-bit and float images are refused (``convert("RGB")`` would clip them, mostly to white), naming the
+    file, as romav2-match refuses them (:func:`romav2_plugin.io.probe_image`, header only)."""
+    from romav2_plugin.io import probe_image
+
+    try:
+        probe_image(path, min_side=1)
+    except ValueError as e:
+        if "16-bit" in str(e):
+            raise ValueError(f"Training image {e}") from None
+
+
 class ImageFolder:
     """The photos under ``root`` (recursively, sorted), decoded once and kept as uint8 at most
     ``max_side`` pixels on the long side.
@@ -108,6 +120,7 @@ class ImageFolder:
                     im.size  # noqa: B018 - reading the header is the check
             except (OSError, UnidentifiedImageError) as e:
                 raise ValueError(f"Cannot read training image {path}: {e}. Remove or replace the file.") from None
+            _check_eight_bit(path)
 
     def load(self, i: int) -> torch.Tensor:
         """``(3, H, W)`` float32 in ``[0, 1]``."""
@@ -317,6 +330,7 @@ class MegaDepthPairs(PairDataset):
         from PIL import Image
 
         H, W = self.size
+        _check_eight_bit(self.root / "images" / name)
         with Image.open(self.root / "images" / name) as im:
             im = im.convert("RGB")
             w0, h0 = im.size

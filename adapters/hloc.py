@@ -285,7 +285,10 @@ def ensure_registered():
     """Import hloc, register, and return ``hloc.match_dense`` (``ImportError`` naming the extra without hloc)."""
     require_hloc()
     register()
-    match_dense = importlib.import_module(_CONFS_MODULE)
-    _add_confs(match_dense)  # no-op unless match_dense was imported through another path
-    importlib.import_module(MODULE_NAME)
+    try:
+        match_dense = importlib.import_module(_CONFS_MODULE)
+        _add_confs(match_dense)  # no-op unless match_dense was imported through another path
+        importlib.import_module(MODULE_NAME)
+    except ImportError as e:  # hloc is there, what it imports is not (scipy, OpenCV, pycolmap, ...)
+        raise ImportError(f'{e}: hloc\'s dense matching needs pip install "romav2-plugin[hloc]"') from e
     return match_dense

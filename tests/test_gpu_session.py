@@ -118,7 +118,7 @@ def test_dry_run_trains_exports_and_packs(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "gpu_session.json", "gpu_session.tar.gz", "romav2_tiny_gpu.json", "romav2_tiny_gpu.pt"]
     from romav2_plugin import RoMaV2
-    from romav2_plugin.pretrained import config_from_card
+    from romav2_plugin.weights.named import config_from_card
 
     # fp16 storage (the device returns files of at most 16 MB), recorded in the card: it loads by path alone
     assert card["storage_dtype"] == "float16"

@@ -15,7 +15,8 @@ import time
 import pytest
 import torch
 
-from romav2_plugin.weights import download, layout
+import romav2_plugin.weights.download as download
+import romav2_plugin.weights.layout as layout
 from romav2_plugin.weights.download import DownloadError, resolve_weights
 
 READ_T = 0.4  # seconds: the stall cases must fail fast

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+import romav2_plugin.weights.named as named
 from benchmarks.tiny.heldout import (
     demo_median_error,
     earlier_figures,
@@ -23,7 +24,6 @@ from benchmarks.tiny.heldout import (
     kornia_corner_error,
     untrained_tiny,
 )
-from romav2_plugin.weights import named
 
 
 def test_heldout_keeps_earlier_labels_and_replaces_a_remeasurement():

@@ -300,7 +300,7 @@ def _load_state_dict(path):
 
 def tiny_weights_available(weights: str) -> bool:
     """Whether ``--tiny-weights`` can be loaded without a download: the shipped file, or a local file."""
-    from romav2_plugin.weights import named
+    import romav2_plugin.weights.named as named
 
     if named.is_named(weights):
         try:

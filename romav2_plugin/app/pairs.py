@@ -225,20 +225,20 @@ class PairsJob:
     fp32: bool = False
     progress: bool = True
     on_pair_written: Callable[[str, str], None] | None = None
-    # set by open()
-    pair_list: list[tuple[str, str]] = field(default_factory=list)
-    todo: list[tuple[str, str]] = field(default_factory=list)
-    choice: WeightsChoice | None = None
-    results: ResultsFile | None = None
-    run: PairsRun | None = None
-    started: bool = False
-    meta: dict[str, Any] = field(default_factory=dict)
-    _attrs: dict[str, Any] = field(default_factory=dict)
-    _fmt: int = 2
-    _damaged: bool = False
-    _totals: dict[str, int] = field(default_factory=lambda: {"matches": 0, "meaningless": 0})
-    _bar: Any = None
-    _t_ready: float = 0.0
+    # the bookkeeping of the run (set by open() and while matching)
+    pair_list: list[tuple[str, str]] = field(default_factory=list, init=False)
+    todo: list[tuple[str, str]] = field(default_factory=list, init=False)
+    choice: WeightsChoice | None = field(default=None, init=False)
+    results: ResultsFile | None = field(default=None, init=False)
+    run: PairsRun | None = field(default=None, init=False)
+    started: bool = field(default=False, init=False)
+    meta: dict[str, Any] = field(default_factory=dict, init=False)
+    _attrs: dict[str, Any] = field(default_factory=dict, init=False)
+    _fmt: int = field(default=2, init=False)
+    _damaged: bool = field(default=False, init=False)
+    _totals: dict[str, int] = field(default_factory=lambda: {"matches": 0, "meaningless": 0}, init=False)
+    _bar: Any = field(default=None, init=False)
+    _t_ready: float = field(default=0.0, init=False)
 
     @property
     def amp(self) -> bool | None:

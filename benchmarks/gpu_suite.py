@@ -81,7 +81,7 @@ def train_main(argv: list[str]) -> int:
     """``python -m benchmarks.gpu_suite train-once``: one training run of the template (own process)."""
     import torch
 
-    from romav2_plugin.commands import sigterm_as_interrupt
+    from romav2_plugin.signals import sigterm_as_interrupt
     from romav2_plugin.train.loop import Trainer
 
     ap = argparse.ArgumentParser(prog="gpu_suite train-once")

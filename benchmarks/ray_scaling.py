@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_gcs_server_request_timeout_seconds", "300")  # busy machine; read at import
     import ray
 
-    from romav2_plugin.distributed import _children, _shutdown_failed_start, match_pairs
+    from romav2_plugin.distributed.cluster import _children, _shutdown_failed_start
+    from romav2_plugin.distributed.pairs import match_pairs
 
     load = os.getloadavg()
     date = now_utc()

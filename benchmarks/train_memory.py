@@ -55,9 +55,9 @@ def _child(variant: str, scope: str, size: int) -> dict:
     import torch
 
     torch.manual_seed(0)
-    from romav2_plugin import refiner as refiner_mod
     from romav2_plugin.config import RoMaV2Config
     from romav2_plugin.geometry import normalized_grid
+    from romav2_plugin.nn import refiner as refiner_mod
     from romav2_plugin.ops import local_corr
 
     corr = local_corr if variant == "op" else plain_local_corr

@@ -214,7 +214,8 @@ def _describe(path: Path) -> str:
 
 
 def _cli_parser() -> argparse.ArgumentParser:
-    from romav2_plugin.commands import EXIT_CODES_HELP, WEIGHTS_HELP
+    from romav2_plugin.app.errors import EXIT_CODES_HELP
+    from romav2_plugin.app.weights_option import WEIGHTS_HELP
     from romav2_plugin.config import SETTINGS
 
     p = argparse.ArgumentParser(
@@ -251,17 +252,16 @@ def _cli_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``romav2-export`` / ``python -m romav2_plugin.export``; returns the exit code (see ``--help``)."""
-    from romav2_plugin.commands import (
+    from romav2_plugin.app.errors import (
         EXIT_RUNTIME,
         EXIT_SETUP,
         EXIT_USAGE,
         CommandError,
         check_output,
-        choose_weights,
         is_disk_full,
         run_command,
-        weights_error,
     )
+    from romav2_plugin.app.weights_option import choose_weights, weights_error
 
     args = _cli_parser().parse_args(argv)
 

@@ -18,16 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from romav2_plugin import postprocess, runtime
-from romav2_plugin.backbone import DINOv3Backbone
 from romav2_plugin.config import RoMaV2Config, get_setting
-from romav2_plugin.fine_features import FineFeatures
 from romav2_plugin.geometry import (
     bhwc_interpolate,
     to_pixel,
 )
 from romav2_plugin.io import ImageLike, to_tensor_image
-from romav2_plugin.matcher import Matcher
-from romav2_plugin.refiner import build_refiners
+from romav2_plugin.nn.backbone import DINOv3Backbone
+from romav2_plugin.nn.fine_features import FineFeatures
+from romav2_plugin.nn.matcher import Matcher
+from romav2_plugin.nn.refiner import build_refiners
 
 __all__ = ["RoMaV2"]
 
@@ -101,26 +101,18 @@ class RoMaV2(nn.Module):
         Args:
             weights: ``None`` (``$ROMAV2_WEIGHTS``, else the official release URL, downloaded once and
                 cached), ``"tiny"`` (romav2-tiny, shipped inside the package: see
-                :mod:`romav2_plugin.pretrained`), a local path, a URL, or an official-layout state dict.
+                :mod:`romav2_plugin.weights.named`), a local path, a URL, or an official-layout state dict.
             setting: named preset; default: the config's (``precise`` for the official model, ``tiny``
                 for romav2-tiny).
             config: the architecture. Default: the official one, or the ``config`` recorded in a model
                 card beside the file (``<file stem>.json``, written by ``romav2-train``), or romav2-tiny's.
         """
-        from romav2_plugin import pretrained
-        from romav2_plugin.weights import load_checkpoint, resolve_weights
+        from romav2_plugin.weights.named import load_weights
 
         if setting is not None:
             get_setting(setting)
-        if isinstance(weights, Mapping):
-            sd = dict(weights)
-        elif isinstance(weights, str) and pretrained.is_named(weights):
-            sd, card_config = pretrained.load_named(weights)
-            config = config or card_config
-        else:
-            path = resolve_weights(weights)
-            sd = pretrained.upcast_stored(load_checkpoint(path), pretrained.read_card(path))
-            config = config or pretrained.config_from_card(path)
+        sd, recorded_config = load_weights(weights)
+        config = config or recorded_config
         model = cls(config, setting=setting, amp=amp)
         model.load_official_state_dict(sd)
         model.eval()
@@ -130,8 +122,8 @@ class RoMaV2(nn.Module):
         return model
 
     def load_official_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
-        """Strictly load a state dict in the official checkpoint layout (see :mod:`romav2_plugin.weights`)."""
-        from romav2_plugin.weights import check_layout, official_layout, official_to_internal
+        """Strictly load a state dict in the official checkpoint layout (see :mod:`romav2_plugin.weights.layout`)."""
+        from romav2_plugin.weights.layout import check_layout, official_layout, official_to_internal
 
         check_layout(sd, official_layout(self))
         internal = official_to_internal(sd, self.f.num_blocks, self.cfg.backbone)
@@ -140,7 +132,7 @@ class RoMaV2(nn.Module):
 
     def official_state_dict(self, *, extra_backbone: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """This model's weights in the official key layout (backbone entries as this model holds them)."""
-        from romav2_plugin.weights import internal_to_official
+        from romav2_plugin.weights.layout import internal_to_official
 
         return internal_to_official(self.state_dict(), extra_backbone=extra_backbone)
 

@@ -29,10 +29,10 @@ def make_random_official_state_dict(seed: int = 0, *, k_bias_scale: float = 0.02
     The masked key biases are filled with non-zero values (the mask must make them irrelevant), the
     BatchNorm running statistics are randomised so that eval-mode normalisation is exercised.
     """
-    from romav2_plugin.backbone import _create_timm_vit
     from romav2_plugin.config import BackboneConfig
     from romav2_plugin.model import RoMaV2
-    from romav2_plugin.weights import internal_to_official, official_layout
+    from romav2_plugin.nn.backbone import _create_timm_vit
+    from romav2_plugin.weights.layout import internal_to_official, official_layout
 
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):

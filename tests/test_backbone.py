@@ -5,9 +5,9 @@ import pytest
 import torch
 from timm.models.eva import checkpoint_filter_fn
 
-from romav2_plugin.backbone import _create_timm_vit, imagenet_normalize
 from romav2_plugin.config import BackboneConfig
-from romav2_plugin.weights import load_checkpoint
+from romav2_plugin.nn.backbone import _create_timm_vit, imagenet_normalize
+from romav2_plugin.weights.layout import load_checkpoint
 
 
 @pytest.fixture(scope="module")

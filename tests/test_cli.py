@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from romav2_plugin import cli
+from romav2_plugin.app import cli, matching
+from romav2_plugin.app.results import pair_key
+from romav2_plugin.app.visualize import PANEL_HEIGHT, draw_warp, panel_size
 from romav2_plugin.testing import HomographyWarpDouble
-from romav2_plugin.visualize import PANEL_HEIGHT, draw_warp, panel_size
-from romav2_plugin.weights import OFFICIAL_URL
+from romav2_plugin.weights.layout import OFFICIAL_URL
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "romav2_plugin" / "assets"
@@ -33,7 +34,7 @@ def run_cli(args, tmp_path, env_extra=None, timeout=600):
     env.pop("ROMAV2_WEIGHTS", None)
     env.update(env_extra or {})
     return subprocess.run(
-        [sys.executable, "-m", "romav2_plugin.cli", *map(str, args)],
+        [sys.executable, "-m", "romav2_plugin.app.cli", *map(str, args)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -67,7 +68,7 @@ def double(monkeypatch):
             "weights_sha256": "0123456789abcdef",
         }
 
-    monkeypatch.setattr(cli, "load_model", fake_load_model)
+    monkeypatch.setattr(matching, "load_model", fake_load_model)
     return calls
 
 
@@ -76,7 +77,7 @@ def no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model must not be loaded for bad input")
 
-    monkeypatch.setattr(cli, "load_model", refuse)
+    monkeypatch.setattr(matching, "load_model", refuse)
 
 
 # ------------------------------------------------------------------------------------- in-process, fast
@@ -154,7 +155,7 @@ def test_h5_single_pair_and_warp_both(double, tmp_path, capsys):
     )
     assert rc == 0
     with h5py.File(out, "r") as f:
-        g = f[cli.pair_key(str(A), str(B))]
+        g = f[pair_key(str(A), str(B))]
         assert g.attrs["complete"] and g["keypoints_A"].shape == (len(g["confidence"]), 2)
         assert f.attrs["setting"] == "turbo" and f.attrs["weights_sha256"] == "0123456789abcdef"
     assert png_size(tmp_path / "res_matches.png") == (pair_width(SIZE_A, SIZE_B), PANEL_HEIGHT)

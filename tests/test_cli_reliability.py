@@ -22,9 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
-from romav2_plugin import cli, commands
 from romav2_plugin import export as ex
-from romav2_plugin.results import FORMAT_ATTR, pair_key
+from romav2_plugin import signals
+from romav2_plugin.app import cli, errors, hloc_command, matching
+from romav2_plugin.app.results import FORMAT_ATTR, pair_key
 from romav2_plugin.testing import HomographyWarpDouble
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,13 +35,13 @@ DEMO_H = np.asarray(json.loads((ASSETS / "demo_pair.json").read_text())["homogra
 DRIVER = """
 import json, os, shutil, signal, sys
 import numpy as np
-from romav2_plugin import cli
+from romav2_plugin.app import cli, matching
 from romav2_plugin.testing import HomographyWarpDouble
 H = np.asarray(json.loads(open(sys.argv[1]).read())["homography_A_to_B"])
 def fake(weights, setting, device, amp):
     print("MODEL-LOADED", file=sys.stderr, flush=True)
     return HomographyWarpDouble(H, setting=setting or "precise"), {"weights": "double.pt", "weights_sha256": "0" * 16}
-cli.load_model = fake
+matching.load_model = fake
 if os.environ.get("KILL_AT_DATASET"):  # SIGKILL inside the N-th dataset write
     import h5py
     orig, n = h5py.Group.create_dataset, [0]
@@ -117,7 +118,7 @@ def double(monkeypatch):
             "weights_sha256": "0" * 16,
         }
 
-    monkeypatch.setattr(cli, "load_model", fake_load_model)
+    monkeypatch.setattr(matching, "load_model", fake_load_model)
     return calls
 
 
@@ -126,7 +127,7 @@ def no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(cli, "load_model", refuse)
+    monkeypatch.setattr(matching, "load_model", refuse)
 
 
 def _pairs_args(pairs, images, out, n=200):
@@ -247,7 +248,7 @@ def test_readonly_output_refused_before_the_model_same_code(driver, images, tmp_
             "100",
         ]
     r = run_driver(driver, args, wrap=wrap)
-    assert r.returncode == commands.EXIT_USAGE == 2, r.stderr
+    assert r.returncode == errors.EXIT_USAGE == 2, r.stderr
     assert "MODEL-LOADED" not in r.stderr  # refused before the model loads
     assert "cannot write there" in r.stderr or "cannot create the folder" in r.stderr, r.stderr
     assert "wrote" not in r.stdout and "Traceback" not in r.stderr
@@ -288,7 +289,7 @@ def test_full_disk_pairs_then_resume_elsewhere(driver, images, tmp_path, tiny_fs
         driver, _pairs_args(pairs, images, tiny_fs / "r.h5", n=2000), tiny_fs, saved,
         _env(BLIND_FREE_SPACE="1" if blind else ""),
     )  # fmt: skip
-    assert r.returncode == commands.EXIT_RUNTIME == 1, (r.returncode, r.stderr[-2000:])  # not 139 (segfault)
+    assert r.returncode == errors.EXIT_RUNTIME == 1, (r.returncode, r.stderr[-2000:])  # not 139 (segfault)
     assert "the disk is full" in r.stderr and "Traceback" not in r.stderr
     assert "STOPPED" in r.stdout and "not run" in r.stdout
     assert sorted(p.name for p in saved.iterdir()) == ["r.h5"]  # no .part / .new left over
@@ -420,7 +421,7 @@ class _Unrelated(HomographyWarpDouble):
 
 def test_unrelated_images_give_no_matches_and_a_warning(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(
-        cli,
+        matching,
         "load_model",
         lambda w, s, d, a: (_Unrelated(DEMO_H, setting=s or "precise"), {"weights": "x.pt", "weights_sha256": ""}),
     )
@@ -483,15 +484,13 @@ def test_weights_tiny_goes_to_from_pretrained_in_all_three(
     assert ex.main(["--weights", "tiny", "--out", str(tmp_path / "t.onnx")]) == 0
     assert record_from_pretrained == ["tiny", "tiny"]
     # python -m romav2_plugin.hloc: the conf gets the name, nothing treats it as a path
-    from romav2_plugin import hloc as hcli
-
     seen = {}
 
     def fake_run(conf, *a, **k):
         seen.update(conf["model"])
         return tmp_path / "f.h5", tmp_path / "m.h5"
 
-    monkeypatch.setattr(hcli, "run_match_dense", fake_run)
+    monkeypatch.setattr(hloc_command, "run_match_dense", fake_run)
     try:
         from romav2_plugin.adapters.hloc import ensure_registered
 
@@ -499,7 +498,7 @@ def test_weights_tiny_goes_to_from_pretrained_in_all_three(
     except ImportError:
         pytest.skip("hloc not importable for the hloc part")
     argv = ["match_dense", "--pairs", "p.txt", "--image_dir", ".", "--export_dir", ".", "--weights", "tiny"]
-    assert hcli.main(argv) == 0
+    assert hloc_command.main(argv) == 0
     assert seen["weights"] == "tiny"
 
 
@@ -554,7 +553,7 @@ def test_export_help_tells_the_truth(capsys):
 
 
 def test_hloc_help_without_hloc_prints_usage_and_install_hint(tmp_path):
-    code = "import sys; sys.modules['hloc'] = None\nfrom romav2_plugin.hloc import main\nsys.exit(main(sys.argv[1:]))"
+    code = "import sys; sys.modules['hloc'] = None\nfrom romav2_plugin.app.hloc_command import main\nsys.exit(main(sys.argv[1:]))"
     for argv, rc in ((["--help"], 0), (["match_dense", "--help"], 0)):
         r = subprocess.run(
             [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=_env(), cwd=tmp_path
@@ -565,7 +564,7 @@ def test_hloc_help_without_hloc_prints_usage_and_install_hint(tmp_path):
         [sys.executable, "-c", code, "match_dense", "--pairs", "p", "--image_dir", ".", "--export_dir", "."],
         capture_output=True, text=True, env=_env(), cwd=tmp_path,
     )  # fmt: skip
-    assert r.returncode == commands.EXIT_SETUP and "pip install" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == errors.EXIT_SETUP and "pip install" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_missing_dependency_and_bad_checkpoint_same_code_in_all_three(tmp_path, monkeypatch, capsys):
@@ -573,10 +572,10 @@ def test_missing_dependency_and_bad_checkpoint_same_code_in_all_three(tmp_path, 
     bogus.write_bytes(b"not a checkpoint")
     # romav2-export: onnx missing -> 4; bad checkpoint -> 4
     monkeypatch.setattr(ex, "_require_onnx", lambda: (_ for _ in ()).throw(ImportError(ex.EXPORT_HINT)))
-    assert ex.main(["--out", str(tmp_path / "x.onnx")]) == commands.EXIT_SETUP
+    assert ex.main(["--out", str(tmp_path / "x.onnx")]) == errors.EXIT_SETUP
     assert "romav2-plugin[export]" in capsys.readouterr().err
     monkeypatch.setattr(ex, "_require_onnx", lambda: None)
-    assert ex.main(["--out", str(tmp_path / "x.onnx"), "--weights", str(bogus)]) == commands.EXIT_SETUP
+    assert ex.main(["--out", str(tmp_path / "x.onnx"), "--weights", str(bogus)]) == errors.EXIT_SETUP
     assert "checkpoint" in capsys.readouterr().err
     # romav2-match: bad checkpoint -> 4 (h5py missing -> 4: test_cli.py)
     assert (
@@ -584,7 +583,6 @@ def test_missing_dependency_and_bad_checkpoint_same_code_in_all_three(tmp_path, 
     )
     assert "checkpoint" in capsys.readouterr().err
     # python -m romav2_plugin.hloc: a weights error raised while hloc loads the model -> 4
-    from romav2_plugin import hloc as hcli
     from romav2_plugin.model import RoMaV2
 
     try:
@@ -594,10 +592,10 @@ def test_missing_dependency_and_bad_checkpoint_same_code_in_all_three(tmp_path, 
     except ImportError:
         pytest.skip("hloc not importable")
     monkeypatch.setattr(
-        hcli, "run_match_dense", lambda conf, *a, **k: RoMaV2.from_pretrained(conf["model"]["weights"])
+        hloc_command, "run_match_dense", lambda conf, *a, **k: RoMaV2.from_pretrained(conf["model"]["weights"])
     )
     argv = ["match_dense", "--pairs", "p", "--image_dir", ".", "--export_dir", ".", "--weights", str(bogus)]
-    assert hcli.main(argv) == commands.EXIT_SETUP
+    assert hloc_command.main(argv) == errors.EXIT_SETUP
     assert "checkpoint" in capsys.readouterr().err
 
 
@@ -614,14 +612,14 @@ def test_deferred_interrupts_hold_a_signal_until_the_block_ends():
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)}
     finished = []
-    with pytest.raises(commands.Terminated), commands.sigterm_as_interrupt():
-        with commands.deferred_interrupts():
+    with pytest.raises(signals.Terminated), signals.sigterm_as_interrupt():
+        with signals.deferred_interrupts():
             os.kill(os.getpid(), signal.SIGTERM)
             for _ in range(1000):  # Python runs handlers between bytecodes: it would have raised here
                 sum(range(100))
             finished.append(True)
     assert finished == [True]
     assert {s: signal.getsignal(s) for s in before} == before
-    with commands.deferred_interrupts():  # nothing caught: nothing raised
+    with signals.deferred_interrupts():  # nothing caught: nothing raised
         pass
     assert {s: signal.getsignal(s) for s in before} == before

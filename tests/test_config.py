@@ -49,7 +49,7 @@ def test_import_has_no_process_wide_side_effects():
         "import torch\n"
         "before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark,"
         " torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_default_dtype())\n"
-        "import romav2_plugin, romav2_plugin.model, romav2_plugin.weights\n"
+        "import romav2_plugin, romav2_plugin.model, romav2_plugin.weights.named\n"
         "after = (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark,"
         " torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_default_dtype())\n"
         "assert before == after, (before, after)\n"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from romav2_plugin import cli
+from romav2_plugin.app import cli, matching
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "romav2_plugin" / "assets"
@@ -20,7 +20,7 @@ def no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(cli, "load_model", refuse)
+    monkeypatch.setattr(matching, "load_model", refuse)
 
 
 @pytest.mark.parametrize("device", BAD)
@@ -46,9 +46,9 @@ def test_romav2_match_pairs_refuses_the_device_before_the_model(no_model, tmp_pa
 def test_ray_engine_refuses_meta_before_the_cluster(tmp_path, monkeypatch):
     pytest.importorskip("ray")
     from romav2_plugin import distributed
-    from romav2_plugin.commands import CommandError
+    from romav2_plugin.app.errors import CommandError
 
-    monkeypatch.setattr(distributed, "_connect", lambda *a, **k: (_ for _ in ()).throw(AssertionError("cluster")))
+    monkeypatch.setattr(distributed.pairs, "connect", lambda *a, **k: (_ for _ in ()).throw(AssertionError("cluster")))
     d = tmp_path / "imgs"
     d.mkdir()
     for n in ("demo_A.jpg", "demo_B.jpg"):
@@ -72,5 +72,5 @@ def test_romav2_train_refuses_the_device_at_config_load(tmp_path, capsys, device
 
 
 def test_good_devices_still_resolve():
-    assert cli.resolve_device("cpu") == torch.device("cpu")
-    assert cli.resolve_device("auto").type in ("cpu", "cuda")
+    assert matching.resolve_device("cpu") == torch.device("cpu")
+    assert matching.resolve_device("auto").type in ("cpu", "cuda")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from romav2_plugin import cli
+from romav2_plugin.app import cli, matching
 
 h5py = pytest.importorskip("h5py")
 
@@ -75,7 +75,7 @@ def cluster():
     # a busy machine can take more than Ray's default 60 s to answer the start-up RPCs (read at import)
     os.environ.setdefault("RAY_gcs_server_request_timeout_seconds", "300")
     ray = pytest.importorskip("ray")
-    from romav2_plugin.distributed import _children, _shutdown_failed_start
+    from romav2_plugin.distributed.cluster import _children, _shutdown_failed_start
 
     for attempt in range(3):  # the raylet can miss Ray's 30 s start-up deadline on a busy machine
         before = _children()
@@ -190,7 +190,7 @@ def test_without_ray_the_named_error_before_the_model(data, monkeypatch, tmp_pat
     def no_model(*a, **k):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(cli, "load_model", no_model)
+    monkeypatch.setattr(matching, "load_model", no_model)
     rc = cli.main(data["args"][:-4] + ["--out", str(tmp_path / "x.h5")] + COMMON + ["--engine", "ray"])
     assert rc == cli.EXIT_SETUP
     err = capsys.readouterr().err
@@ -217,10 +217,10 @@ def hloc_path():
 
 
 def test_hloc_without_ray_the_named_error(data, hloc_path, monkeypatch, tmp_path, capsys):
-    from romav2_plugin import hloc as hloc_cli
+    from romav2_plugin.app import hloc_command
 
     monkeypatch.setitem(sys.modules, "ray", None)
-    rc = hloc_cli.main(["match_dense", "--pairs", str(data["pairs"]), "--image_dir", str(data["images"]),
+    rc = hloc_command.main(["match_dense", "--pairs", str(data["pairs"]), "--image_dir", str(data["images"]),
                         "--export_dir", str(tmp_path), "--engine", "ray"])  # fmt: skip
     assert rc == cli.EXIT_SETUP
     assert 'pip install "romav2-plugin[ray]"' in capsys.readouterr().err
@@ -235,8 +235,8 @@ def _datasets(f) -> dict:
 
 def test_hloc_same_files_as_match_dense_main(data, hloc_path, cluster, tmp_path):
     from romav2_plugin.adapters.hloc import ensure_registered
+    from romav2_plugin.app.hloc import run_match_dense
     from romav2_plugin.distributed import hloc_match_dense
-    from romav2_plugin.hloc import run_match_dense
 
     md = ensure_registered()
     conf = {**md.confs["romav2_fast"]}

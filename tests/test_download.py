@@ -15,8 +15,9 @@ import time
 import pytest
 import torch
 
-from romav2_plugin import weights
-from romav2_plugin.weights import DownloadError, resolve_weights
+import romav2_plugin.weights.download as download
+import romav2_plugin.weights.layout as layout
+from romav2_plugin.weights.download import DownloadError, resolve_weights
 
 READ_T = 0.4  # seconds: the stall cases must fail fast
 
@@ -125,10 +126,10 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ROMAV2_PLUGIN_CACHE", str(root))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no reuse of a real torch.hub copy
     monkeypatch.delenv("ROMAV2_DOWNLOAD_TIMEOUT", raising=False)
-    monkeypatch.setattr(weights, "CONNECT_TIMEOUT", READ_T)
-    monkeypatch.setattr(weights, "READ_TIMEOUT", READ_T)
-    monkeypatch.setattr(weights, "DOWNLOAD_ATTEMPTS", 2)
-    monkeypatch.setattr(weights, "RETRY_BACKOFF", 0.0)
+    monkeypatch.setattr(download, "CONNECT_TIMEOUT", READ_T)
+    monkeypatch.setattr(download, "READ_TIMEOUT", READ_T)
+    monkeypatch.setattr(download, "DOWNLOAD_ATTEMPTS", 2)
+    monkeypatch.setattr(download, "RETRY_BACKOFF", 0.0)
     return root
 
 
@@ -199,7 +200,7 @@ def test_good_download_is_verified_cached_and_reused(server, cache):
     assert _left_in(cache) == ["weights", "weights/romav2.0.1.pt"]
     server.close()
     assert resolve_weights(server.url("good")) == p  # the server is gone: served from the cache
-    assert set(weights.load_checkpoint(p)) == {"a", "b"}
+    assert set(layout.load_checkpoint(p)) == {"a", "b"}
 
 
 def test_cut_connection_is_resumed_with_a_range_request(server, cache):
@@ -237,11 +238,11 @@ def test_progress_bar_for_big_files(server, cache, monkeypatch):
             self.closed = True
 
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
-    monkeypatch.setattr(weights, "PROGRESS_MIN_BYTES", len(GOOD))
+    monkeypatch.setattr(download, "PROGRESS_MIN_BYTES", len(GOOD))
     resolve_weights(server.url("good"))
     assert len(bars) == 1 and bars[0].total == bars[0].n == len(GOOD) and bars[0].closed
     assert "romav2.0.1.pt" in bars[0].kw["desc"]
-    monkeypatch.setattr(weights, "PROGRESS_MIN_BYTES", len(GOOD) + 1)
+    monkeypatch.setattr(download, "PROGRESS_MIN_BYTES", len(GOOD) + 1)
     resolve_weights(server.url("good", name="other.pt"))
     assert len(bars) == 1  # small files: no bar
 
@@ -250,7 +251,7 @@ def test_interrupt_leaves_nothing_behind(server, cache, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(weights, "_verify_download", interrupted)
+    monkeypatch.setattr(download, "_verify_download", interrupted)
     with pytest.raises(KeyboardInterrupt):
         resolve_weights(server.url("good"))
     assert _left_in(cache) == []
@@ -258,15 +259,15 @@ def test_interrupt_leaves_nothing_behind(server, cache, monkeypatch):
 
 def test_timeout_env_var(monkeypatch):
     monkeypatch.setenv("ROMAV2_DOWNLOAD_TIMEOUT", "5")
-    assert weights._timeouts() == (5.0, 5.0)
+    assert download._timeouts() == (5.0, 5.0)
     monkeypatch.setenv("ROMAV2_DOWNLOAD_TIMEOUT", " 3,90 ")
-    assert weights._timeouts() == (3.0, 90.0)
+    assert download._timeouts() == (3.0, 90.0)
     monkeypatch.setenv("ROMAV2_DOWNLOAD_TIMEOUT", "")
-    assert weights._timeouts() == (weights.CONNECT_TIMEOUT, weights.READ_TIMEOUT)
+    assert download._timeouts() == (download.CONNECT_TIMEOUT, download.READ_TIMEOUT)
     for bad in ("soon", "0", "1,2,3", "-4"):
         monkeypatch.setenv("ROMAV2_DOWNLOAD_TIMEOUT", bad)
         with pytest.raises(ValueError, match="ROMAV2_DOWNLOAD_TIMEOUT"):
-            weights._timeouts()
+            download._timeouts()
 
 
 def test_cache_dir_rules_are_shared_with_the_kernel_cache(tmp_path, monkeypatch):
@@ -282,32 +283,34 @@ def test_cache_dir_rules_are_shared_with_the_kernel_cache(tmp_path, monkeypatch)
         (str(tmp_path / "x"), tmp_path / "x"),
     ]:
         monkeypatch.setenv("ROMAV2_PLUGIN_CACHE", value)
-        assert cache_dir() == weights.cache_dir() == kernels.cache_dir() == expect, value
+        assert cache_dir() == download.cache_dir() == kernels.cache_dir() == expect, value
     monkeypatch.delenv("ROMAV2_PLUGIN_CACHE")
-    assert weights.cache_dir() == kernels.cache_dir() == default
+    assert download.cache_dir() == kernels.cache_dir() == default
 
 
 def test_weights_module_is_a_leaf():
-    """weights.py imports only the standard library, torch and romav2_plugin.cache at module level, and the
-    model nowhere (the layout is derived from the stages' modules, not from romav2_plugin.model)."""
+    """weights/download.py and weights/layout.py import only the standard library, torch, romav2_plugin.cache
+    (and download the layout) at module level, and the model nowhere (the layout is derived from the stages'
+    modules, not from romav2_plugin.model)."""
     import ast
     import inspect
 
-    tree = ast.parse(inspect.getsource(weights))
-    top = set()
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            top |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            top.add(node.module if node.module.startswith("romav2_plugin") else node.module.split(".")[0])
-    assert top <= {"__future__", "http", "os", "re", "socket", "time", "urllib", "warnings", "collections",
-                   "pathlib", "torch", "romav2_plugin.cache"}, top
-    users = set()
-    for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
-        for node in ast.walk(fn):
-            if isinstance(node, ast.ImportFrom) and node.module == "romav2_plugin.model":
-                users.add(fn.name)
-    assert not users, users
+    for module, own in ((download, {"romav2_plugin.weights.layout"}), (layout, set())):
+        tree = ast.parse(inspect.getsource(module))
+        top = set()
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                top |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                top.add(node.module if node.module.startswith("romav2_plugin") else node.module.split(".")[0])
+        assert top <= {"__future__", "http", "os", "re", "socket", "time", "urllib", "warnings", "collections",
+                       "pathlib", "torch", "romav2_plugin.cache"} | own, (module.__name__, top)
+        users = set()
+        for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and node.module == "romav2_plugin.model":
+                    users.add(fn.name)
+        assert not users, (module.__name__, users)
 
 
 def test_bad_timeout_env_var_is_a_download_error(server, cache, monkeypatch):

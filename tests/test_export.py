@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from romav2_plugin import export as ex
-from romav2_plugin.vit import RopeEmbedding, apply_rope
+from romav2_plugin.nn.vit import RopeEmbedding, apply_rope
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -333,7 +333,7 @@ def test_match_dense_main_matches_follow_the_warp_within_quantisation(double_con
 def test_run_match_dense_resume_overwrite_and_interrupt(double_conf, scene, match_dense, monkeypatch):
     import h5py
 
-    from romav2_plugin.hloc import run_match_dense
+    from romav2_plugin.app.hloc import run_match_dense
 
     tmp, images, pairs = scene
     out = tmp / "out"
@@ -379,7 +379,7 @@ def test_run_match_dense_resume_overwrite_and_interrupt(double_conf, scene, matc
 
 
 def test_bad_inputs_are_reported_before_anything_is_written(double_conf, scene):
-    from romav2_plugin.hloc import InputError, run_match_dense
+    from romav2_plugin.app.hloc import InputError, run_match_dense
 
     tmp, images, pairs = scene
     out = tmp / "out"

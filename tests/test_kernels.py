@@ -371,7 +371,7 @@ def test_compiling_leaves_torch_load_working(tmp_path, monkeypatch, random_check
     """Regression: NVRTC 13 run inside the torch process broke later torch.load of the (1.1 GB, official
     layout) checkpoint ("record size ... does not match expected size"); the compiler now runs in a child
     process. (Small files did not show the failure, hence the real-size checkpoint.)"""
-    from romav2_plugin.weights import load_checkpoint
+    from romav2_plugin.weights.layout import load_checkpoint
 
     monkeypatch.setenv("ROMAV2_PLUGIN_CACHE", str(tmp_path))
     kernels.compile_kernel("local_corr.cu", "sm_80", use_cache=False)

@@ -13,7 +13,7 @@ from official_reference import build_official, no_autocast
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from romav2_plugin import RoMaV2
-from romav2_plugin.weights import load_checkpoint
+from romav2_plugin.weights.layout import load_checkpoint
 
 WARP_TOL = 2e-4  # normalized units
 OVERLAP_TOL = 1e-3

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from romav2_plugin import cli
+from romav2_plugin.app import cli, matching
 from romav2_plugin.testing import HomographyWarpDouble
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def double(monkeypatch):
             "weights_sha256": "0" * 16,
         }
 
-    monkeypatch.setattr(cli, "load_model", fake_load_model)
+    monkeypatch.setattr(matching, "load_model", fake_load_model)
     return calls
 
 
@@ -52,7 +52,7 @@ def no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(cli, "load_model", refuse)
+    monkeypatch.setattr(matching, "load_model", refuse)
 
 
 def _sha256(p: Path) -> str:
@@ -189,12 +189,12 @@ def test_single_pair_h5_goes_through_the_lock(no_model, images, tmp_path, capsys
 def test_ray_engine_goes_through_the_lock_before_the_cluster(images, tmp_path, held_lock, monkeypatch):
     pytest.importorskip("ray")
     from romav2_plugin import distributed
-    from romav2_plugin.commands import CommandError
+    from romav2_plugin.app.errors import CommandError
 
     def no_cluster(*a, **k):
         raise AssertionError("the cluster must not be started")
 
-    monkeypatch.setattr(distributed, "_connect", no_cluster)
+    monkeypatch.setattr(distributed.pairs, "connect", no_cluster)
     out = tmp_path / "r.h5"
     holder = held_lock(out)
     with pytest.raises(CommandError) as e:
@@ -249,6 +249,6 @@ def test_the_lock_names_this_run_while_it_runs(images, tmp_path, monkeypatch):
         seen.append((out.parent / "r.h5.lock").read_text().strip())
         return HomographyWarpDouble(DEMO_H, setting=setting), {"weights": "double.pt", "weights_sha256": "0" * 16}
 
-    monkeypatch.setattr(cli, "load_model", fake_load_model)
+    monkeypatch.setattr(matching, "load_model", fake_load_model)
     assert cli.main(_args(_pairs(tmp_path), images, out)) == 0
     assert seen == [str(os.getpid())] and not (tmp_path / "r.h5.lock").exists()

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from romav2_plugin import cli
+from romav2_plugin.app import cli, matching
 
 ASSETS = Path(__file__).resolve().parents[1] / "romav2_plugin" / "assets"
 
 
 @pytest.fixture
 def no_model(monkeypatch):
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    monkeypatch.setattr(matching, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
 
 
 @pytest.mark.parametrize("seed", [str(10**20), str(2**63), "-1"])

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+import romav2_plugin.weights.named as named
 from benchmarks.tiny.heldout import (
     demo_median_error,
     heldout_pair,
@@ -22,11 +23,10 @@ from benchmarks.tiny.heldout import (
     kornia_corner_error,
     untrained_tiny,
 )
-from romav2_plugin import pretrained
 
 
 def test_card_and_weights_ship_in_the_package():
-    path = pretrained.named_path("tiny")
+    path = named.named_path("tiny")
     card = json.loads(path.with_suffix(".json").read_text())
     assert path.stat().st_size <= 25 * 10**6
     assert "demo model trained on synthetic data; not the paper's accuracy" in card["note"]
@@ -61,7 +61,7 @@ def test_demo_offline_matches_the_pair(tmp_path):
     """`romav2-match --demo` on a machine without the official weights uses romav2-tiny, matches the shipped
     pair offline and writes the pictures; its median reprojection error is far below an untrained model's."""
     env = {"ROMAV2_PLUGIN_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "romav2_plugin.cli", "--demo", "--out", str(tmp_path / "out"),
+    proc = subprocess.run([sys.executable, "-m", "romav2_plugin.app.cli", "--demo", "--out", str(tmp_path / "out"),
                            "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout + proc.stderr

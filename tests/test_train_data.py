@@ -70,7 +70,7 @@ def test_ray_cast_matches_a_ray_by_ray_reference():
     scene = random_scene(g, [_noise_texture(i, 16) for i in range(3)])
     cam, _ = random_camera_pair(g, (40, 50))
     px = torch.rand(300, 2, generator=g, dtype=torch.float64) * torch.tensor([50.0, 40.0])
-    dirs = scene._rays(cam, px)
+    dirs = scene.rays(cam, px)
     t, face, ab = scene.cast(cam.C, dirs)
     assert (face >= 0).sum() > 200  # most rays hit something (the room is closed but for one side)
     for i in range(len(dirs)):

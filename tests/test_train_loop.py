@@ -120,7 +120,7 @@ def test_finetune_official_layout_refiners_and_load_everywhere(tmp_path, photos,
     """Start from seeded random official-layout weights, train the refiners, load the result through
     from_pretrained, the kornia adapter and the CLI."""
     from romav2_plugin import RoMaV2
-    from romav2_plugin.weights import load_checkpoint
+    from romav2_plugin.weights.layout import load_checkpoint
 
     st = (StageConfig("refiners", steps=2, batch_size=1, warmup_steps=1),)
     cfg = _cfg(tmp_path / "run", photos, stages=st, arch="official", weights=str(random_checkpoint), size=(64, 64))
@@ -148,7 +148,7 @@ def test_finetune_official_layout_refiners_and_load_everywhere(tmp_path, photos,
 
     from PIL import Image
 
-    from romav2_plugin.cli import main
+    from romav2_plugin.app.cli import main
 
     for name in ("a.png", "b.png"):
         Image.fromarray((img[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / name)

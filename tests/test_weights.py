@@ -10,14 +10,14 @@ import torch
 from conftest import MANIFEST
 
 from romav2_plugin import RoMaV2
-from romav2_plugin.weights import (
+from romav2_plugin.weights.download import resolve_weights
+from romav2_plugin.weights.layout import (
     OFFICIAL_URL,
     CheckpointDtypeWarning,
     check_layout,
     check_values,
     load_checkpoint,
     official_layout,
-    resolve_weights,
 )
 
 

@@ -300,11 +300,11 @@ def _load_state_dict(path):
 
 def tiny_weights_available(weights: str) -> bool:
     """Whether ``--tiny-weights`` can be loaded without a download: the shipped file, or a local file."""
-    from romav2_plugin import pretrained
+    import romav2_plugin.weights.named as named
 
-    if pretrained.is_named(weights):
+    if named.is_named(weights):
         try:
-            pretrained.named_path(weights)
+            named.named_path(weights)
         except FileNotFoundError:
             return False
         return True

@@ -123,7 +123,7 @@ def test_dry_run_trains_exports_and_writes_the_results(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "gpu_suite_dry.json", "gpu_suite_dry.md", "tiny_training_dry.csv", "tiny_training_dry.json"]
     from romav2_plugin import RoMaV2
-    from romav2_plugin.pretrained import config_from_card
+    from romav2_plugin.weights.named import config_from_card
 
     # fp16 storage, recorded in the card: it loads by path alone
     assert card["storage_dtype"] == "float16"

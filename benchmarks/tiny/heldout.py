@@ -48,7 +48,7 @@ def demo_median_error(model) -> float:
     homography; pixel centres at 0 on both sides, as the homography is stored."""
     from PIL import Image
 
-    from romav2_plugin.summary import reprojection_errors
+    from romav2_plugin.app.summary import reprojection_errors
 
     meta = json.loads((ASSETS / "demo_pair.json").read_text())
     A, B = Image.open(ASSETS / "demo_A.jpg"), Image.open(ASSETS / "demo_B.jpg")

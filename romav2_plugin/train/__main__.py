@@ -1,6 +1,6 @@
 """``romav2-train CONFIG.toml [--set KEY=VALUE ...] [--resume]``: train or fine-tune RoMa v2 (see :mod:`romav2_plugin.train.config`).
 
-Exit codes are those of every command of the package (:mod:`romav2_plugin.commands`): 0 done; 1 runtime
+Exit codes are those of every command of the package (:mod:`romav2_plugin.app.errors`): 0 done; 1 runtime
 failure; 2 bad config or input (unknown key, missing folder, unreadable image, a run that exists or differs);
 4 weights to start from missing or of the wrong layout; 130 / 143 interrupted (the last checkpoint is kept:
 rerun with ``--resume``).
@@ -12,16 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from romav2_plugin.commands import (
-    EXIT_OK,
-    EXIT_RUNTIME,
-    EXIT_SETUP,
-    EXIT_USAGE,
-    CommandError,
-    is_weights_error,
-    run_command,
-    weights_error,
-)
+from romav2_plugin.app.errors import EXIT_OK, EXIT_RUNTIME, EXIT_SETUP, EXIT_USAGE, CommandError, run_command
+from romav2_plugin.app.weights_option import is_weights_error, weights_error
 
 PROG = "romav2-train"
 

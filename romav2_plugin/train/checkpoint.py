@@ -148,7 +148,7 @@ def official_weights(model, source: Mapping[str, torch.Tensor] | None = None,
     there is none, filled with neutral values of the right shape (they are never used for inference).
     Dtypes follow the official layout (bf16 backbone).
     """
-    from romav2_plugin.weights import check_layout, internal_to_official, official_layout
+    from romav2_plugin.weights.layout import check_layout, internal_to_official, official_layout
 
     layout = official_layout(model)
     sd = internal_to_official(state_dict if state_dict is not None else model.state_dict())
@@ -180,7 +180,7 @@ def export_weights(path: str | os.PathLike, model, *, state_dict=None, source=No
 
     ``dtype``: store the layout's float32 tensors in this dtype (``torch.float16`` halves a shipped file; the
     bf16 backbone stays bf16); the card then records it as ``storage_dtype`` and ``from_pretrained`` upcasts
-    them back (:func:`romav2_plugin.pretrained.upcast_stored`); default: the layout's.
+    them back (:func:`romav2_plugin.weights.named.upcast_stored`); default: the layout's.
     """
     path = Path(path)
     sd = official_weights(model, source=source, state_dict=state_dict)

@@ -246,10 +246,10 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
         raw["out_dir"] = str((path.parent / raw["out_dir"]).resolve())
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("weights"), str):
-        from romav2_plugin import pretrained
+        from romav2_plugin.weights.named import is_named
 
         w = model["weights"]
-        if not pretrained.is_named(w) and not Path(w).expanduser().is_absolute():
+        if not is_named(w) and not Path(w).expanduser().is_absolute():
             model["weights"] = str((path.parent / w).resolve())
     return config_from_dict(TrainConfig, raw)
 

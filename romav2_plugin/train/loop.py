@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from romav2_plugin.commands import Terminated, deferred_interrupts
 from romav2_plugin.config import config_to_dict, get_architecture
+from romav2_plugin.signals import Terminated, deferred_interrupts
 from romav2_plugin.train.checkpoint import (
     export_weights,
     load_training_state,
@@ -212,11 +212,12 @@ class Trainer:
 
     @staticmethod
     def _source_state(weights: str) -> dict[str, torch.Tensor] | None:
-        from romav2_plugin import pretrained
-        from romav2_plugin.weights import load_checkpoint, resolve_weights
+        from romav2_plugin.weights.download import resolve_weights
+        from romav2_plugin.weights.layout import load_checkpoint
+        from romav2_plugin.weights.named import is_named, load_named
 
-        if pretrained.is_named(weights):
-            return pretrained.load_named(weights)[0]
+        if is_named(weights):
+            return load_named(weights)[0]
         return load_checkpoint(resolve_weights(weights))
 
     # ------------------------------------------------------------------ stages

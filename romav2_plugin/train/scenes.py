@@ -1,7 +1,8 @@
 """Rendered 3D scenes with exact depth and poses: textured rectangles (a floor, walls, boxes) ray-cast.
 
-Used for training pairs with parallax and occlusions (:class:`romav2_plugin.train.data.RenderedPairs`) and
-for the held-out pose benchmark. Cameras are pinhole cameras in COLMAP's convention: ``x = K (R X + t)``,
+The one scene renderer of the project: used for training pairs with parallax and occlusions
+(:class:`romav2_plugin.train.data.RenderedPairs`), and by the tests' and the held-out benchmark's fixed scene
+(``tests/synthetic_scene.py``: faces textured once with :func:`noise_texture`). Cameras are pinhole cameras in COLMAP's convention: ``x = K (R X + t)``,
 pixel centres at ``+0.5`` (the top-left pixel spans ``[0, 1)``), ``R`` world-to-camera, the camera looks
 along its ``+z`` axis with ``y`` pointing down.
 """
@@ -16,21 +17,22 @@ import torch.nn.functional as F
 
 from romav2_plugin.train.augment import uniform
 
-__all__ = ["Rect", "Camera", "Scene", "random_scene", "random_camera_pair"]
+__all__ = ["Rect", "Camera", "Scene", "noise_texture", "relative_pose", "random_scene", "random_camera_pair"]
 
 
 @dataclass(frozen=True)
 class Rect:
     """The rectangle ``origin + a u + b v`` (``a, b`` in ``[0, 1]``) textured with ``texture``
     ``(3, h, w)`` in ``[0, 1]`` (``a`` along the texture's width, repeated every ``tile`` units), shaded by
-    ``shade``."""
+    ``shade``. ``tile=None``: the texture spans the face once (within half a texel of the face's edges it
+    blends with black, ``grid_sample``'s zero padding)."""
 
     origin: tuple[float, float, float]
     u: tuple[float, float, float]
     v: tuple[float, float, float]
     texture: torch.Tensor
     shade: float = 1.0
-    tile: float = 2.5  # the texture repeats every ``tile`` scene units
+    tile: float | None = 2.5  # the texture repeats every ``tile`` scene units
 
     @property
     def size(self) -> tuple[float, float]:
@@ -110,7 +112,9 @@ class Scene:
             ab = torch.stack((a.gather(1, face[:, None])[:, 0], b.gather(1, face[:, None])[:, 0]), -1)
         return t_min, torch.where(hit, face, torch.full_like(face, -1)), ab
 
-    def _rays(self, cam: Camera, px: torch.Tensor) -> torch.Tensor:
+    def rays(self, cam: Camera, px: torch.Tensor) -> torch.Tensor:
+        """World-frame ray directions ``(N, 3)`` through pixels ``px (N, 2)`` (COLMAP's convention), scaled so
+        that ``t`` along them is the z-depth."""
         xh = torch.cat((px, torch.ones_like(px[:, :1])), dim=-1)
         d_cam = xh @ torch.linalg.inv(cam.K).T  # z = 1: t along it is the z-depth
         return d_cam @ cam.R  # R^T d
@@ -120,6 +124,11 @@ class Scene:
         for i, r in enumerate(self.rects):
             m = face == i
             if not m.any():
+                continue
+            if r.tile is None:  # once across the face
+                grid = (ab[m] * 2 - 1).float()[None, None]
+                col = F.grid_sample(r.texture[None], grid, mode="bilinear", align_corners=False)
+                out[m] = col[0, :, 0].T * r.shade
                 continue
             reps = torch.tensor((max(1.0, r.size[0] / r.tile), max(1.0, r.size[1] / r.tile)), dtype=torch.float64)
             grid = ((ab[m] * reps).remainder(1.0).float() * 2 - 1)[None, None]  # tiled (a, b) -> (x, y)
@@ -133,16 +142,43 @@ class Scene:
         dt = torch.float64
         ys, xs = torch.meshgrid(torch.arange(H, dtype=dt) + 0.5, torch.arange(W, dtype=dt) + 0.5, indexing="ij")
         px = torch.stack((xs, ys), -1).reshape(-1, 2)
-        t, face, ab = self.cast(cam.C, self._rays(cam, px))
+        t, face, ab = self.cast(cam.C, self.rays(cam, px))
         depth = torch.where(torch.isfinite(t), t, torch.zeros_like(t)).reshape(H, W).float()
         s = supersample
         if s > 1:
             off = (torch.arange(s, dtype=dt) + 0.5) / s - 0.5
             oy, ox = torch.meshgrid(off, off, indexing="ij")
             sub = (px[:, None] + torch.stack((ox, oy), -1).reshape(1, -1, 2)).reshape(-1, 2)
-            _, face, ab = self.cast(cam.C, self._rays(cam, sub))
+            _, face, ab = self.cast(cam.C, self.rays(cam, sub))
         col = self._shade(face, ab, background).reshape(H * W, s * s, 3).mean(1)
         return col.T.reshape(3, H, W).clamp(0, 1), depth
+
+    def project(self, cam: Camera, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels ``(N, 2)`` (COLMAP's convention) and camera-frame depth ``(N,)`` of world points ``X (N, 3)``."""
+        Xc = (X - cam.C) @ cam.R.T
+        z = Xc[:, 2]
+        K = cam.K
+        return torch.stack((K[0, 0] * Xc[:, 0] / z + K[0, 2], K[1, 1] * Xc[:, 1] / z + K[1, 2]), -1), z
+
+    def surface_distance(self, X: torch.Tensor) -> torch.Tensor:
+        """Distance ``(N,)`` of points ``X (N, 3)`` to the nearest rectangle."""
+        X = torch.as_tensor(X, dtype=torch.float64)
+        rel = X[:, None] - self.o  # (N, F, 3)
+        a = ((rel * self.u).sum(-1) / (self.u * self.u).sum(-1)).clamp(0, 1)
+        b = ((rel * self.v).sum(-1) / (self.v * self.v).sum(-1)).clamp(0, 1)
+        closest = self.o + a[..., None] * self.u + b[..., None] * self.v
+        return (X[:, None] - closest).norm(dim=-1).min(dim=1).values
+
+
+def noise_texture(seed: int, size: int = 256) -> torch.Tensor:
+    """``(3, size, size)`` in ``[0, 1]``: a sum of bicubically upsampled noise octaves (4, 16 and 64 cells),
+    seeded: a texture with detail at every scale, for faces textured once (``Rect(tile=None)``)."""
+    g = torch.Generator().manual_seed(seed)
+    tex = torch.zeros(3, size, size)
+    for cells, weight in ((4, 0.5), (16, 0.3), (64, 0.2)):
+        noise = torch.rand(1, 3, cells, cells, generator=g)
+        tex += weight * F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)[0]
+    return tex.clamp(0, 1)
 
 
 def _box(center, size, yaw, textures, shades) -> list[Rect]:

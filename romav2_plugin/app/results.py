@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from romav2_plugin.commands import (
+from romav2_plugin.app.errors import (
     BYTES_PER_MATCH,
     EXIT_RUNTIME,
     EXIT_USAGE,

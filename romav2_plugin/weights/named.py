@@ -1,4 +1,12 @@
-"""Named weights shipped inside the package, and model cards beside weight files.
+"""What ``weights=X`` means: named weights shipped inside the package, model cards beside weight files.
+
+:func:`load_weights` is the one answer, used by ``RoMaV2.from_pretrained`` and ``romav2-train``:
+
+* ``None``: ``$ROMAV2_WEIGHTS`` if set (a path or URL), else the official release (downloaded once and
+  cached: :mod:`romav2_plugin.weights.download`);
+* a name of :data:`NAMED_WEIGHTS` (``"tiny"``): a model shipped inside the package, with its card;
+* a local path or a URL: that checkpoint, with the model card beside it if there is one;
+* a mapping: an official-layout state dict, used as is.
 
 ``RoMaV2.from_pretrained("tiny")`` loads **romav2-tiny**: a small model of the same architecture
 (:func:`romav2_plugin.config.tiny_config`) trained by this project on synthetic data
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,8 +31,19 @@ from typing import Any
 import torch
 
 from romav2_plugin.config import RoMaV2Config, config_from_dict
+from romav2_plugin.weights.download import resolve_weights
+from romav2_plugin.weights.layout import load_checkpoint
 
-__all__ = ["NAMED_WEIGHTS", "is_named", "named_path", "load_named", "read_card", "config_from_card", "upcast_stored"]
+__all__ = [
+    "NAMED_WEIGHTS",
+    "is_named",
+    "named_path",
+    "load_named",
+    "load_weights",
+    "read_card",
+    "config_from_card",
+    "upcast_stored",
+]
 
 #: name -> file in ``romav2_plugin/assets`` (the card has the same stem, ``.json``)
 NAMED_WEIGHTS = {"tiny": "romav2_tiny.pt"}
@@ -88,11 +108,23 @@ def _float16_to_float32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_named(name: str) -> tuple[dict[str, torch.Tensor], RoMaV2Config]:
     """State dict (fp16-stored tensors upcast to fp32, the official layout's dtype) and config of a shipped model."""
-    from romav2_plugin.weights import load_checkpoint
-
     path = named_path(name)
     config = config_from_card(path)
     if config is None:
         raise ValueError(f"The shipped weights {name!r} have no model card with a config ({path.with_suffix('.json')}).")
     sd = load_checkpoint(path)
     return _float16_to_float32(sd), config  # unconditionally: cards shipped before storage_dtype lack it
+
+
+def load_weights(
+    weights: str | os.PathLike | Mapping[str, torch.Tensor] | None,
+) -> tuple[dict[str, torch.Tensor], RoMaV2Config | None]:
+    """The official-layout state dict that ``weights`` names, and the architecture recorded with it (the
+    config of a named model or of the card beside the file; ``None`` when nothing records one). See the
+    module docstring for what each kind of ``weights`` means."""
+    if isinstance(weights, Mapping):
+        return dict(weights), None
+    if is_named(weights):
+        return load_named(str(weights))
+    path = resolve_weights(weights)
+    return upcast_stored(load_checkpoint(path), read_card(path)), config_from_card(path)

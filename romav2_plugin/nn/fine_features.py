@@ -14,8 +14,8 @@ import contextlib
 import torch
 from torch import nn
 
-from romav2_plugin.backbone import imagenet_normalize
 from romav2_plugin.config import FineFeaturesConfig
+from romav2_plugin.nn.backbone import imagenet_normalize
 
 __all__ = ["FineFeatures"]
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from romav2_plugin.config import MatcherConfig
-from romav2_plugin.dpt import DPTHead
 from romav2_plugin.geometry import normalized_grid
-from romav2_plugin.vit import MultiViewTransformer
+from romav2_plugin.nn.dpt import DPTHead
+from romav2_plugin.nn.vit import MultiViewTransformer
 
 __all__ = ["Matcher"]
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks import accuracy as acc
+from benchmarks import speed
+from benchmarks._common import SKIMAGE_IMAGES
 
-acc = pytest.importorskip("benchmarks.accuracy")
-speed = pytest.importorskip("benchmarks.speed")
-from benchmarks._common import SKIMAGE_IMAGES  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SKI = ("astronaut", "coffee", "chelsea")  # scikit-image's bundled photos: the tests do not depend on .tiny-data
 
@@ -280,7 +280,8 @@ def test_rendered_pairs_are_deterministic_and_consistent(rendered):
 
 def test_rendered_double_gives_perfect_pose_and_sift_a_valid_row(rendered):
     """The exact depth-warp double through the real sampling, pixel conversion and essential-matrix RANSAC:
-    pose AUC ~1. SIFT on the same pairs gives a well-formed row (values in range)."""
+    pose AUC ~1. SIFT on the same pairs gives a well-formed row (values in range) and its measured quality:
+    on these two 120x160 renders it keeps 56 and 69 matches, and scene0 fails both draws (opencv 5.0)."""
     pytest.importorskip("cv2")
     _, pairs = rendered
     rows = acc.run_rendered3d({"double": acc.RenderedDouble(num=1000), "sift": acc.SIFTMatcher()}, pairs, draws=2)
@@ -290,7 +291,10 @@ def test_rendered_double_gives_perfect_pose_and_sift_a_valid_row(rendered):
     assert double["mean_matches"] > 200
     for k in ("auc@5", "auc@10", "auc@20"):
         assert 0.0 <= sift[k] <= 1.0
-    assert sift["auc@5"] <= sift["auc@10"] <= sift["auc@20"] and 0 <= sift["failures"] <= 4
+    assert sift["auc@5"] <= sift["auc@10"] <= sift["auc@20"]
+    assert sift["pairs"] == 2 and sift["draws"] == 2 and len(sift["per_pair"]) == 2
+    assert sift["failures"] <= 2, sift  # measured: 2 of 4 draws
+    assert sift["mean_matches"] >= 30 and min(r["n_matches"] for r in sift["per_pair"]) >= 20, sift  # 62.5: 56, 69
 
 
 def test_rendered3d_command_end_to_end(rendered, tmp_path):

@@ -25,6 +25,7 @@ def test_export_help_tells_the_truth(capsys):
     assert "TensorRT" not in out
 
 
+@pytest.mark.slow  # three subprocesses
 def test_hloc_help_without_hloc_prints_usage_and_install_hint(tmp_path):
     code = "import sys; sys.modules['hloc'] = None\nfrom romav2_plugin.hloc import main\nsys.exit(main(sys.argv[1:]))"
     for argv, rc in ((["--help"], 0), (["match_dense", "--help"], 0)):
@@ -76,7 +77,8 @@ def test_bad_checkpoint_same_code_in_the_hloc_command(hloc, tmp_path, monkeypatc
 
 def test_sigterm_handler_restored_after_each_command(cli_double, tmp_path):
     before = signal.getsignal(signal.SIGTERM)
-    assert cli.main(["--demo", "--setting", "turbo", "--out", str(tmp_path / "o"), "--no-pictures"]) == 0
+    argv = ["--demo", "--setting", "turbo", "--out", str(tmp_path / "o"), "--no-pictures", "--num-samples", "200"]
+    assert cli.main(argv) == 0
     assert signal.getsignal(signal.SIGTERM) is before
 
 

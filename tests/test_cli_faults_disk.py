@@ -33,6 +33,7 @@ def _readonly_setup(tmp_path) -> tuple[Path, str | None]:
     return ro, f"mount -t tmpfs -o ro,size=1m tmpfs '{ro}'"
 
 
+@pytest.mark.slow  # a child process per case
 @pytest.mark.parametrize("target", ["matches.npz", "res.h5", "folder", "pairs.h5"])
 def test_readonly_output_refused_before_the_model_same_code(cli_driver, cli_images, tmp_path, target):
     ro, wrap = _readonly_setup(tmp_path)
@@ -82,6 +83,7 @@ def _run_full_disk_and_copy(driver, args, tiny_fs, copy_to, env, size="400k"):
     )
 
 
+@pytest.mark.slow  # child processes on a tiny file system
 @pytest.mark.parametrize("blind", [False, True], ids=["free-space-check", "real-ENOSPC"])
 def test_full_disk_pairs_then_resume_elsewhere(cli_driver, cli_images, tmp_path, tiny_fs, blind):
     pairs = tmp_path / "pairs.txt"
@@ -104,6 +106,7 @@ def test_full_disk_pairs_then_resume_elsewhere(cli_driver, cli_images, tmp_path,
         assert sum(1 for k1 in f for _ in f[k1]) == 5
 
 
+@pytest.mark.slow  # child processes on a tiny file system
 def test_full_disk_single_npz_leaves_nothing(cli_driver, tmp_path, tiny_fs):
     saved = tmp_path / "saved"
     saved.mkdir()

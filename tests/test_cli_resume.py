@@ -81,6 +81,7 @@ def test_results_file_locked_by_another_process_is_called_in_use(cli_no_model, c
         holder.wait()
 
 
+@pytest.mark.slow  # two child processes per case
 @pytest.mark.parametrize("kill_at, kept", [(3, 0), (9, 1)], ids=["first-write", "second-write"])
 def test_killed_inside_a_write_the_next_run_resumes(cli_driver, cli_images, tmp_path, kill_at, kept):
     pairs = tmp_path / "pairs.txt"

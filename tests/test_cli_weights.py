@@ -34,7 +34,8 @@ def test_weights_tiny_goes_to_from_pretrained_in_match_and_export(
 ):
     out = tmp_path / "o"
     assert (
-        cli.main(["--demo", "--weights", "tiny", "--setting", "turbo", "--out", str(out), "--no-pictures"])
+        cli.main(["--demo", "--weights", "tiny", "--setting", "turbo", "--out", str(out), "--no-pictures",
+                  "--num-samples", "200"])
         == 0
     )
     assert record_from_pretrained == ["tiny"]
@@ -74,14 +75,14 @@ def test_demo_uses_tiny_without_official_weights_and_says_so(
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv("ROMAV2_WEIGHTS", raising=False)
     out = tmp_path / "o"
-    assert cli.main(["--demo", "--setting", "turbo", "--out", str(out), "--no-pictures"]) == 0
+    assert cli.main(["--demo", "--setting", "turbo", "--out", str(out), "--no-pictures", "--num-samples", "200"]) == 0
     assert record_from_pretrained == ["tiny"]
     assert "small shipped model 'tiny'" in capsys.readouterr().out
     # the official file already in the cache is used (and nothing is downloaded)
     cached = tmp_path / "cache" / "weights" / "romav2.0.1.pt"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"stand-in")
-    assert cli.main(["--demo", "--setting", "turbo", "--out", str(out), "--no-pictures"]) == 0
+    assert cli.main(["--demo", "--setting", "turbo", "--out", str(out), "--no-pictures", "--num-samples", "200"]) == 0
     assert record_from_pretrained[-1] == str(cached)
     assert "official weights found in the cache" in capsys.readouterr().out
 

@@ -141,6 +141,7 @@ def _run(data, out, **kw):
     return match_pairs(data["pairs"], data["images"], out, **opts)
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_same_file_as_one_process(data, cluster, tmp_path):
     out = tmp_path / "ray.h5"
     run = _run(data, out, batch_size=2)
@@ -151,6 +152,7 @@ def test_same_file_as_one_process(data, cluster, tmp_path):
     _assert_same(out, data["ref"])
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_worker_killed_mid_run(data, cluster, tmp_path):
     marker = tmp_path / "died"
     out = tmp_path / "ray.h5"
@@ -160,6 +162,7 @@ def test_worker_killed_mid_run(data, cluster, tmp_path):
     _assert_same(out, data["ref"])
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_driver_interrupted_then_resumed_by_the_command(data, cluster, tmp_path, capsys):
     out = tmp_path / "ray.h5"
     written = []

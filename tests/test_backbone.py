@@ -8,7 +8,7 @@ import torch
 from timm.models.eva import checkpoint_filter_fn
 from torch import nn
 
-from romav2_plugin.backbone import _create_timm_vit, imagenet_normalize
+from romav2_plugin.backbone import DINOv3Backbone, _create_timm_vit, imagenet_normalize
 from romav2_plugin.config import BackboneConfig
 from romav2_plugin.weights import load_checkpoint
 
@@ -22,7 +22,7 @@ def full_vit(random_checkpoint):
 
 
 def _reference_intermediates(vit, img, layers=(11, 17)):
-    """Step through all 24 blocks by hand, as Meta's implementation does."""
+    """Step through all blocks by hand, as Meta's implementation does."""
     B, _, H, W = img.shape
     x = vit.patch_embed(imagenet_normalize(img))
     x, rope = vit._pos_embed(x)
@@ -32,13 +32,35 @@ def _reference_intermediates(vit, img, layers=(11, 17)):
         if i in layers:
             y = vit.norm(x)[:, vit.num_prefix_tokens :]
             outs.append(y.reshape(B, H // 16, W // 16, -1))
-    assert len(vit.blocks) == 24
     return outs
+
+
+def test_wrapper_semantics_on_a_small_backbone():
+    """The same semantics at romav2-tiny's width, with blocks after the last used layer pruned: a 6-block
+    192-wide ViT returning blocks 1 and 3, against the unpruned model stepped by hand."""
+    cfg = BackboneConfig(layers=(1, 3), embed_dim=192, depth=6, num_heads=3)
+    torch.manual_seed(0)
+    full = _create_timm_vit(cfg).eval()
+    for name, p in full.named_parameters():
+        if "gamma" in name:  # timm's LayerScale init (1e-5) would make every block an identity
+            p.data.uniform_(0.05, 0.15)
+    ours = DINOv3Backbone(cfg).eval()
+    assert len(ours.vit.blocks) == 4 and len(full.blocks) == 6
+    missing, unexpected = ours.vit.load_state_dict(full.state_dict(), strict=False)
+    assert not missing and all(k.startswith(("blocks.4.", "blocks.5.")) for k in unexpected) and unexpected
+    img = torch.rand(2, 3, 48, 80, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = _reference_intermediates(full, img, layers=cfg.layers)
+        got = ours(img, amp=False)
+    assert [tuple(o.shape) for o in got] == [(2, 3, 5, 192)] * 2
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert a.std() > 0.1
 
 
 def test_wrapper_matches_full_model_semantics(random_model, full_vit):
     assert len(random_model.f.vit.blocks) == 18  # blocks 18-23 are never built
-    assert full_vit.num_prefix_tokens == 5
+    assert len(full_vit.blocks) == 24 and full_vit.num_prefix_tokens == 5
     img = torch.rand(2, 3, 320, 480, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = _reference_intermediates(full_vit, img)

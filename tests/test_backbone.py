@@ -145,15 +145,23 @@ def _official_dinov3(backbone_sd: dict[str, torch.Tensor]) -> nn.Module:
 @pytest.mark.slow  # builds a second, 24-block ViT-L (about 1.2 GB in float32)
 def test_backbone_matches_the_official_dinov3_code(random_model, random_checkpoint):
     """Our timm-based backbone against Meta's DINOv3 code from the official package, same random weights
-    (every official ``f.*`` entry, the masked key bias and the checkpoint's RoPE periods included)."""
+    (every official ``f.*`` entry loaded strictly, the masked key bias included).
+
+    With the RoPE periods DINOv3 computes itself the two agree to the last bit (measured: 0.0). The
+    checkpoint stores those periods in bfloat16 (0.19% off at most) and the official model uses the stored
+    ones, which we do not load: measured 7.4e-5 apart on unit-variance features in float32, far under the
+    bfloat16 the official model runs in."""
     pytest.importorskip("romav2", reason="official reference: pip install --no-deps romav2==2.0.1")
     sd = load_checkpoint(random_checkpoint)
     official = _official_dinov3({k[2:]: v for k, v in sd.items() if k.startswith("f.")})
     img = torch.rand(2, 3, 80, 112, generator=torch.Generator().manual_seed(3))  # 5 x 7 patches: H != W
     with torch.no_grad():
-        ref = official(img)
         got = random_model.f(img, amp=False)
+        with_stored_periods = official(img)
+        official.rope_embed._init_weights()  # the periods in float32, as DINOv3 computes them
+        ref = official(img)
     assert [tuple(o.shape) for o in ref] == [(2, 5, 7, 1024)] * 2
-    for a, b in zip(got, ref):
+    for a, b, c in zip(got, ref, with_stored_periods):
         assert b.std() > 0.1  # normed features, not a degenerate map
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(a, c, atol=2e-4, rtol=0)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_support import cli_double, cli_driver, cli_images, cli_no_model  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -34,6 +35,34 @@ def _shared_hloc_on_path() -> bool:
 
 
 HLOC_FROM_SHARED = _shared_hloc_on_path()
+
+
+#: Fixtures that put a test in the slow lane wherever it is: the full-size (ViT-L) model with seeded random
+#: weights, written once per session (a 1.2 GB state dict) and run at full size.
+SLOW_FIXTURES = {"random_checkpoint", "random_model"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+_SLOW_NOT_RUN: list[str] = []
+
+
+def pytest_deselected(items) -> None:
+    _SLOW_NOT_RUN.extend(item.nodeid for item in items if item.get_closest_marker("slow") is not None)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Say what the fast lane (pyproject's default ``-m "not slow"``) left out and how to run it."""
+    if _SLOW_NOT_RUN and config.getoption("markexpr") == "not slow":
+        terminalreporter.write_line(
+            f"fast lane: {len(_SLOW_NOT_RUN)} slow test(s) not run; `python -m pytest -m slow` runs them, "
+            '`python -m pytest -m "slow or not slow"` runs everything'
+        )
 
 
 def pytest_report_header(config) -> str:

@@ -308,6 +308,7 @@ def test_pairs_resume_options_mismatch_and_overwrite_inprocess(double, tmp_path,
 
 
 # ------------------------------------------------------------------- subprocess, as a user runs it
+@pytest.mark.slow  # a subprocess, as a user runs it
 def test_offline_without_weights_prints_one_paragraph_exit_4(tmp_path):
     (tmp_path / "torch_home").mkdir()
     r = run_cli(
@@ -323,6 +324,7 @@ def test_offline_without_weights_prints_one_paragraph_exit_4(tmp_path):
     assert not (tmp_path / "o" / "matches.npz").exists()
 
 
+@pytest.mark.slow  # a subprocess, as a user runs it
 def test_wrong_weights_file_exit_4(tmp_path):
     bogus = tmp_path / "romav2.0.1.pt"
     bogus.write_bytes(b"not a checkpoint")

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -19,9 +20,6 @@ from PIL import Image
 
 from romav2_plugin.app import cli, matching
 
-h5py = pytest.importorskip("h5py")
-
-HLOC = Path(os.environ.get("ROMAV2_HLOC_PATH", "/work/shared/thirdparty/hloc"))
 COMMON = ["--setting", "tiny", "--num-samples", "150", "--min-overlap", "0", "--device", "cpu", "--seed", "3"]
 N_OK = 4  # matchable pairs; one more pair has a truncated image
 
@@ -74,7 +72,8 @@ def data(tmp_path_factory):
 def cluster():
     # a busy machine can take more than Ray's default 60 s to answer the start-up RPCs (read at import)
     os.environ.setdefault("RAY_gcs_server_request_timeout_seconds", "300")
-    ray = pytest.importorskip("ray")
+    import ray  # the [dev] extra has it: without ray these tests fail, they do not skip
+
     from romav2_plugin.distributed.cluster import _children, _shutdown_failed_start
 
     for attempt in range(3):  # the raylet can miss Ray's 30 s start-up deadline on a busy machine
@@ -142,6 +141,7 @@ def _run(data, out, **kw):
     return match_pairs(data["pairs"], data["images"], out, **opts)
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_same_file_as_one_process(data, cluster, tmp_path):
     out = tmp_path / "ray.h5"
     run = _run(data, out, batch_size=2)
@@ -152,6 +152,7 @@ def test_same_file_as_one_process(data, cluster, tmp_path):
     _assert_same(out, data["ref"])
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_worker_killed_mid_run(data, cluster, tmp_path):
     marker = tmp_path / "died"
     out = tmp_path / "ray.h5"
@@ -161,6 +162,7 @@ def test_worker_killed_mid_run(data, cluster, tmp_path):
     _assert_same(out, data["ref"])
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_driver_interrupted_then_resumed_by_the_command(data, cluster, tmp_path, capsys):
     out = tmp_path / "ray.h5"
     written = []
@@ -206,17 +208,7 @@ def test_engine_ray_needs_pairs(capsys):
 
 
 # ------------------------------------------------------------------------------------------------- hloc
-@pytest.fixture(scope="module")
-def hloc_path():
-    if not (HLOC / "hloc").is_dir():
-        pytest.skip(f"hloc not found at {HLOC}")
-    sys.path.insert(0, str(HLOC))
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(HLOC), *filter(None, [os.environ.get("PYTHONPATH")])])
-    pytest.importorskip("hloc.match_dense")
-    yield HLOC
-
-
-def test_hloc_without_ray_the_named_error(data, hloc_path, monkeypatch, tmp_path, capsys):
+def test_hloc_without_ray_the_named_error(data, hloc, monkeypatch, tmp_path, capsys):
     from romav2_plugin.app import hloc_command
 
     monkeypatch.setitem(sys.modules, "ray", None)
@@ -233,7 +225,8 @@ def _datasets(f) -> dict:
     return items
 
 
-def test_hloc_same_files_as_match_dense_main(data, hloc_path, cluster, tmp_path):
+@pytest.mark.slow  # a local Ray cluster
+def test_hloc_same_files_as_match_dense_main(data, hloc, cluster, tmp_path):
     from romav2_plugin.adapters.hloc import ensure_registered
     from romav2_plugin.app.hloc import run_match_dense
     from romav2_plugin.distributed import hloc_match_dense

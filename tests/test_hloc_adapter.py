@@ -330,6 +330,7 @@ def test_match_dense_main_matches_follow_the_warp_within_quantisation(double_con
     assert err.max() < tol, err.max()
 
 
+@pytest.mark.slow  # several match_dense runs
 def test_run_match_dense_resume_overwrite_and_interrupt(double_conf, scene, match_dense, monkeypatch):
     import h5py
 
@@ -533,6 +534,7 @@ def test_cli_end_to_end(toronto_scene, random_checkpoint):
     assert r.returncode == 0 and "1 of 1 pairs to match" in r.stderr, r.stderr[-3000:]
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_missing_image_is_a_clear_error(scene):
     tmp, images, _ = scene
     bad = tmp / "bad.txt"

@@ -78,6 +78,7 @@ def test_nvrtc_compile_error_raises_with_log(monkeypatch):
         kernels.compile_kernel("broken.cu", "sm_80", use_cache=False)
 
 
+@pytest.mark.slow  # two subprocesses compiling every kernel
 @needs_nvrtc
 def test_check_cli(tmp_path):
     env = {**os.environ, "ROMAV2_PLUGIN_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT)}
@@ -320,6 +321,7 @@ def test_host_shim_nan_and_huge_coordinates_are_zero(shim):
     assert (out[0, :, 0, :] == 0).all()
 
 
+@pytest.mark.slow  # subprocesses
 def test_gpu_benchmark_script_dry_run_and_no_gpu_exit(tmp_path):
     """benchmarks/gpu_kernels.py: --dry-run works without a GPU; a plain run without CUDA exits 0 with a message."""
     script = ROOT / "benchmarks" / "gpu_kernels.py"

@@ -136,7 +136,7 @@ def test_module_behaviour_and_bad_input(random_model):
     assert "model.matcher.omega" in wrapped.state_dict()
 
 
-# ------------------------------------------------------------------ masks checked before the network (#15)
+# ------------------------------------------------------------------ masks checked before the network
 class _NoNetwork(HomographyWarpDouble):
     def match(self, img_A, img_B):
         raise AssertionError("the network ran on invalid input")

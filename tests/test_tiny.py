@@ -8,6 +8,7 @@ benchmarks/results/tiny_heldout_cpu.json; the held-out images are the ones liste
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -52,11 +53,12 @@ def test_from_pretrained_tiny_loads_without_warnings():
 #: precise candidates): median 1.22 px on the demo pair (2.19 px after parts 1-11 and 2.54 px after parts 1-10,
 #: both drawing from every candidate; 3.12 px after parts 1-9, 3.91 px after parts 1-8, 5.05 px after parts 1-7,
 #: 5.8 px after parts 1-6, 7.0 px after parts 1-5, 9.3 px after parts 1-4, 14.5 px after parts 1-3 at 256x256
-#: alone, 21.9 px after part 1). The bound is under every earlier part's figure and under the issue's target,
-#: 3 px; an untrained model of the same architecture scores about 210 px.
+#: alone, 21.9 px after part 1). The bound is under every earlier part's figure and under the 3 px target
+#: (benchmarks/tiny/heldout.py's TARGETS); an untrained model of the same architecture scores about 210 px.
 DEMO_BOUND_PX = 2.0
 
 
+@pytest.mark.slow  # the demo in a subprocess, then an untrained model
 def test_demo_offline_matches_the_pair(tmp_path):
     """`romav2-match --demo` on a machine without the official weights uses romav2-tiny, matches the shipped
     pair offline and writes the pictures; its median reprojection error is far below an untrained model's."""
@@ -72,6 +74,7 @@ def test_demo_offline_matches_the_pair(tmp_path):
     assert trained <= DEMO_BOUND_PX, out
     assert (tmp_path / "out" / "matches.png").is_file() and (tmp_path / "out" / "warp.png").is_file()
     untrained = demo_median_error(untrained_tiny())
+    assert math.isfinite(untrained), untrained  # an error for every match, not a failure to match
     assert trained < 0.25 * untrained, (trained, untrained)
 
 
@@ -83,6 +86,7 @@ def test_demo_offline_matches_the_pair(tmp_path):
 KORNIA_BOUND_PX = 0.5
 
 
+@pytest.mark.slow  # two real models at 2000 matches
 def test_kornia_tiny_with_ransac_recovers_a_heldout_homography():
     kornia = pytest.importorskip("kornia")
     import romav2_plugin  # noqa: F401  registers KF.RoMaV2
@@ -92,7 +96,9 @@ def test_kornia_tiny_with_ransac_recovers_a_heldout_homography():
     assert trained < KORNIA_BOUND_PX, f"mean corner error {trained:.2f} px"
     untrained = kornia_corner_error(kornia.feature.RoMaV2(model=untrained_tiny(), num_samples=2000, seed=0), img_A,
                                     img_B, Hm)
-    assert trained < 0.25 * untrained, (trained, untrained)
+    # an untrained model of the same architecture gives under 4 matches here, so no homography at all (an
+    # infinite error, as benchmarks/results/tiny_heldout_cpu.json records): the bound above tells the two apart
+    assert math.isinf(untrained), untrained
 
 
 @pytest.mark.slow

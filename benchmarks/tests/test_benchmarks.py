@@ -236,6 +236,7 @@ def _tiny_checkpoint(path: Path) -> Path:
     return export_weights(path, RoMaV2(tiny_config()))
 
 
+@pytest.mark.slow  # romav2-tiny end to end
 def test_tiny_row_loads_weights_and_runs_end_to_end(tmp_path, two_pairs):
     """--tiny-weights PATH: the tiny row is romav2-tiny's architecture and setting (from the card), and
     the synthetic benchmark runs through it (random weights: only the plumbing is checked here)."""
@@ -280,7 +281,8 @@ def test_rendered_pairs_are_deterministic_and_consistent(rendered):
 
 def test_rendered_double_gives_perfect_pose_and_sift_a_valid_row(rendered):
     """The exact depth-warp double through the real sampling, pixel conversion and essential-matrix RANSAC:
-    pose AUC ~1. SIFT on the same pairs gives a well-formed row (values in range)."""
+    pose AUC ~1. SIFT on the same pairs gives a well-formed row (values in range) and its measured quality:
+    on these two 120x160 renders it keeps 56 and 69 matches, and scene0 fails both draws (opencv 5.0)."""
     pytest.importorskip("cv2")
     _, pairs = rendered
     rows = acc.run_rendered3d({"double": acc.RenderedDouble(num=1000), "sift": acc.SIFTMatcher()}, pairs, draws=2)
@@ -290,7 +292,10 @@ def test_rendered_double_gives_perfect_pose_and_sift_a_valid_row(rendered):
     assert double["mean_matches"] > 200
     for k in ("auc@5", "auc@10", "auc@20"):
         assert 0.0 <= sift[k] <= 1.0
-    assert sift["auc@5"] <= sift["auc@10"] <= sift["auc@20"] and 0 <= sift["failures"] <= 4
+    assert sift["auc@5"] <= sift["auc@10"] <= sift["auc@20"]
+    assert sift["pairs"] == 2 and sift["draws"] == 2 and len(sift["per_pair"]) == 2
+    assert sift["failures"] <= 2, sift  # measured: 2 of 4 draws
+    assert sift["mean_matches"] >= 30 and min(r["n_matches"] for r in sift["per_pair"]) >= 20, sift  # 62.5: 56, 69
 
 
 def test_rendered3d_command_end_to_end(rendered, tmp_path):
@@ -327,6 +332,7 @@ def test_missing_images_are_listed(tmp_path):
         acc.megadepth1500_pairs(tmp_path)
 
 
+@pytest.mark.slow  # subprocesses
 def test_cli_reports_missing_data_and_weights(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks.accuracy"]
     r = subprocess.run(cmd + ["--benchmark", "megadepth1500", "--data-root", str(tmp_path)],
@@ -346,6 +352,7 @@ def test_cli_reports_missing_data_and_weights(tmp_path):
 
 
 # ---------------------------------------------------------------- speed harness
+@pytest.mark.slow  # a subprocess
 def test_speed_dry_run_writes_table_csv_and_chart(tmp_path):
     from PIL import Image
 
@@ -547,6 +554,7 @@ def test_validation_studies_write_provenance_and_the_table(tmp_path, capsys):
     assert "| keep0.3 | 0.500 |" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # timed KDE runs
 def test_sampling_speed_times_both_kdes_in_turns(tmp_path):
     """``benchmarks.sampling_speed``: both KDEs timed, each compared with float64, provenance written."""
     from benchmarks.sampling_speed import main
@@ -559,6 +567,7 @@ def test_sampling_speed_times_both_kdes_in_turns(tmp_path):
     assert "Command: `" in md and "| sample(), float32 KDE |" in md and "Ratio half / float32" in md
 
 
+@pytest.mark.slow  # timed model runs
 def test_tiny_speed_times_a_second_pass_against_the_default(tmp_path):
     """``benchmarks.tiny.speed --second-pass``: each variant timed in turns with the default, ratios to it."""
     from benchmarks.tiny.speed import main

@@ -110,7 +110,7 @@ def cli_images(tmp_path):
 @pytest.fixture
 def cli_double(monkeypatch):
     """romav2-match in this process with the double as its network; records ``(weights, setting)``."""
-    from romav2_plugin.app import cli, matching
+    from romav2_plugin.app import matching
     from romav2_plugin.testing import HomographyWarpDouble
 
     calls = []
@@ -129,7 +129,7 @@ def cli_double(monkeypatch):
 @pytest.fixture
 def cli_no_model(monkeypatch):
     """romav2-match in this process, failing the test if it loads a model (input refused before it)."""
-    from romav2_plugin.app import cli, matching
+    from romav2_plugin.app import matching
 
     def refuse(*a, **k):
         raise AssertionError("the model must not be loaded")

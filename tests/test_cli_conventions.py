@@ -10,9 +10,9 @@ import sys
 import pytest
 from cli_support import child_env
 
-from romav2_plugin import signals
-from romav2_plugin.app import cli, errors, hloc_command, matching
 from romav2_plugin import export as ex
+from romav2_plugin import signals
+from romav2_plugin.app import cli, errors
 
 
 def test_export_help_tells_the_truth(capsys):
@@ -61,8 +61,8 @@ def test_missing_dependency_and_bad_checkpoint_same_code_in_match_and_export(tmp
 
 def test_bad_checkpoint_same_code_in_the_hloc_command(hloc, tmp_path, monkeypatch, capsys):
     """python -m romav2_plugin.hloc: a weights error raised while hloc loads the model -> 4."""
-    from romav2_plugin.app import hloc_command as hcli
     from romav2_plugin.adapters.hloc import ensure_registered
+    from romav2_plugin.app import hloc_command as hcli
     from romav2_plugin.model import RoMaV2
 
     bogus = tmp_path / "romav2.0.1.pt"

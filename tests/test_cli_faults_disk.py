@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from cli_support import ASSETS, can_mount, child_env, pairs_args, run_driver
 
-from romav2_plugin import signals
-from romav2_plugin.app import cli, errors, hloc_command, matching
+from romav2_plugin.app import cli, errors
 
 
 def _readonly_setup(tmp_path) -> tuple[Path, str | None]:

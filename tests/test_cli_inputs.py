@@ -7,7 +7,7 @@ import numpy as np
 from cli_support import ASSETS, pairs_args
 from PIL import Image
 
-from romav2_plugin.app import cli, matching
+from romav2_plugin.app import cli
 
 
 def test_pairs_file_not_utf8_names_line_and_byte(cli_no_model, cli_images, tmp_path, capsys):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from cli_support import child_env, pairs_args, run_driver
 
-from romav2_plugin.app import cli, matching
+from romav2_plugin.app import cli
 from romav2_plugin.app.results import FORMAT_ATTR, pair_key
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from cli_support import DEMO_H
 
-from romav2_plugin.app import cli, matching
 from romav2_plugin import export as ex
+from romav2_plugin.app import cli
 from romav2_plugin.testing import HomographyWarpDouble
 
 
@@ -52,8 +52,8 @@ def test_weights_tiny_goes_to_from_pretrained_in_match_and_export(
 
 def test_weights_tiny_goes_to_the_hloc_conf(hloc, tmp_path, monkeypatch):
     """python -m romav2_plugin.hloc: the conf gets the name, nothing treats it as a path."""
-    from romav2_plugin.app import hloc_command as hcli
     from romav2_plugin.adapters.hloc import ensure_registered
+    from romav2_plugin.app import hloc_command as hcli
 
     seen = {}
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from romav2_plugin.config import RoMaV2Config, config_from_dict
+from romav2_plugin.config import RoMaV2Config, check_card_ranges, config_from_dict
 
 __all__ = ["NAMED_WEIGHTS", "is_named", "named_path", "load_named", "read_card", "config_from_card", "upcast_stored"]
 
@@ -67,7 +67,9 @@ def config_from_card(path: str | os.PathLike) -> RoMaV2Config | None:
     if card is None or "config" not in card:
         return None
     try:
-        return config_from_dict(RoMaV2Config, card["config"])
+        config = config_from_dict(RoMaV2Config, card["config"])
+        check_card_ranges(config)
+        return config
     except ValueError as e:
         raise ValueError(f"Model card {Path(path).with_suffix('.json')}: {e}") from None
 

@@ -31,7 +31,9 @@ dense predictions next to the matches file, removed when the run completes).
 
 Where the workers run. ``address=None`` starts a local Ray cluster on this machine (all of its GPUs, or
 its CPUs); ``address="auto"`` joins the cluster started with ``ray start --head`` on this machine;
-``"HOST:PORT"`` or ``"ray://HOST:10001"`` joins a remote one. Every node needs romav2-plugin (and hloc for
+``"HOST:PORT"`` or ``"ray://HOST:10001"`` joins a remote one; when nothing accepts a connection there within
+``--connect-timeout`` seconds (default 30; Ray itself would retry for minutes) the run stops with exit 4
+naming the address. Every node needs romav2-plugin (and hloc for
 :func:`hloc_match_dense`) installed, the images under the same path, and the weights file under the same
 path (the default official weights are downloaded once per node into its cache; ``tiny`` ships with the
 package).
@@ -80,6 +82,8 @@ __all__ = [
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_MAX_IN_FLIGHT = 2
 DEFAULT_MAX_ATTEMPTS = 3
+#: Seconds to wait for ``--address HOST:PORT`` to accept a connection before giving up (exit 4).
+DEFAULT_CONNECT_TIMEOUT = 30.0
 _LOCAL_OBJECT_STORE = 512 << 20  # results are small (about 0.4 MB per pair); keep the local cluster lean
 _HLOC_CACHE_SUFFIX = ".ray-dense.h5"
 
@@ -156,13 +160,57 @@ def _shutdown_failed_start(ray, before: set[int]) -> None:
             pass
 
 
-def _connect(ray, address: str | None, num_cpus: int | None = None) -> _Cluster:
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``HOST:PORT``, ``[IPv6]:PORT`` or ``ray://HOST:PORT``; ``None`` for anything else
+    (``auto``, no port): Ray resolves those itself."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _wait_reachable(address: str, timeout: float) -> None:
+    """Raise a :class:`CommandError` (exit 4) naming ``address`` unless a TCP connection to it opens within
+    ``timeout`` seconds (retried every half second: a head node may still be starting). Ray's own
+    ``ray.init`` retries for minutes when nothing listens; this bounds it (``--connect-timeout``)."""
+    import socket
+    import time
+
+    hp = _host_port(address)
+    if hp is None:
+        return
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection(hp, timeout=max(0.1, min(left, 5.0))):
+                return
+        except OSError as e:
+            last = e
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(0.5, left))
+    raise CommandError(
+        f"cannot reach the Ray cluster at --address {address}: nothing accepted a connection within "
+        f"{timeout:g} s ({last}). Start it first (ray start --head on the head node), check the address and "
+        "that no firewall blocks it, give it longer (--connect-timeout S), or leave --address out to start a "
+        "local cluster on this machine.",
+        EXIT_SETUP,
+    )
+
+
+def _connect(ray, address: str | None, num_cpus: int | None = None, connect_timeout: float = 30.0) -> _Cluster:
     """Join ``address`` (``auto``, ``HOST:PORT``, ``ray://...``), or start a local cluster (``None``).
 
-    Reuses an already initialised Ray (a notebook or a test that called ``ray.init`` itself).
+    Reuses an already initialised Ray (a notebook or a test that called ``ray.init`` itself). A ``HOST:PORT``
+    that accepts no TCP connection within ``connect_timeout`` seconds is refused (exit 4) before ``ray.init``.
     """
     if ray.is_initialized():
         return _Cluster(ray, False)
+    if address is not None and address not in ("local", "auto"):
+        _wait_reachable(address, connect_timeout)
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if address is None or address == "local":
         # "local": always a new cluster (a bare ray.init() would join one that 'ray start' left running)
@@ -563,6 +611,7 @@ def match_pairs(
     on_pair_written: Callable[[str, str], None] | None = None,
     progress: bool = True,
     _fault: dict[str, Any] | None = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> PairsRun:
     """``romav2-match --pairs PAIRS --image-dir IMAGE_DIR --out OUT`` on a Ray cluster: the same results file.
 
@@ -574,6 +623,7 @@ def match_pairs(
         weights, setting, seed, num_samples, min_overlap, device, fp32: as ``romav2-match``'s options.
         address: ``None`` starts a local cluster; ``"auto"`` joins the one of ``ray start`` on this machine;
             ``"HOST:PORT"`` / ``"ray://HOST:10001"`` a remote one. An already initialised Ray is used as is.
+        connect_timeout: seconds ``HOST:PORT`` has to accept a connection before the run gives up (exit 4).
         num_workers: actors (default: as many as the cluster holds: one per GPU, else one per CPU).
         num_gpus_per_worker: default 1 when the cluster has GPUs, else 0 (fractions share a GPU).
         num_cpus_per_worker: default 1 (also the worker's torch threads).
@@ -687,7 +737,7 @@ def match_pairs(
         return run
 
     t0 = time.perf_counter()
-    cluster = _connect(ray, address)
+    cluster = _connect(ray, address, connect_timeout=connect_timeout)
     pool: _Pool | None = None
     try:
         n, gpus, cpus = _plan_workers(ray, num_workers, num_gpus_per_worker, num_cpus_per_worker)
@@ -820,6 +870,7 @@ def run_pairs_command(args) -> int:
             device=args.device,
             fp32=args.fp32,
             address=args.address,
+            connect_timeout=getattr(args, "connect_timeout", DEFAULT_CONNECT_TIMEOUT),
             num_workers=args.workers,
             num_gpus_per_worker=args.gpus_per_worker,
             num_cpus_per_worker=args.cpus_per_worker,
@@ -828,6 +879,19 @@ def run_pairs_command(args) -> int:
     except KeyboardInterrupt as e:
         return interrupt_code(e)
     return run.code
+
+
+def _positive_seconds(text: str) -> float:
+    import argparse
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return v
 
 
 def add_engine_arguments(p, *, what: str = "--pairs") -> None:
@@ -846,6 +910,11 @@ def add_engine_arguments(p, *, what: str = "--pairs") -> None:
         help="Ray cluster: default: start one on this machine; 'auto': join the one 'ray start --head' "
         "started here; HOST:PORT or ray://HOST:10001: a remote one",
     )
+    g.add_argument(
+        "--connect-timeout", type=_positive_seconds, default=DEFAULT_CONNECT_TIMEOUT, metavar="S",
+        help=f"with --address HOST:PORT: give up (exit 4) when nothing accepts a connection there within S "
+        f"seconds (default {DEFAULT_CONNECT_TIMEOUT:g})",
+    )  # fmt: skip
     g.add_argument(
         "--workers", type=int, default=None, metavar="N", help="workers (default: one per GPU, else per CPU)"
     )
@@ -872,6 +941,7 @@ def hloc_runner(args) -> Callable[..., tuple[Path, Path]]:
     return functools.partial(
         hloc_match_dense,
         address=args.address,
+        connect_timeout=getattr(args, "connect_timeout", DEFAULT_CONNECT_TIMEOUT),
         num_workers=args.workers,
         num_gpus_per_worker=args.gpus_per_worker,
         num_cpus_per_worker=args.cpus_per_worker,
@@ -1118,6 +1188,7 @@ def hloc_match_dense(
     progress: bool = True,
     on_pair_written: Callable[[str, str], None] | None = None,
     _fault: dict[str, Any] | None = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> tuple[Path, Path]:
     """``hloc.match_dense.main`` with the dense matching on Ray workers: the same features and matches files.
 
@@ -1136,7 +1207,7 @@ def hloc_match_dense(
     md = ensure_registered()
     if batch_size <= 0 or max_in_flight <= 0:
         raise CommandError(f"--batch-size ({batch_size}) must be positive", EXIT_USAGE)
-    cluster = _connect(ray, address)
+    cluster = _connect(ray, address, connect_timeout=connect_timeout)
     try:
         n, gpus, cpus = _plan_workers(ray, num_workers, num_gpus_per_worker, num_cpus_per_worker)
         engine = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from contextlib import ExitStack
@@ -131,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", metavar="IMAGE", help="IMAGE_A IMAGE_B (any format PIL reads)")
     p.add_argument("--demo", action="store_true", help="match the image pair shipped with the package")
     p.add_argument(
-        "--pairs", metavar="FILE", help="text file (UTF-8), one 'nameA nameB' pair per line ('#' comments)"
+        "--pairs", metavar="FILE", help="text file (UTF-8), one 'nameA nameB' pair per line; '#' at the start of a line or after a "
+        "space starts a comment ('a#1.jpg' is a name)"
     )
     p.add_argument(
         "--image-dir",
@@ -201,6 +203,11 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--max-draw must be >= 0")
     if getattr(args, "engine", "local") != "local" and args.pairs is None:
         p.error(f"--engine {args.engine} applies to --pairs only")
+    from romav2_plugin.distributed import ray_only_options_given
+
+    ray_only = ray_only_options_given(args)
+    if ray_only:
+        p.error(f"{', '.join(ray_only)} only apply with --engine ray (add --engine ray, or leave them out)")
 
 
 # ------------------------------------------------------------------------------------------------ utils
@@ -635,6 +642,15 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
     if path.is_dir():
         raise CommandError(f"pairs file {path} is a folder", EXIT_USAGE)
     if not path.is_file():
+        from romav2_plugin.io import special_file_kind
+
+        kind = special_file_kind(path)
+        if kind is not None:
+            raise CommandError(
+                f"pairs file {path} is {kind}, not a regular file: romav2-match reads the pairs from a file. "
+                "Save them to a file first (e.g. ... > pairs.txt) and pass that.",
+                EXIT_USAGE,
+            )
         raise CommandError(f"pairs file not found: {path}", EXIT_USAGE)
     try:
         data = path.read_bytes()
@@ -655,7 +671,7 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
                 EXIT_USAGE,
             ) from None
         offset += len(raw)
-        line = line.split("#", 1)[0].strip()
+        line = _COMMENT.sub("", line).strip()
         if not line:
             continue
         parts = line.split()
@@ -671,6 +687,11 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
     if not pairs:
         raise CommandError(f"{path}: no pairs found", EXIT_USAGE)
     return pairs
+
+
+#: A comment: a ``#`` at the start of a line or after white space, to the end of the line; a ``#`` inside a
+#: name (``hash#1.jpg``) is part of the name.
+_COMMENT = re.compile(r"(?:^|(?<=\s))#.*")
 
 
 def _read_or_repair(results: ResultsFile) -> tuple[dict[str, Any], set[tuple[str, str]], int]:

@@ -881,6 +881,25 @@ def run_pairs_command(args) -> int:
     return run.code
 
 
+#: Options that only mean something with ``--engine ray``: ``(flag, attribute, default)``.
+_RAY_ONLY = (
+    ("--address", "address", None),
+    ("--connect-timeout", "connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+    ("--workers", "workers", None),
+    ("--gpus-per-worker", "gpus_per_worker", None),
+    ("--cpus-per-worker", "cpus_per_worker", None),
+    ("--batch-size", "batch_size", DEFAULT_BATCH_SIZE),
+)
+
+
+def ray_only_options_given(args) -> list[str]:
+    """The Ray-only options (``--address``, ``--workers``...) set to something other than their default while
+    ``--engine`` is not ``ray``: the commands refuse them (exit 2) rather than ignore them silently."""
+    if getattr(args, "engine", "local") == "ray":
+        return []
+    return [flag for flag, attr, default in _RAY_ONLY if getattr(args, attr, default) != default]
+
+
 def _positive_seconds(text: str) -> float:
     import argparse
     import math

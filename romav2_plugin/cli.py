@@ -550,7 +550,8 @@ def _run_single(args: argparse.Namespace) -> int:
         if is_h5:
             import_h5py()
         a, b = _load(path_A), _load(path_B)
-        need = estimate_pair_bytes(args.num_samples) + (0 if args.no_pictures else PICTURES_BYTES)
+        need = estimate_pair_bytes(capped_num_samples(args.num_samples, args.setting))
+        need += 0 if args.no_pictures else PICTURES_BYTES
         check_output(matches_path, need)
         results = ResultsFile(matches_path) if is_h5 else None
         if results is not None:
@@ -694,6 +695,32 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
 _COMMENT = re.compile(r"(?:^|(?<=\s))#.*")
 
 
+def grid_candidates(setting: str | None) -> int:
+    """The most matches one pair can give with ``setting`` (``None``: the weights' own, so the largest of
+    all settings): one candidate per pixel of the finest working grid, per direction."""
+    from romav2_plugin.config import SETTINGS
+
+    def n(st) -> int:
+        h, w = (st.H_hr, st.W_hr) if st.H_hr is not None and st.W_hr is not None else (st.H_lr, st.W_lr)
+        return h * w * (2 if st.bidirectional else 1)
+
+    return n(SETTINGS[setting]) if setting in SETTINGS else max(n(st) for st in SETTINGS.values())
+
+
+def capped_num_samples(num_samples: int, setting: str | None) -> int:
+    """``num_samples``, or the grid's candidate count when it asks for more (what can ever be written), saying
+    so on stderr; used for the space estimate (the sampler itself already stops at the candidates)."""
+    cap = grid_candidates(setting)
+    if num_samples <= cap:
+        return num_samples
+    _err(
+        f"--num-samples {num_samples} is more than the {cap} candidate matches of "
+        f"{'setting ' + setting if setting else 'the largest setting'}: at most {cap} matches per pair are "
+        "written (the disk-space estimate uses that)."
+    )
+    return cap
+
+
 def _read_or_repair(results: ResultsFile) -> tuple[dict[str, Any], set[tuple[str, str]], int]:
     """Read an existing results file; one that an interrupted write damaged is repaired (what reads back is
     kept, the damaged file is kept as ``.damaged``). A locked file or one that is not HDF5 is refused."""
@@ -747,7 +774,7 @@ def _run_pairs(args: argparse.Namespace) -> int:
     import_h5py()
     choice = choose_weights(args.weights)
     results = ResultsFile(out)
-    per_pair = estimate_pair_bytes(args.num_samples)
+    per_pair = estimate_pair_bytes(capped_num_samples(args.num_samples, args.setting))
     check_output(out, per_pair)
     results.hold_lock()  # one writer per results file, until this run ends; before the file is read
     attrs: dict[str, Any] = {}

@@ -676,7 +676,7 @@ def match_pairs(
     import_h5py()
     choice = choose_weights(weights)
     results = ResultsFile(out)
-    per_pair = estimate_pair_bytes(num_samples)
+    per_pair = estimate_pair_bytes(cli.capped_num_samples(num_samples, setting))
     check_output(out, per_pair)
     results.hold_lock()  # one writer per results file (the driver writes it), until this run ends
     attrs: dict[str, Any] = {}

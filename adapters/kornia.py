@@ -34,6 +34,21 @@ _SAMPLE_MODES = ("balanced", "threshold")
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
+def _check_threshold(value: Any) -> None:
+    """``confidence_threshold``: a number in ``[0, 1)`` (overlaps lie in ``[0, 1]``; NaN or >= 1 would keep
+    no match at all, silently)."""
+    import math
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and 0.0 <= value < 1.0):
+        raise ValueError(
+            f"confidence_threshold must be a number in [0, 1) (an overlap: matches above it are kept), got {value!r}"
+        )
+
+
+_IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _scale_precision(P: torch.Tensor, work_hw: tuple[int, int], img_hw: tuple[int, int]) -> torch.Tensor:
     """Precision from working-resolution pixels to input-image pixels (official ``prec_map_coordinates``)."""
     ratio = torch.tensor((work_hw[1] / img_hw[1], work_hw[0] / img_hw[0]), device=P.device, dtype=P.dtype)
@@ -59,6 +74,13 @@ class RoMaV2(nn.Module):
         model: an already-built core model (e.g. ``romav2_plugin.RoMaV2``) instead of ``weights``.
         min_overlap: ``"balanced"`` mode: only matches with overlap above it are drawn (default 0.5: unrelated
             images give few or no matches); ``None``: the official sampler's behaviour.
+
+    Precision: ``.to(dtype)`` / ``.half()`` / ``.double()`` / ``.bfloat16()`` (as kornia's tests do for every
+    module) set :attr:`dtype`: float images of any float dtype are taken, and ``keypoints``, ``confidence``
+    and ``precision`` come back in that dtype. The network itself keeps its float32 weights (with its bf16
+    autocast, ``amp``, on CUDA): a float64 network would not be more accurate than the weights it was trained
+    in, and float16 weights lose accuracy without saving much over the autocast. Integer and complex dtypes
+    are refused (``TypeError``).
     """
 
     def __init__(
@@ -81,6 +103,7 @@ class RoMaV2(nn.Module):
             raise ValueError(f"Unknown sample_mode {sample_mode!r}; choose one of {_SAMPLE_MODES}")
         if int(num_samples) <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
+        _check_threshold(confidence_threshold)
         if model is None:
             model = _CoreRoMaV2.from_pretrained(weights, setting=setting, amp=amp)
         elif setting is not None:
@@ -93,7 +116,33 @@ class RoMaV2(nn.Module):
         self.confidence_threshold = float(confidence_threshold)
         self.seed = seed
         self.min_overlap = None if min_overlap is None else float(min_overlap)
+        self.dtype = torch.float32  # of the outputs (and what inputs are taken as): follows .to(dtype)
         self.eval()
+
+    def _net_device(self) -> torch.device:
+        for t in self.model.parameters():
+            return t.device
+        for t in self.model.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+        """``.to(dtype)``, ``.half()``, ``.double()``, ``.bfloat16()``, ``.float()`` (here or from a parent module)
+        set :attr:`dtype`, the dtype of the outputs; the network keeps its own precision and only follows the
+        device (see the class docstring). Device moves, ``share_memory()``... apply to the network as usual."""
+        io = fn(torch.zeros((), dtype=self.dtype, device="cpu"))
+        if io.dtype != self.dtype:
+            if io.dtype not in _IO_DTYPES:
+                raise TypeError(
+                    f"kornia.feature.RoMaV2 works in float16, bfloat16, float32 or float64, not {io.dtype}"
+                )
+        net = fn(torch.zeros((), dtype=torch.float32, device=self._net_device()))
+        if net.dtype == torch.float32:
+            super()._apply(fn, recurse)
+        else:  # a dtype change: the network only moves (its weights keep their precision)
+            super()._apply(lambda t: t.to(net.device), recurse)
+        self.dtype = io.dtype
+        return self
 
     @staticmethod
     def _check(data: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +162,9 @@ class RoMaV2(nn.Module):
 
     @staticmethod
     def _check_mask(key: str, mask: Any, image: torch.Tensor) -> torch.Tensor:
-        """A validity mask as ``(B, H, W)`` bool; ``(B, 1, H, W)`` is accepted too. Anything else (another
-        size, transposed, no batch dimension, values other than 0/1) is refused with a ``ValueError``."""
+        """A validity mask as ``(B, H, W)`` bool; ``(B, 1, H, W)`` is accepted too. kornia's convention: 0 marks
+        padding, any other value (``torch.rand`` masks included) a valid pixel. Anything else (another size,
+        transposed, no batch dimension, NaN, a complex dtype) is refused with a ``ValueError``."""
         B, _, H, W = image.shape
         img = "image" + key[-1]
         if not isinstance(mask, torch.Tensor):
@@ -138,12 +188,9 @@ class RoMaV2(nn.Module):
             return mask
         if mask.is_complex() or not (mask.is_floating_point() or mask.dtype in _INT_DTYPES):
             raise ValueError(f"{key}: unsupported dtype {mask.dtype}; use bool (True on valid pixels)")
-        if not ((mask == 0) | (mask == 1)).all():
-            raise ValueError(
-                f"{key} ({mask.dtype}) must hold only 0 and 1 (or be bool: True on valid pixels), "
-                f"got values in [{float(mask.min()):g}, {float(mask.max()):g}]"
-            )
-        return mask != 0
+        if mask.is_floating_point() and not torch.isfinite(mask).all():
+            raise ValueError(f"{key} ({mask.dtype}) holds NaN or infinite values; 0 marks padding, any other value a valid pixel")
+        return mask != 0  # kornia's convention (LoFTR): 0 is padding, anything else is valid
 
     @staticmethod
     def _in_mask(mask: torch.Tensor, kpts: torch.Tensor) -> torch.Tensor:
@@ -159,8 +206,9 @@ class RoMaV2(nn.Module):
 
         Args:
             data: ``image0 (B, 1|3, H0, W0)``, ``image1 (B, 1|3, H1, W1)`` float in ``[0, 1]``; optional
-                ``mask0 (B, H0, W0)``, ``mask1 (B, H1, W1)`` (or ``(B, 1, H, W)``), bool or 0/1: True/1 on
-                valid pixels (LoFTR's padding masks), the size of their image (not resized); matches starting
+                ``mask0 (B, H0, W0)``, ``mask1 (B, H1, W1)`` (or ``(B, 1, H, W)``), bool, integer or float: 0 on
+                padding, anything else on valid pixels (LoFTR's padding masks), the size of their image (not
+                resized); matches starting
                 or landing on invalid pixels are removed. Checked before the network runs.
 
         Returns:
@@ -171,6 +219,7 @@ class RoMaV2(nn.Module):
         img0, img1 = self._check(data)
         masks = {k: self._check_mask(k, data[k], img) for k, img in (("mask0", img0), ("mask1", img1)) if k in data}
         (B, _, H0, W0), (_, _, H1, W1) = img0.shape, img1.shape
+        img0, img1 = (x.float() if x.is_floating_point() and x.dtype != torch.float32 else x for x in (img0, img1))
         preds = self.model.match(img0, img1)
         work_hw = tuple(preds["warp_AB"].shape[1:3])
         gen = self.seed
@@ -196,7 +245,7 @@ class RoMaV2(nn.Module):
                 out["precision0"].append(_scale_precision(p0[keep], work_hw, (H0, W0)))
                 out["precision1"].append(_scale_precision(p1[keep], work_hw, (H1, W1)))
         result = {k: torch.cat(v) for k, v in out.items() if v}
-        return result
+        return {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in result.items()}
 
 
 def register() -> None:

@@ -9,6 +9,7 @@ and unknown setting names raise a :class:`ValueError` that lists the valid choic
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -30,6 +31,8 @@ __all__ = [
     "SETTINGS",
     "get_setting",
     "config_from_dict",
+    "CARD_RANGES",
+    "check_card_ranges",
 ]
 
 
@@ -355,3 +358,77 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ValueError(f"{key}: expected a string, got {value!r}")
         return value
     return value
+
+
+_INF = math.inf
+#: The range of every numeric key of a model card's ``config`` (one table): ``"Class.field": (low, high,
+#: low included, high included, why)``; a tuple-valued key applies it to each element; ``None`` where the key
+#: is optional means "not set". Values must also be finite. Checked by :func:`check_card_ranges` when a card is
+#: read (``--weights FILE`` with ``FILE.json`` beside it, the shipped cards), so that a card with
+#: ``"anchor_width": 0`` is refused naming the key instead of dividing by zero in the middle of a match.
+CARD_RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
+    "BackboneConfig.layers": (0, 1023, True, True, "block indices"),
+    "BackboneConfig.patch_size": (16, 16, True, True, "the ViT/16 patch size"),
+    "BackboneConfig.embed_dim": (1, 65536, True, True, "channels"),
+    "BackboneConfig.depth": (1, 1024, True, True, "blocks"),
+    "BackboneConfig.num_heads": (1, 1024, True, True, "attention heads"),
+    "MatcherConfig.feat_dim": (1, 65536, True, True, "channels"),
+    "MatcherConfig.num_feature_layers": (1, 1024, True, True, "backbone layers fed to the matcher"),
+    "MatcherConfig.vit_dim": (1, 65536, True, True, "channels"),
+    "MatcherConfig.vit_depth": (1, 1024, True, True, "blocks"),
+    "MatcherConfig.vit_heads": (1, 1024, True, True, "attention heads"),
+    "MatcherConfig.vit_mlp_ratio": (0, 64, False, True, "the MLP width / vit_dim"),
+    "MatcherConfig.rope_base": (0, _INF, False, False, "the RoPE frequency base"),
+    "MatcherConfig.out_dim": (1, 65536, True, True, "channels"),
+    "MatcherConfig.temperature": (0, _INF, False, False, "the softmax temperature of attention matching"),
+    "MatcherConfig.scale": (1, 1024, True, True, "the positional-embedding scale"),
+    "MatcherConfig.dpt_features": (1, 65536, True, True, "channels"),
+    "MatcherConfig.dpt_out_channels": (1, 65536, True, True, "channels"),
+    "MatcherConfig.dpt_down_ratio": (1, 16, True, True, "the DPT head's output stride"),
+    "MatcherConfig.warp_dim": (2, 2, True, True, "a 2-D warp"),
+    "MatcherConfig.confidence_dim": (1, 1, True, True, "the overlap logit"),
+    "RefinerConfig.stride": (1, 4, True, True, "the fine-feature stride: 1, 2 or 4"),
+    "RefinerConfig.feat_dim": (1, 65536, True, True, "channels"),
+    "RefinerConfig.proj_dim": (1, 65536, True, True, "channels"),
+    "RefinerConfig.displacement_emb_dim": (1, 65536, True, True, "channels"),
+    "RefinerConfig.local_corr_radius": (0, 64, True, True, "pixels"),
+    "RefinerConfig.kernel_size": (1, 63, True, True, "the depthwise convolution's kernel width"),
+    "RefinerConfig.hidden_blocks": (0, 1024, True, True, "convolution blocks"),
+    "RefinerConfig.warp_dim": (2, 2, True, True, "a 2-D warp"),
+    "RefinerConfig.confidence_dim": (4, 4, True, True, "the overlap logit and 3 precision-matrix entries"),
+    "RefinerConfig.refine_init": (0, _INF, False, False, "the displacement's divisor"),
+    "RefinerConfig.bn_momentum": (0, 1, True, True, "a batch-norm momentum"),
+    "FineFeaturesConfig.channels": (1, 65536, True, True, "channels"),
+    "RoMaV2Config.anchor_width": (1, 65536, True, True, "pixels: the refiners' displacement scale is W / anchor_width"),
+    "RoMaV2Config.anchor_height": (1, 65536, True, True, "pixels: the refiners' displacement scale is H / anchor_height"),
+}
+
+
+def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
+    if lo == hi:
+        return f"{lo:g}"
+    if hi == _INF:
+        return f"{'>=' if lo_in else '>'} {lo:g}"
+    return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def check_card_ranges(cfg: Any, where: str = "") -> None:
+    """Raise ``ValueError`` naming the key's path (``refiners[1].kernel_size: must be ...``) for the first
+    numeric value of a model config (a :class:`RoMaV2Config`, walked recursively) outside its
+    :data:`CARD_RANGES` entry."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), where + f.name
+        items = value if isinstance(value, tuple) else (value,)
+        if items and all(dataclasses.is_dataclass(v) for v in items):
+            for i, v in enumerate(items):
+                check_card_ranges(v, f"{key}[{i}]." if isinstance(value, tuple) else key + ".")
+            continue
+        spec = CARD_RANGES.get(f"{type(cfg).__name__}.{f.name}")
+        if spec is None or value is None:
+            continue
+        lo, hi, lo_in, hi_in, why = spec
+        for v in items:
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            ok = ok and (lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)
+            if not ok:
+                raise ValueError(f"{key}: must be {_range_text(lo, hi, lo_in, hi_in)} ({why}), got {value!r}")

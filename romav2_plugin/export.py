@@ -44,6 +44,8 @@ __all__ = [
     "output_names",
     "prepare_inputs",
     "export_onnx",
+    "supported_opsets",
+    "check_graph",
     "preds_from_outputs",
     "main",
 ]
@@ -132,6 +134,49 @@ class _Graph(nn.Module):
         return tuple(outs)
 
 
+def supported_opsets() -> tuple[int, int]:
+    """``(lowest, highest)`` ONNX opset :func:`export_onnx` accepts: 18 (GridSample and Resize as used here) up
+    to the newest that both the installed ``torch.onnx`` exporter and ``onnx`` package know."""
+    hi = 23
+    try:
+        from torch.onnx import _constants
+
+        hi = int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):  # a torch without the table: keep the last known value
+        pass
+    try:
+        import onnx
+
+        hi = min(hi, int(onnx.defs.onnx_opset_version()))
+    except ImportError:
+        pass
+    return 18, hi
+
+
+def check_graph(path: str | os.PathLike) -> None:
+    """Raise ``RuntimeError`` unless the ONNX file at ``path`` (its ``.data`` beside it) passes
+    ``onnx.checker`` and loads in an ONNX Runtime ``InferenceSession`` (CPU; skipped, with the other check
+    kept, when onnxruntime is not installed). :func:`export_onnx` runs it on the staged file before moving it
+    into place, so a graph the runtime refuses is never reported as written."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:  # onnx raises several types (ValidationError, InferenceError, ...)
+        raise RuntimeError(f"the exported graph fails onnx.checker: {str(e).strip().splitlines()[0]}") from None
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only load and resolve
+    try:
+        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own exception types
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"ONNX Runtime cannot load the exported graph: {msg}") from None
+
+
 def _check_request(path: str | os.PathLike, batch_size: int, opset: int, overwrite: bool) -> tuple[Path, Path]:
     """Validate an export request before any work; returns ``(path, its .data file)``."""
     path = Path(path)
@@ -140,8 +185,12 @@ def _check_request(path: str | os.PathLike, batch_size: int, opset: int, overwri
         raise ValueError(f"{path}: the output file name must end in .onnx")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if opset < 18:
-        raise ValueError(f"opset must be >= 18 (GridSample and Resize as used here), got {opset}")
+    lo, hi = supported_opsets()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi:
+        raise ValueError(
+            f"opset must be in [{lo}, {hi}] ({lo}: GridSample and Resize as used here; {hi}: the newest that the "
+            f"installed torch.onnx exporter and onnx package write), got {opset!r}"
+        )
     existing = [str(p) for p in (path, data) if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} already exist(s); pass overwrite=True (--overwrite) to replace")
@@ -164,11 +213,11 @@ def export_onnx(
         path: output ``.onnx`` file. Both files are written to a temporary folder beside it and moved into
             place at the end, so an interrupted export leaves nothing half written.
         batch_size: the graph's fixed batch size.
-        opset: ONNX opset (18 or newer).
+        opset: ONNX opset, in :func:`supported_opsets` (18 to the newest the installed exporter writes).
         overwrite: replace existing files; otherwise an existing ``path`` (or its ``.data``) is an error.
 
     Returns:
-        ``path``.
+        ``path``, once the written graph passed :func:`check_graph` (otherwise ``RuntimeError`` and no file).
     """
     _require_onnx()
     path, data = _check_request(path, batch_size, opset, overwrite)
@@ -200,6 +249,7 @@ def export_onnx(
             staged_data = staged.with_name(staged.name + ".data")
             if not staged_data.exists():
                 raise RuntimeError(f"torch.onnx.export wrote no {staged_data.name}")
+            check_graph(staged)  # before anything is moved into place: a refused graph leaves no file
             os.replace(staged_data, data)  # the .onnx names its data file by base name: same folder, same name
             os.replace(staged, path)
     finally:
@@ -244,7 +294,11 @@ def _cli_parser() -> argparse.ArgumentParser:
         type=int,
         default=18,
         metavar="V",
-        help="ONNX opset version, >= 18 (GridSample and Resize as used here; default 18)",
+        help=(
+            "ONNX opset version, from 18 (GridSample and Resize as used here) to the newest the installed "
+            "torch.onnx exporter and onnx package write (23 with torch 2.14); default 18. The written graph is "
+            "checked (onnx.checker, an ONNX Runtime session) before it is reported"
+        ),
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT and OUT.data if they exist (default: refuse)")
     return p

@@ -63,10 +63,36 @@ def load_image(path: str | Path) -> Image.Image:
         raise ValueError(f"Cannot read image {path}: {e}. Is it an image file PIL can open?") from e
 
 
+def special_file_kind(path: Path) -> str | None:
+    """What ``path`` is when it exists but is neither a regular file nor a folder (``"a named pipe (FIFO)"``,
+    ``"a character device"``, ...; ``/dev/stdin`` is what standard input is); ``None`` otherwise."""
+    import stat
+
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return None
+    for test, kind in (
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return None
+
+
 def _check_is_file(path: Path) -> None:
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not an image file")
     if not path.is_file():
+        kind = special_file_kind(path)
+        if kind is not None:
+            raise ValueError(
+                f"{path} is {kind}, not a regular file: images are read from files (their header is read "
+                "before the model loads, the pixels later). Save the image to a file first."
+            )
         raise FileNotFoundError(f"Image not found: {path}")
 
 

@@ -153,11 +153,11 @@ _B, _H, _W = 2, 48, 64
         (torch.ones(_H, _W, dtype=torch.bool), r"add the batch dimension: mask0\[None\]"),
         (torch.ones(_B + 1, _H, _W, dtype=torch.bool), "batch size differs"),
         (torch.ones(_B, 2, _H, _W, dtype=torch.bool), "got \\(2, 2, 48, 64\\)"),
-        (torch.full((_B, _H, _W), 0.5), "must hold only 0 and 1"),
+        (torch.full((_B, _H, _W), float("nan")), "NaN"),  # 0.5 is valid: kornia's convention (#32)
         (torch.ones(_B, _H, _W, dtype=torch.complex64), "unsupported dtype"),
         ([[1]], "must be a \\(B, H, W\\) tensor"),
     ],
-    ids=["half-size", "transposed", "no-batch", "wrong-batch", "two-channels", "float-0.5", "complex", "list"],
+    ids=["half-size", "transposed", "no-batch", "wrong-batch", "two-channels", "float-nan", "complex", "list"],
 )
 def test_bad_masks_refused_before_the_network(mask, expect):
     m = KF.RoMaV2(model=_NoNetwork(H_TRUE), setting="turbo", num_samples=100)

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", metavar="IMAGE", help="IMAGE_A IMAGE_B (any format PIL reads)")
     p.add_argument("--demo", action="store_true", help="match the image pair shipped with the package")
     p.add_argument(
-        "--pairs", metavar="FILE", help="text file (UTF-8), one 'nameA nameB' pair per line ('#' comments)"
+        "--pairs", metavar="FILE", help="text file (UTF-8), one 'nameA nameB' pair per line; '#' at the start of a line or after a "
+        "space starts a comment ('a#1.jpg' is a name)"
     )
     p.add_argument(
         "--image-dir",
@@ -191,6 +192,11 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--max-draw must be >= 0")
     if getattr(args, "engine", "local") != "local" and args.pairs is None:
         p.error(f"--engine {args.engine} applies to --pairs only")
+    from romav2_plugin.distributed.options import ray_only_options_given
+
+    ray_only = ray_only_options_given(args)
+    if ray_only:
+        p.error(f"{', '.join(ray_only)} only apply with --engine ray (add --engine ray, or leave them out)")
 
 
 def write_pictures(
@@ -285,7 +291,8 @@ def _run_single(args: argparse.Namespace) -> int:
         if is_h5:
             import_h5py()
         a, b = open_image(path_A), open_image(path_B)
-        need = estimate_pair_bytes(args.num_samples) + (0 if args.no_pictures else PICTURES_BYTES)
+        need = estimate_pair_bytes(matching.capped_num_samples(args.num_samples, args.setting))
+        need += 0 if args.no_pictures else PICTURES_BYTES
         check_output(matches_path, need)
         results = ResultsFile(matches_path) if is_h5 else None
         if results is not None:

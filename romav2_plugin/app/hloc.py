@@ -99,7 +99,9 @@ def _pairs_to_do(pairs_path: Path, matches: Path, overwrite: bool) -> tuple[list
     return todo, len(unique)
 
 
-def _check_images(image_dir: Path, pairs: list[tuple[str, str]]) -> None:
+def _check_images(image_dir: Path, pairs: list[tuple[str, str]], min_side: int | None = None) -> None:
+    """Every image of ``pairs`` exists and OpenCV can read it; with ``min_side`` (RoMa v2 confs: one 16x16
+    patch, :data:`romav2_plugin.io.MIN_SIDE`) each side is at least that long, read from the header only."""
     import cv2
 
     if not image_dir.is_dir():
@@ -117,6 +119,25 @@ def _check_images(image_dir: Path, pairs: list[tuple[str, str]]) -> None:
         raise InputError(
             f"{len(bad)} image(s) under {image_dir} are not in a format OpenCV can read: {shown}"
         )
+    if min_side is not None:
+        _check_min_sides(image_dir, names, min_side)
+
+
+def _check_min_sides(image_dir: Path, names: list[str], min_side: int) -> None:
+    from PIL import Image
+
+    from romav2_plugin.io import check_min_size
+
+    for n in names:
+        try:
+            with Image.open(image_dir / n) as img:
+                w, h = img.size
+        except (OSError, SyntaxError, Image.DecompressionBombError):
+            continue  # a format only OpenCV reads: hloc's own reading decides
+        try:
+            check_min_size(w, h, n, min_side)
+        except ValueError as e:
+            raise InputError(f"{e} (under {image_dir})") from None
 
 
 def _staging(path: Path) -> Path:
@@ -150,13 +171,17 @@ def run_match_dense(
     for path in (features_q, matches):
         _check_h5(path)
     todo, n_unique = _pairs_to_do(pairs, matches, overwrite)
+    if n_unique == 0:
+        raise InputError(f"{pairs}: no pairs found (one 'name0 name1' per line); nothing was written.")
     if not todo:
         _LOG.info(
             f"All {n_unique} pairs are already in {matches}: nothing to do (--overwrite recomputes them)."
         )
         return features_q, matches
     _LOG.info(f"{len(todo)} of {n_unique} pairs to match ({n_unique - len(todo)} already in {matches}).")
-    _check_images(image_dir, todo)
+    from romav2_plugin.io import MIN_SIDE
+
+    _check_images(image_dir, todo, MIN_SIDE if conf.get("model", {}).get("name") == "romav2" else None)
 
     staged = [(features_q, _staging(features_q)), (matches, _staging(matches))]
     for final, stage in staged:

@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             raise CommandError(str(hloc_missing), EXIT_SETUP)
         if args.conf not in confs:
             parser.error(f"unknown --conf {args.conf!r}")
+        from romav2_plugin.distributed.options import ray_only_options_given
+
+        ray_only = ray_only_options_given(args)
+        if ray_only:
+            parser.error(f"{', '.join(ray_only)} only apply with --engine ray (add --engine ray, or leave them out)")
         conf = copy.deepcopy(confs[args.conf])
         choice = None
         if conf["model"].get("name") == "romav2":

@@ -250,3 +250,29 @@ def load_matcher(
         min_overlap=min_overlap,
     )  # fmt: skip
     return model, dev, meta
+
+
+def grid_candidates(setting: str | None) -> int:
+    """The most matches one pair can give with ``setting`` (``None``: the weights' own, so the largest of
+    all settings): one candidate per pixel of the finest working grid, per direction."""
+    from romav2_plugin.config import SETTINGS
+
+    def n(st) -> int:
+        h, w = (st.H_hr, st.W_hr) if st.H_hr is not None and st.W_hr is not None else (st.H_lr, st.W_lr)
+        return h * w * (2 if st.bidirectional else 1)
+
+    return n(SETTINGS[setting]) if setting in SETTINGS else max(n(st) for st in SETTINGS.values())
+
+
+def capped_num_samples(num_samples: int, setting: str | None) -> int:
+    """``num_samples``, or the grid's candidate count when it asks for more (what can ever be written), saying
+    so on stderr; used for the space estimate (the sampler itself already stops at the candidates)."""
+    cap = grid_candidates(setting)
+    if num_samples <= cap:
+        return num_samples
+    say(
+        f"--num-samples {num_samples} is more than the {cap} candidate matches of "
+        f"{'setting ' + setting if setting else 'the largest setting'}: at most {cap} matches per pair are "
+        "written (the disk-space estimate uses that)."
+    )
+    return cap

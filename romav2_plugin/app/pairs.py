@@ -18,6 +18,7 @@ returns ``False`` (the results file cannot take more); ``describe()`` names wher
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import time
@@ -74,11 +75,25 @@ DEFAULT_OUT = "romav2-match-output"
 
 
 # ----------------------------------------------------------------------------------------- the inputs
+#: A comment: a ``#`` at the start of a line or after white space, to the end of the line; a ``#`` inside a
+#: name (``hash#1.jpg``) is part of the name.
+_COMMENT = re.compile(r"(?:^|(?<=\s))#.*")
+
+
 def read_pairs(path: Path) -> list[tuple[str, str]]:
     """Unique ``(name A, name B)`` pairs of a UTF-8 pairs file; problems name the line (and byte)."""
     if path.is_dir():
         raise CommandError(f"pairs file {path} is a folder", EXIT_USAGE)
     if not path.is_file():
+        from romav2_plugin.io import special_file_kind
+
+        kind = special_file_kind(path)
+        if kind is not None:
+            raise CommandError(
+                f"pairs file {path} is {kind}, not a regular file: romav2-match reads the pairs from a file. "
+                "Save them to a file first (e.g. ... > pairs.txt) and pass that.",
+                EXIT_USAGE,
+            )
         raise CommandError(f"pairs file not found: {path}", EXIT_USAGE)
     try:
         data = path.read_bytes()
@@ -99,7 +114,7 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
                 EXIT_USAGE,
             ) from None
         offset += len(raw)
-        line = line.split("#", 1)[0].strip()
+        line = _COMMENT.sub("", line).strip()
         if not line:
             continue
         parts = line.split()
@@ -307,7 +322,7 @@ class PairsJob:
         import_h5py()
         self.choice = choose_weights(self.weights)
         self.results = results = ResultsFile(out)
-        per_pair = estimate_pair_bytes(self.num_samples)
+        per_pair = estimate_pair_bytes(matching.capped_num_samples(self.num_samples, self.setting))
         check_output(out, per_pair)
         results.hold_lock()  # one writer per results file, until this run ends; before the file is read
         done: set[tuple[str, str]] = set()

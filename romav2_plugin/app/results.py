@@ -242,6 +242,22 @@ class ResultsFile:
         lock = _RunLock(self.path)
         if lock.acquire():
             stack.callback(lock.release)
+            self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove ``FILE.new`` / ``FILE.repair`` that a killed run left (they are only written under the writer
+        lock, which this run now holds, so no other run is writing them); says so on stderr. Returns them."""
+        removed = []
+        for suffix in (".new", ".repair"):
+            tmp = self.path.with_name(self.path.name + suffix)
+            if tmp.is_file() and not tmp.is_symlink():
+                try:
+                    tmp.unlink()
+                except OSError:
+                    continue
+                removed.append(tmp)
+                print(f"note: removed {tmp}, left by an interrupted run", file=sys.stderr, flush=True)
+        return removed
 
     def _open(self, mode: str):
         h5py = import_h5py()

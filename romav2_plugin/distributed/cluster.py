@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from romav2_plugin.app.errors import EXIT_RUNTIME, EXIT_SETUP, EXIT_USAGE, CommandError, missing_dependency
+from romav2_plugin.distributed.options import DEFAULT_CONNECT_TIMEOUT
 
 __all__ = [
     "import_ray",
@@ -113,13 +114,59 @@ def _shutdown_failed_start(ray, before: set[int]) -> None:
             pass
 
 
-def connect(ray, address: str | None, num_cpus: int | None = None) -> Cluster:
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``HOST:PORT``, ``[IPv6]:PORT`` or ``ray://HOST:PORT``; ``None`` for anything else
+    (``auto``, no port): Ray resolves those itself."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _wait_reachable(address: str, timeout: float) -> None:
+    """Raise a :class:`CommandError` (exit 4) naming ``address`` unless a TCP connection to it opens within
+    ``timeout`` seconds (retried every half second: a head node may still be starting). Ray's own
+    ``ray.init`` retries for minutes when nothing listens; this bounds it (``--connect-timeout``)."""
+    import socket
+    import time
+
+    hp = _host_port(address)
+    if hp is None:
+        return
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection(hp, timeout=max(0.1, min(left, 5.0))):
+                return
+        except OSError as e:
+            last = e
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(0.5, left))
+    raise CommandError(
+        f"cannot reach the Ray cluster at --address {address}: nothing accepted a connection within "
+        f"{timeout:g} s ({last}). Start it first (ray start --head on the head node), check the address and "
+        "that no firewall blocks it, give it longer (--connect-timeout S), or leave --address out to start a "
+        "local cluster on this machine.",
+        EXIT_SETUP,
+    )
+
+
+def connect(
+    ray, address: str | None, num_cpus: int | None = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+) -> Cluster:
     """Join ``address`` (``auto``, ``HOST:PORT``, ``ray://...``), or start a local cluster (``None``).
 
-    Reuses an already initialised Ray (a notebook or a test that called ``ray.init`` itself).
+    Reuses an already initialised Ray (a notebook or a test that called ``ray.init`` itself). A ``HOST:PORT``
+    that accepts no TCP connection within ``connect_timeout`` seconds is refused (exit 4) before ``ray.init``.
     """
     if ray.is_initialized():
         return Cluster(ray, False)
+    if address is not None and address not in ("local", "auto"):
+        _wait_reachable(address, connect_timeout)
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if address is None or address == "local":
         # "local": always a new cluster (a bare ray.init() would join one that 'ray start' left running)

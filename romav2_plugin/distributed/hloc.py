@@ -35,7 +35,7 @@ from romav2_plugin.distributed.cluster import (
     set_threads,
     start_actors,
 )
-from romav2_plugin.distributed.options import DEFAULT_BATCH_SIZE
+from romav2_plugin.distributed.options import DEFAULT_BATCH_SIZE, DEFAULT_CONNECT_TIMEOUT
 
 __all__ = ["hloc_runner", "hloc_match_dense"]
 
@@ -51,6 +51,7 @@ def hloc_runner(args) -> Callable[..., tuple[Path, Path]]:
     return functools.partial(
         hloc_match_dense,
         address=args.address,
+        connect_timeout=getattr(args, "connect_timeout", DEFAULT_CONNECT_TIMEOUT),
         num_workers=args.workers,
         num_gpus_per_worker=args.gpus_per_worker,
         num_cpus_per_worker=args.cpus_per_worker,
@@ -293,6 +294,7 @@ def hloc_match_dense(
     progress: bool = True,
     on_pair_written: Callable[[str, str], None] | None = None,
     _fault: dict[str, Any] | None = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> tuple[Path, Path]:
     """``hloc.match_dense.main`` with the dense matching on Ray workers: the same features and matches files.
 
@@ -311,7 +313,7 @@ def hloc_match_dense(
     md = ensure_registered()
     if batch_size <= 0 or max_in_flight <= 0:
         raise CommandError(f"--batch-size ({batch_size}) must be positive", EXIT_USAGE)
-    cluster = connect(ray, address)
+    cluster = connect(ray, address, connect_timeout=connect_timeout)
     try:
         n, gpus, cpus = plan_workers(ray, num_workers, num_gpus_per_worker, num_cpus_per_worker)
         engine = {

@@ -37,7 +37,7 @@ from romav2_plugin.distributed.cluster import (
     set_threads,
     start_actors,
 )
-from romav2_plugin.distributed.options import DEFAULT_BATCH_SIZE
+from romav2_plugin.distributed.options import DEFAULT_BATCH_SIZE, DEFAULT_CONNECT_TIMEOUT
 
 __all__ = ["RayExecutor", "match_pairs"]
 
@@ -119,6 +119,7 @@ class RayExecutor:
         max_restarts: int = 3,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         fault: dict[str, Any] | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         self.ray = import_ray()
         if batch_size <= 0 or max_in_flight <= 0:
@@ -126,6 +127,7 @@ class RayExecutor:
                 f"--batch-size ({batch_size}) and max_in_flight ({max_in_flight}) must be positive", EXIT_USAGE
             )
         self.address = address
+        self.connect_timeout = connect_timeout
         self.num_workers = num_workers
         self.gpus, self.cpus = num_gpus_per_worker, num_cpus_per_worker
         self.batch_size, self.max_in_flight = batch_size, max_in_flight
@@ -140,6 +142,7 @@ class RayExecutor:
         return cls(
             address=args.address, num_workers=args.workers, num_gpus_per_worker=args.gpus_per_worker,
             num_cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size,
+            connect_timeout=getattr(args, "connect_timeout", DEFAULT_CONNECT_TIMEOUT),
         )  # fmt: skip
 
     def describe(self) -> str:
@@ -148,7 +151,7 @@ class RayExecutor:
     def run(self, job: PairsJob) -> None:
         ray = self.ray
         t0 = time.perf_counter()
-        cluster = connect(ray, self.address)
+        cluster = connect(ray, self.address, connect_timeout=self.connect_timeout)
         pool: Pool | None = None
         try:
             n, gpus, cpus = plan_workers(ray, self.num_workers, self.gpus, self.cpus)
@@ -234,6 +237,7 @@ def match_pairs(
     on_pair_written: Callable[[str, str], None] | None = None,
     progress: bool = True,
     _fault: dict[str, Any] | None = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> PairsRun:
     """``romav2-match --pairs PAIRS --image-dir IMAGE_DIR --out OUT`` on a Ray cluster: the same results file.
 
@@ -245,6 +249,7 @@ def match_pairs(
         weights, setting, seed, num_samples, min_overlap, device, fp32: as ``romav2-match``'s options.
         address: ``None`` starts a local cluster; ``"auto"`` joins the one of ``ray start`` on this machine;
             ``"HOST:PORT"`` / ``"ray://HOST:10001"`` a remote one. An already initialised Ray is used as is.
+        connect_timeout: seconds ``HOST:PORT`` has to accept a connection before the run gives up (exit 4).
         num_workers: actors (default: as many as the cluster holds: one per GPU, else one per CPU).
         num_gpus_per_worker: default 1 when the cluster has GPUs, else 0 (fractions share a GPU).
         num_cpus_per_worker: default 1 (also the worker's torch threads).
@@ -265,7 +270,7 @@ def match_pairs(
     executor = RayExecutor(
         address=address, num_workers=num_workers, num_gpus_per_worker=num_gpus_per_worker,
         num_cpus_per_worker=num_cpus_per_worker, batch_size=batch_size, max_in_flight=max_in_flight,
-        max_restarts=max_restarts, max_attempts=max_attempts, fault=_fault,
+        max_restarts=max_restarts, max_attempts=max_attempts, fault=_fault, connect_timeout=connect_timeout,
     )  # fmt: skip  # at once: Ray missing is refused before anything is read or loaded
     job = PairsJob(
         pairs, Path(image_dir).expanduser().resolve(), Path(out), weights=weights, setting=setting, seed=seed,

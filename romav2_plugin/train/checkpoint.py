@@ -18,6 +18,9 @@ import json
 import os
 import pickle
 import random
+import re
+import socket
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +31,7 @@ import torch
 
 from romav2_plugin.config import config_to_dict
 
-__all__ = ["atomic_save", "save_training_state", "load_training_state", "rng_state", "set_rng_state",
+__all__ = ["atomic_save", "remove_stale_temporaries", "save_training_state", "load_training_state", "rng_state", "set_rng_state",
            "official_weights", "export_weights", "UnsafeCheckpoint", "DiskFull"]
 
 
@@ -59,11 +62,51 @@ def _numpy_globals() -> list:
     return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
+def _tmp_prefix(path: Path) -> str:
+    """``NAME.HOST-PID.``: whose temporary file it is, so that a later run can tell a dead writer's from a
+    live one's (:func:`remove_stale_temporaries`)."""
+    return f"{path.name}.{socket.gethostname()}-{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists (another user's)
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the ``NAME.HOST-PID.XXXX.tmp`` files in ``folder`` that :func:`atomic_save` of a process of this
+    machine left when it was killed (SIGKILL, power loss): those whose process is gone. Files of other
+    machines (a shared folder) and of live processes are left alone. Says so on stderr; returns them."""
+    pattern = re.compile(rf"\.{re.escape(socket.gethostname())}-(\d+)\.[^.]+\.tmp$")
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = pattern.search(p.name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        if p.is_file() and not p.is_symlink():
+            try:
+                p.unlink()
+            except OSError:
+                continue
+            removed.append(p)
+            print(f"note: removed {p}, left by an interrupted save (process {m.group(1)})", file=sys.stderr, flush=True)
+    return removed
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to ``path`` through a temporary file + fsync + rename (never a half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -82,7 +125,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -387,6 +387,9 @@ class Trainer:
 
     def _run(self, *, resume: bool, max_steps: int | None) -> Path | None:
         self.out.mkdir(parents=True, exist_ok=True)
+        from romav2_plugin.train.checkpoint import remove_stale_temporaries
+
+        remove_stale_temporaries(self.out)  # checkpoint.pt.HOST-PID.*.tmp of a killed run
         if resume:
             self.resume()
         elif self.checkpoint_path.exists():

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from romav2_plugin.config import RoMaV2Config, config_from_dict
+from romav2_plugin.config import RoMaV2Config, check_card_ranges, config_from_dict
 from romav2_plugin.weights.download import resolve_weights
 from romav2_plugin.weights.layout import load_checkpoint
 
@@ -87,7 +87,9 @@ def config_from_card(path: str | os.PathLike) -> RoMaV2Config | None:
     if card is None or "config" not in card:
         return None
     try:
-        return config_from_dict(RoMaV2Config, card["config"])
+        config = config_from_dict(RoMaV2Config, card["config"])
+        check_card_ranges(config)
+        return config
     except ValueError as e:
         raise ValueError(f"Model card {Path(path).with_suffix('.json')}: {e}") from None
 

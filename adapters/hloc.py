@@ -68,7 +68,7 @@ DEFAULT_MODEL_CONF: dict[str, Any] = {
     # RoMaV2.from_pretrained knows ("tiny": the small model shipped with the package); passed through.
     "weights": None,
     "setting": "precise",  # RoMa v2 preset: turbo, fast, base, precise, mega1500, ...
-    "amp": None,  # bf16 autocast; None: on for CUDA
+    "amp": None,  # bf16 autocast; None: on for CUDA and CPUs with native bf16 (runtime.amp_default)
     "max_num_matches": 5000,  # matches per pair (balanced sampling) / top-k by overlap (threshold mode)
     "sample_mode": "balanced",  # "balanced" (KDE-balanced, official) or "threshold" (all grid matches)
     "confidence_threshold": 0.5,  # overlap threshold of "threshold" mode

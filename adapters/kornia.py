@@ -68,7 +68,8 @@ class RoMaV2(nn.Module):
         sample_mode: ``"balanced"`` (KDE-balanced sample of ``num_samples``) or ``"threshold"`` (every
             grid match with overlap above ``confidence_threshold``).
         confidence_threshold: overlap threshold of ``"threshold"`` mode.
-        amp: bf16 autocast (``None``: on for CUDA).
+        amp: bf16 autocast (``None``: on for CUDA and for CPUs with native bf16, AVX512-BF16 or AMX; see
+            :func:`romav2_plugin.runtime.amp_default`; ``False``: fp32).
         device: where to put the model.
         seed: ``None`` (torch's global RNG), an int or a ``torch.Generator`` for reproducible sampling.
         model: an already-built core model (e.g. ``romav2_plugin.RoMaV2``) instead of ``weights``.

@@ -44,9 +44,12 @@ class RoMaV2(nn.Module):
         setting: named preset (``turbo``, ``fast``, ``base``, ``precise``, ``mega1500``, ``scannet1500``,
             ``wxbs``, ``satast``); defaults to ``config.setting`` (``precise``).
         device: where to put the model.
-        amp: ``True``: bf16 autocast exactly where the official code uses it (and the frozen backbone held
-            in bf16, as the official model does); ``False``: everything in fp32, no autocast anywhere;
-            ``None`` (default): on for CUDA inputs, off otherwise.
+        amp: ``True``: bf16 autocast exactly where the official code uses it on CUDA, on any device (and
+            the frozen backbone held in bf16, as the official model does); ``False``: everything in fp32,
+            no autocast anywhere;
+            ``None`` (default): on for CUDA inputs and on CPUs with native bf16 (AVX512-BF16 or AMX), off
+            otherwise; :func:`romav2_plugin.runtime.amp_default` decides, ``$ROMAV2_CPU_BF16=0|1``
+            overrides it on the CPU.
     """
 
     H_lr: int
@@ -153,7 +156,8 @@ class RoMaV2(nn.Module):
         return self.matcher.omega.device
 
     def set_amp(self, amp: bool | None, device: torch.device | str | None = None) -> RoMaV2:
-        """bf16 autocast: on (``True``), off (``False``) or on CUDA only (``None``).
+        """bf16 autocast: on (``True``), off (``False``) or the device's default (``None``: on CUDA and on
+        CPUs with native bf16, see :func:`romav2_plugin.runtime.amp_default`).
 
         A frozen backbone is then held in bf16 when autocast is on for ``device`` (default: the model's),
         in fp32 otherwise, as the official model holds it. This, construction and ``from_pretrained`` (with
@@ -165,7 +169,7 @@ class RoMaV2(nn.Module):
         return self
 
     def _amp_for(self, device: torch.device) -> bool:
-        return self.amp if self.amp is not None else device.type == "cuda"
+        return self.amp if self.amp is not None else runtime.amp_default(device)
 
     def _hold_backbone(self, device: torch.device) -> None:
         if any(p.requires_grad for p in self.f.parameters()):
@@ -175,15 +179,17 @@ class RoMaV2(nn.Module):
             self.f.to(want)
 
     def _backbone_amp(self, amp: bool) -> bool:
-        """Autocast for the backbone: on with ``amp``, and also when its weights are held in bf16 (a model
-        moved from CUDA to the CPU, say): bf16 weights run as bf16 either way. Warns once in that case."""
+        """Autocast for the backbone: on with ``amp``, and also when its weights are held in bf16 while
+        ``amp`` is off (a model moved from CUDA to a CPU without native bf16, say, or ``model.amp = False``
+        set by hand): bf16 weights run as bf16 either way. Warns once in that case."""
         if amp or self.f.vit.patch_embed.proj.weight.dtype != torch.bfloat16:
             return amp
         if not getattr(self, "_warned_bf16_backbone", False):
             self._warned_bf16_backbone = True
             warnings.warn(
-                "The backbone is held in bf16 but autocast is off on this device, so it runs in bf16 (slow on "
-                "most CPUs). Call model.set_amp(False) to hold it in fp32.",
+                "The backbone is held in bf16 but autocast is off on this device, so it runs in bf16 (slow "
+                "on CPUs without native bf16, i.e. without AVX512-BF16 or AMX). Call model.set_amp(False) "
+                "to hold it in fp32, or model.set_amp(None) to choose by the device it is on now.",
                 stacklevel=3,
             )
         return True

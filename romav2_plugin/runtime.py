@@ -1,7 +1,8 @@
-"""Runtime knobs: memory budgets and path choices that change speed or memory, never the numbers.
+"""Runtime knobs: memory budgets, path and precision choices that change speed or memory.
 
 These are the only settings outside the frozen model configs (:mod:`romav2_plugin.config`). Each is a
-module-level default that a single object can override where noted.
+module-level default that a single object can override where noted. All but ``$ROMAV2_CPU_BF16`` leave
+the numbers unchanged; that one picks the default precision (bf16 autocast or fp32) on the CPU.
 
 =============================  ===========================================================================
 knob                           effect
@@ -17,14 +18,38 @@ knob                           effect
 ``$ROMAV2_PLUGIN_CACHE``       cache folder (downloaded weights, compiled kernels); default
                                ``~/.cache/romav2_plugin`` (:func:`romav2_plugin.cache.cache_dir`)
 ``$ROMAV2_WEIGHTS``            default weights (path or URL) when none are given
+``$ROMAV2_CPU_BF16``           what ``amp=None`` (the default of the model, the commands, the kornia and
+                               hloc confs) means on the CPU (:func:`amp_default`): ``auto`` (default: bf16
+                               autocast when the CPU runs bf16 natively, see :func:`native_cpu_bf16`),
+                               ``1`` (bf16 autocast on any CPU; emulated, i.e. very slow, without native
+                               support) or ``0`` (fp32). ``amp=True/False`` on the model wins over it.
 =============================  ===========================================================================
+
+**Default precision** (:func:`amp_default`, used wherever ``amp`` is ``None``): bf16 autocast, placed
+where the official code places it on CUDA, on CUDA devices and on CPUs with native bf16 instructions; fp32
+elsewhere (other CPUs, MPS, ...). Native bf16 is what PyTorch's own CPU capability checks report
+(``torch.cpu._is_avx512_bf16_supported()``: AVX512-BF16, e.g. AMD Zen 4 and later, Intel Cooper Lake and
+Sapphire Rapids; ``torch.cpu._is_amx_tile_supported()``: Intel AMX); where a PyTorch lacks these private
+functions the answer is "no". On other CPUs bf16 is emulated in fp32 and rounded, several times slower than
+fp32, so the default stays fp32 there. Check a machine with ``python -c "from romav2_plugin import runtime;
+print(runtime.native_cpu_bf16(), runtime.amp_default('cpu'))"``.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["MAX_BATCH_PIXELS_CPU", "MAX_BATCH_PIXELS_GPU", "LOCAL_CORR_CHUNK_BYTES", "max_batch_pixels", "check_device"]
+__all__ = [
+    "MAX_BATCH_PIXELS_CPU",
+    "MAX_BATCH_PIXELS_GPU",
+    "LOCAL_CORR_CHUNK_BYTES",
+    "amp_default",
+    "check_device",
+    "max_batch_pixels",
+    "native_cpu_bf16",
+]
 
 #: batching bound on CPU: batching buys nothing there, memory does
 MAX_BATCH_PIXELS_CPU: int = 2**17
@@ -66,3 +91,39 @@ def check_device(name: str, *, here: bool = True) -> torch.device:
     if dev.index is not None and dev.index >= count:
         raise ValueError(f"only {count} {dev.type} device(s) present")
     return dev
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX), as PyTorch reports it.
+
+    ``False`` where this PyTorch has neither private check (older releases) or a check fails."""
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, name, None)
+        try:
+            if check is not None and check():
+                return True
+        except Exception:  # a capability probe must never break model construction
+            pass
+    return False
+
+
+#: accepted values of ``$ROMAV2_CPU_BF16`` (case-insensitive) besides ``auto`` / empty
+_CPU_BF16_ON, _CPU_BF16_OFF = ("1", "on", "true"), ("0", "off", "false")
+
+
+def amp_default(device: torch.device | str) -> bool:
+    """What ``amp=None`` means for ``device``: bf16 autocast on CUDA, and on the CPU when it runs bf16
+    natively (:func:`native_cpu_bf16`) unless ``$ROMAV2_CPU_BF16`` says otherwise (``auto``, ``1``, ``0``);
+    fp32 on every other device. Read at each call, so the variable can change between calls."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return True
+    if kind != "cpu":
+        return False
+    raw = os.environ.get("ROMAV2_CPU_BF16", "auto")
+    key = raw.strip().lower()
+    if key in _CPU_BF16_ON or key in _CPU_BF16_OFF:
+        return key in _CPU_BF16_ON
+    if key not in ("auto", ""):
+        raise ValueError(f"$ROMAV2_CPU_BF16={raw!r}: use auto (the default), 1 (bf16 on the CPU) or 0 (fp32)")
+    return native_cpu_bf16()

@@ -153,8 +153,13 @@ class _DtypeLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _autocast_on(device_type: str, fn, *args):
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        return fn(*args)
+
+
 def test_amp_matches_the_official_autocast_placement(sd):
-    """amp=True: bf16 autocast exactly where the official code (as released) uses it."""
+    """amp=True: bf16 autocast exactly where the official code (as released) uses it on CUDA."""
     from benchmarks._official import build_official as build_as_released
 
     ours = RoMaV2.from_pretrained(sd, setting="precise", amp=True)
@@ -162,6 +167,10 @@ def test_amp_matches_the_official_autocast_placement(sd):
     ours.H_hr = ours.W_hr = 96
     assert ours.f.vit.patch_embed.proj.weight.dtype == torch.bfloat16  # held in bf16, as the official does
     off = build_as_released(sd, "precise", amp=True, backbone=lambda img: ours.f(img, amp=True))
+    # The official VGG autocasts with device_type="cuda": bf16 on CUDA, fp32 on a CPU. We follow its CUDA
+    # placement on every device, so on the CPU the reference gets the autocast it would have on CUDA.
+    vgg = off.refiner_features.forward
+    off.refiner_features.forward = lambda x: _autocast_on(x.device.type, vgg, x)
     off.H_lr = off.W_lr = 64
     off.H_hr = off.W_hr = 96
     g = torch.Generator().manual_seed(3)

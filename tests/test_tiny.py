@@ -24,6 +24,7 @@ from benchmarks.tiny.heldout import (
     kornia_corner_error,
     untrained_tiny,
 )
+from romav2_plugin import runtime
 
 
 def test_card_and_weights_ship_in_the_package():
@@ -46,7 +47,10 @@ def test_from_pretrained_tiny_loads_without_warnings():
         warnings.simplefilter("error")
         model = RoMaV2.from_pretrained("tiny")
     assert model.setting == "tiny" and model.cfg.backbone.depth == 6
-    assert all(p.dtype == torch.float32 for p in model.parameters())
+    # the frozen backbone is held in bf16 where amp=None means bf16 on this CPU (native bf16), else fp32
+    backbone = torch.bfloat16 if runtime.amp_default("cpu") else torch.float32
+    assert all(p.dtype == backbone for p in model.f.parameters())
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if not n.startswith("f."))
 
 
 #: romav2-tiny as shipped (twelve training parts, 256x256 + a 384x384 second pass, drawing from the 30% most

@@ -248,7 +248,7 @@ def test_forward_never_changes_the_backbone_dtype():
 
     torch.manual_seed(0)
     dtype = lambda m: m.f.vit.patch_embed.proj.weight.dtype  # noqa: E731
-    model = RoMaV2(tiny_config())  # amp=None on the CPU: off, fp32
+    model = RoMaV2(tiny_config(), amp=False)  # fp32 (amp=None's choice per CPU: tests/test_amp_cpu.py)
     A, B = torch.rand(3, 32, 32), torch.rand(3, 32, 32)
     ref = model.match(A, B)["warp_AB"]
     assert dtype(model) == torch.float32

@@ -98,8 +98,10 @@ def kornia_corner_error(matcher, img_A, img_B, Hm) -> float:
     return float((proj(H_est.double()) - proj(H_true)).norm(dim=-1).mean())
 
 
-def hloc_scene_reconstruction(workdir: Path, conf_name: str = "romav2_tiny", weights: str | None = None):
-    """hloc ``match_dense`` (conf ``conf_name``, optionally other ``weights``) + ``reconstruction.main`` on the
+def hloc_scene_reconstruction(workdir: Path, conf_name: str = "romav2_tiny", weights: str | None = None,
+                              amp: bool | None = None):
+    """hloc ``match_dense`` (conf ``conf_name``, optionally other ``weights``; ``amp`` its conf key, ``None``:
+    the device's default) + ``reconstruction.main`` on the
     rendered five-view scene of ``tests/synthetic_scene.py``; returns the pycolmap reconstruction or None.
     Needs hloc (installed, or the copy in ``../shared/thirdparty/hloc``) and pycolmap."""
     import importlib.util
@@ -130,6 +132,7 @@ def hloc_scene_reconstruction(workdir: Path, conf_name: str = "romav2_tiny", wei
     conf = copy.deepcopy(match_dense.confs[conf_name])
     if weights is not None:
         conf["model"]["weights"] = weights
+    conf["model"]["amp"] = amp
     (workdir / "out").mkdir()
     features, matches = match_dense.main(conf, pairs, images, export_dir=workdir / "out")
     return reconstruction.main(workdir / "sfm", images, pairs, features, matches)
@@ -162,18 +165,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-hloc", action="store_true", help="skip the hloc reconstruction")
     ap.add_argument("--no-rendered3d", action="store_true",
                     help="leave out the rendered-3D rows (accuracy_rendered3d_cpu.json not yet run with these weights)")
+    ap.add_argument("--fp32", action="store_true",
+                    help="amp=False everywhere (default: the CPU's default precision, bf16 where it is native)")
     ap.add_argument("--out", default=str(RESULTS / "tiny_heldout_cpu.json"))
     args = ap.parse_args(argv)
 
     import kornia
 
     import romav2_plugin  # noqa: F401  registers KF.RoMaV2
-    from romav2_plugin import RoMaV2
+    from romav2_plugin import RoMaV2, runtime
     from romav2_plugin.config import get_setting
 
-    model = RoMaV2.from_pretrained(args.weights, setting="tiny", device="cpu")
+    amp = False if args.fp32 else None
+    model = RoMaV2.from_pretrained(args.weights, setting="tiny", device="cpu", amp=amp)
     fig: dict = {"label": args.label, "weights": args.weights, "date": now_utc(), "command": command_line(),
                  "machine": machine_info("cpu"),
+                 "precision": "fp32" if args.fp32 or not runtime.amp_default("cpu") else "bf16 autocast",
+                 "native_cpu_bf16": runtime.native_cpu_bf16(),
                  # the sampling options change which matches are drawn, so the figures name them
                  "setting": {"name": "tiny", **dataclasses.asdict(get_setting("tiny"))}}
     fig["demo_pair_median_reprojection_px"] = round(demo_median_error(model), 2)
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_hloc:
         with tempfile.TemporaryDirectory() as tmp:
             weights = None if args.weights == "tiny" else str(Path(args.weights).resolve())
-            rec = hloc_scene_reconstruction(Path(tmp), weights=weights)
+            rec = hloc_scene_reconstruction(Path(tmp), weights=weights, amp=amp)
             fig["hloc_rendered_5_views"] = {"registered": rec.num_reg_images() if rec else 0,
                                             "points": rec.num_points3D() if rec else 0}
         print("hloc:", fig["hloc_rendered_5_views"], flush=True)

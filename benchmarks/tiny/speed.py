@@ -52,13 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     (out / "tiny_speed_cpu.json").write_text(json.dumps({"meta": meta, "seconds": times, "median": med}, indent=1))
     text = (f"# romav2-tiny: CPU time of match() ({meta['date']})\n\nMachine: {meta['machine']}, {meta['cpus']} CPUs "
             f"({meta['torch_threads']} torch threads), torch {meta['torch']}. Command: `{meta['command']}`.\n"
-            f"Demo pair (600x400 and 640x480), setting tiny ({_resolution(model)}, one direction), fp32, after one "
+            f"Demo pair (600x400 and 640x480), setting tiny ({_resolution(model)}, one direction), {_precision(model)}, after one "
             f"warm-up.\n\n"
             f"| runs | median | min | max |\n|---|---|---|---|\n| {len(times)} | {med:.3f} s | {min(times):.3f} s | "
             f"{max(times):.3f} s |\n")
     (out / "tiny_speed_cpu.md").write_text(text)
     print(text)
     return 0
+
+
+def _precision(model) -> str:
+    """``bf16 autocast`` or ``fp32``: what the model runs in on the CPU (its ``amp``, else the default)."""
+    from romav2_plugin import runtime
+
+    return "bf16 autocast" if (runtime.amp_default("cpu") if model.amp is None else model.amp) else "fp32"
 
 
 def _resolution(model) -> str:
@@ -94,7 +101,7 @@ def _second_pass(model, A, B, sizes: list[int], args, argv) -> int:
     text = (f"# romav2-tiny: CPU time of match() with a second refinement pass ({meta['date']})\n\n"
             f"Machine: {meta['machine']}, {meta['cpus']} CPUs ({meta['torch_threads']} torch threads), torch "
             f"{meta['torch']}. Command: `{meta['command']}`.\nDemo pair, coarse pass 256x256 (setting tiny), one "
-            f"direction, fp32, after one warm-up; {args.runs} runs of each variant, in turns.\n\n"
+            f"direction, {_precision(model)}, after one warm-up; {args.runs} runs of each variant, in turns.\n\n"
             "| second pass | median | min | max | ratio to none |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     (out / "tiny_speed_second_pass_cpu.md").write_text(text)
     print(text)

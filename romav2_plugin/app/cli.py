@@ -144,7 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps, ..."
     )
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA (slower, full precision)")
+    p.add_argument(
+        "--fp32",
+        action="store_true",
+        help="no bf16 autocast (default: bf16 on CUDA and on CPUs with native bf16, AVX512-BF16 or AMX; "
+        "$ROMAV2_CPU_BF16=0 turns it off on the CPU). Slower, full precision",
+    )
     p.add_argument(
         "--num-samples", type=int, default=5000, metavar="N", help="matches to sample (default 5000)"
     )

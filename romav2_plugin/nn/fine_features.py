@@ -5,6 +5,10 @@ the first two max-pools), laid out under the same indices so the official ``refi
 keys load directly. The features are read just before each max-pool: 64 channels at stride 1, 128 at
 stride 2, 256 at stride 4. (The official model also runs the third max-pool and throws its output
 away; we stop before it.)
+
+Under ``amp`` the convolutions run in a bf16 autocast on the input's device. The official code hard-codes
+``device_type="cuda"`` here, so it runs them in bf16 on CUDA and in fp32 on a CPU; ours follows its CUDA
+placement on every device (on a CPU with native bf16 this halves the time of this stage).
 """
 
 from __future__ import annotations
@@ -47,9 +51,9 @@ class FineFeatures(nn.Module):
         x = imagenet_normalize(img).contiguous(memory_format=torch.channels_last)
         feats: dict[int, torch.Tensor] = {}
         stride = 1
-        # The official code autocasts here with device_type="cuda" only, i.e. bf16 on CUDA, fp32 elsewhere.
-        use_amp = amp and x.device.type == "cuda"
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+        # The official code autocasts here with device_type="cuda" (bf16 on CUDA; its CPU runs stay fp32).
+        # Under amp we autocast on the input's device, so a CPU with native bf16 gets the CUDA placement.
+        ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
         with ctx:
             for layer in self.layers:
                 if isinstance(layer, nn.MaxPool2d):

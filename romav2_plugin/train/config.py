@@ -328,9 +328,9 @@ def _cwd_path(path: list[str | int], value: Any) -> Any:
     if not is_path or not isinstance(value, (str, list)):
         return value
     if names == ["model", "weights"]:
-        from romav2_plugin import pretrained
+        from romav2_plugin.weights.named import is_named
 
-        if pretrained.is_named(value):
+        if is_named(value):
             return value
     if isinstance(value, list):
         return [str(Path(v).expanduser().resolve()) if isinstance(v, str) else v for v in value]

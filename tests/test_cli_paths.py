@@ -1,4 +1,4 @@
-"""romav2-match's paths and options (issue #32, minor items): a ``#`` inside an image name is part of the
+"""romav2-match's paths and options: a ``#`` inside an image name is part of the
 name (only a ``#`` at the start of a line or after white space starts a comment); a FIFO or ``/dev/stdin``
 as image or pairs path says what it is instead of "not found"; Ray-only options without ``--engine ray``
 are refused (exit 2) instead of being ignored."""

@@ -1,4 +1,4 @@
-"""Device strings (issue #32, item 7): every --device / config device is checked before anything loads:
+"""Device strings: every --device / config device is checked before anything loads:
 a type torch knows but this machine lacks (xpu), or one that holds no data (meta), is refused (exit 2)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""romav2-export's checks (issue #32, item 10): the opset is range-checked before anything loads (18 to the
+"""romav2-export's checks: the opset is range-checked before anything loads (18 to the
 newest the installed torch.onnx exporter and onnx package write), and the written graph must pass
 onnx.checker and load in an ONNX Runtime session before "wrote ..." is printed; otherwise nothing is left
 (the staged files are removed, an existing --out is kept) and the command exits non-zero. ``--opset 29`` was

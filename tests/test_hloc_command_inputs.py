@@ -1,4 +1,4 @@
-"""The hloc command's inputs (issue #32, item 11), checked before the model as romav2-match does: an image
+"""The hloc command's inputs, checked before the model as romav2-match does: an image
 under 16x16 in a RoMa v2 run was found after the other pairs had been matched (and their work thrown away);
 an empty pairs file exited 0 printing output paths that did not exist. Both are now exit 2 up front.
 

@@ -153,7 +153,7 @@ _B, _H, _W = 2, 48, 64
         (torch.ones(_H, _W, dtype=torch.bool), r"add the batch dimension: mask0\[None\]"),
         (torch.ones(_B + 1, _H, _W, dtype=torch.bool), "batch size differs"),
         (torch.ones(_B, 2, _H, _W, dtype=torch.bool), "got \\(2, 2, 48, 64\\)"),
-        (torch.full((_B, _H, _W), float("nan")), "NaN"),  # 0.5 is valid: kornia's convention (#32)
+        (torch.full((_B, _H, _W), float("nan")), "NaN"),  # 0.5 is valid: kornia's convention
         (torch.ones(_B, _H, _W, dtype=torch.complex64), "unsupported dtype"),
         ([[1]], "must be a \\(B, H, W\\) tensor"),
     ],

@@ -1,4 +1,4 @@
-"""kornia's own contract for ``kornia.feature.RoMaV2`` (issue #32, kornia part), as kornia's LoFTR tests use
+"""kornia's own contract for ``kornia.feature.RoMaV2``, as kornia's LoFTR tests use
 a matcher: (a) float masks with arbitrary values (``torch.rand(1, 32, 32)``; 0 marks padding, anything else a
 valid pixel) were refused with "must hold only 0 and 1"; (b) ``.to(dtype=torch.float64)``, ``.half()``,
 ``.to(torch.bfloat16)`` failed deep inside torch ("expected m1 and m2 to have the same dtype"): the module

@@ -1,4 +1,4 @@
-"""Model cards (issue #32, item 9): every numeric value of a card's ``config`` is range-checked when the card
+"""Model cards: every numeric value of a card's ``config`` is range-checked when the card
 is read (one table, :data:`romav2_plugin.config.CARD_RANGES`); a bad one is refused with exit 4 naming the
 key, before anything is matched (``"anchor_width": 0`` was a ZeroDivisionError "bug" in the middle of a match)."""
 

@@ -1,4 +1,4 @@
-"""``--num-samples 10**9`` (issue #32, minor): was refused with "63.3 GiB needed" though a pair can never
+"""``--num-samples 10**9``: was refused with "63.3 GiB needed" though a pair can never
 give more matches than its grid has candidates; now the request is clamped to the setting's candidates for
 the disk-space estimate, the run says so, and the pair is matched (the sampler stops at the candidates)."""
 

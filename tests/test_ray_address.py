@@ -1,4 +1,4 @@
-"""``--engine ray --address HOST:PORT`` where nothing listens (issue #32, item 12): Ray retried for minutes
+"""``--engine ray --address HOST:PORT`` where nothing listens: Ray retried for minutes
 (no exit after 150 s); now ``--connect-timeout S`` (default 30) bounds the wait and the run exits 4 naming the
 address, before any Ray connection, lock or results file. Tested with a free local port and a short timeout."""
 

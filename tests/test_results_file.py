@@ -1,4 +1,4 @@
-"""The HDF5 results file of ``romav2-match`` (issue #32, items 1 and 3): a file we did not write is refused
+"""The HDF5 results file of ``romav2-match``: a file we did not write is refused
 untouched; one writer per results file; the run's options are checked before anything else.
 
 The network is replaced by the exact-homography double (or must not load at all), so these run in seconds.

@@ -1,4 +1,4 @@
-"""Seeds (issue #32, item 8): ``--seed`` is range-checked up front ([0, 2**63): what HDF5's int64 attribute,
+"""Seeds: ``--seed`` is range-checked up front ([0, 2**63): what HDF5's int64 attribute,
 torch and numpy accept), naming the option, before the model; nothing (no ``*.h5.new``) is left behind."""
 
 from __future__ import annotations

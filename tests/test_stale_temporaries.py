@@ -1,4 +1,4 @@
-"""Orphan temporaries (issue #32, minor): a run killed while creating or repairing a results file left
+"""Orphan temporaries: a run killed while creating or repairing a results file left
 ``FILE.h5.new`` / ``FILE.h5.repair`` behind for good; the next run on that file (which holds the writer lock,
 so no other run is writing them) removes them and says so."""
 

@@ -1,4 +1,4 @@
-"""Training checkpoints (issue #32, items 2 and 6): a checkpoint is read without running code from it, and a
+"""Training checkpoints: a checkpoint is read without running code from it, and a
 full disk while writing one is reported as such, keeping the last checkpoint and no temporary file."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training config numbers (issue #32, item 4): every numeric key has a documented range
+"""Training config numbers: every numeric key has a documented range
 (``romav2_plugin.train.config.RANGES``), checked when the config is read, the error naming the key's path."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training images (issue #32, item 5): 16-bit (and float) images are refused before training, naming the
+"""Training images: 16-bit (and float) images are refused before training, naming the
 file, as romav2-match refuses them, instead of being clipped to white by PIL's convert("RGB")."""
 
 from __future__ import annotations

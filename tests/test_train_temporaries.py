@@ -1,4 +1,4 @@
-"""Orphan ``checkpoint.pt.*.tmp`` (issue #32, minor): a training killed inside a save left its temporary file
+"""Orphan ``checkpoint.pt.*.tmp``: a training killed inside a save left its temporary file
 for good. Temporary files now carry ``HOST-PID``; the next run in that folder removes those of this machine
 whose process is gone (never a live writer's, never another machine's in a shared folder) and says so."""
 

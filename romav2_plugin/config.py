@@ -412,18 +412,18 @@ def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
     return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
 
 
-def check_card_ranges(cfg: Any, where: str = "") -> None:
+def check_ranges(obj: Any, table: dict[str, tuple[float, float, bool, bool, str]], where: str = "") -> None:
     """Raise ``ValueError`` naming the key's path (``refiners[1].kernel_size: must be ...``) for the first
-    numeric value of a model config (a :class:`RoMaV2Config`, walked recursively) outside its
-    :data:`CARD_RANGES` entry."""
-    for f in dataclasses.fields(cfg):
-        value, key = getattr(cfg, f.name), where + f.name
+    numeric value of ``obj`` (a config dataclass, walked recursively) outside its entry in ``table``
+    (``"Class.field": (low, high, low included, high included, why)``; a tuple value: each element)."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), where + f.name
         items = value if isinstance(value, tuple) else (value,)
         if items and all(dataclasses.is_dataclass(v) for v in items):
             for i, v in enumerate(items):
-                check_card_ranges(v, f"{key}[{i}]." if isinstance(value, tuple) else key + ".")
+                check_ranges(v, table, f"{key}[{i}]." if isinstance(value, tuple) else key + ".")
             continue
-        spec = CARD_RANGES.get(f"{type(cfg).__name__}.{f.name}")
+        spec = table.get(f"{type(obj).__name__}.{f.name}")
         if spec is None or value is None:
             continue
         lo, hi, lo_in, hi_in, why = spec
@@ -432,3 +432,8 @@ def check_card_ranges(cfg: Any, where: str = "") -> None:
             ok = ok and (lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)
             if not ok:
                 raise ValueError(f"{key}: must be {_range_text(lo, hi, lo_in, hi_in)} ({why}), got {value!r}")
+
+
+def check_card_ranges(cfg: Any) -> None:
+    """:func:`check_ranges` of a model config against :data:`CARD_RANGES`."""
+    check_ranges(cfg, CARD_RANGES)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from romav2_plugin.config import check_ranges as _check_ranges
 from romav2_plugin.config import config_from_dict
 from romav2_plugin.train.losses import LossConfig
 
@@ -82,32 +83,21 @@ RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
 }
 
 
-def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
-    if hi == _INF:
-        return f"{'>=' if lo_in else '>'} {lo:g}"
-    return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
-
-
-def check_ranges(obj: Any, where: str = "") -> None:
+def check_ranges(obj: Any) -> None:
     """Raise ``ValueError("<key path>: must be ...")`` for the first numeric value of ``obj`` (a config
-    dataclass, walked recursively) outside its :data:`RANGES` entry."""
+    dataclass, walked recursively) outside its :data:`RANGES` entry, or a ``scale_range`` with low > high."""
+    _check_ranges(obj, RANGES)
+    _check_scale_ranges(obj)
+
+
+def _check_scale_ranges(obj: Any, where: str = "") -> None:
     for f in dataclasses.fields(obj):
         value, key = getattr(obj, f.name), where + f.name
         items = value if isinstance(value, tuple) else (value,)
         if items and all(dataclasses.is_dataclass(v) for v in items):
             for i, v in enumerate(items):
-                check_ranges(v, f"{key}[{i}]." if isinstance(value, tuple) else key + ".")
-            continue
-        spec = RANGES.get(f"{type(obj).__name__}.{f.name}")
-        if spec is None or value is None:
-            continue
-        lo, hi, lo_in, hi_in, why = spec
-        for v in items:
-            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            ok = ok and (lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)
-            if not ok:
-                raise ValueError(f"{key}: must be {_range_text(lo, hi, lo_in, hi_in)} ({why}), got {value!r}")
-        if f.name == "scale_range" and items[0] > items[1]:
+                _check_scale_ranges(v, f"{key}[{i}]." if isinstance(value, tuple) else key + ".")
+        elif f.name == "scale_range" and value is not None and value[0] > value[1]:
             raise ValueError(f"{key}: must be [low, high] with low <= high, got {value!r}")
 
 

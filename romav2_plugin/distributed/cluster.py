@@ -13,9 +13,11 @@ an item during which workers died ``max_attempts`` times is given up (a poison p
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,10 +75,90 @@ def _death_errors(ray) -> tuple[type[BaseException], ...]:
 class Cluster:
     ray: Any
     started: bool  # we called ray.init (and shut it down at the end)
+    # environment variables our ray.init set in this process ({name: value before, None: was unset}); put
+    # back after the shutdown (Ray 2.60 sets RAY_AUTH_MODE=token here when it starts a local cluster)
+    env_before: dict[str, str | None] = field(default_factory=dict)
 
     def close(self) -> None:
         if self.started and self.ray.is_initialized():
             self.ray.shutdown()
+        if self.started and not self.ray.is_initialized():
+            _restore_env(self.env_before)
+            self.env_before = {}
+
+
+def _env_changes(before: dict[str, str], after: dict[str, str]) -> dict[str, str | None]:
+    """``{name: value in before (None: absent)}`` of the variables that differ between two environments."""
+    return {k: before.get(k) for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@contextmanager
+def _loopback_node(ray) -> Iterator[bool]:
+    """While a new local cluster starts: make Ray pick the loopback address as the node's address, so that
+    everything it starts listens on loopback only; yields whether this Ray offers the means.
+
+    Ray (checked in 2.60: ``ray/_private/services.py`` ``get_node_ip_address``, which ``Node`` calls when
+    ``ray.init`` starts a cluster) takes 127.0.0.1 (``get_localhost_ip``) as the node address when
+    ``ray_constants.ENABLE_RAY_CLUSTER`` is false (the default on macOS/Windows, read from
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when ray is imported), and the node's outward IP otherwise. Given a
+    loopback node address, the GCS server, raylet, core workers, dashboard agent, runtime-env agent and the
+    metrics exporters all bind to loopback instead of every interface. ``ray.init(_node_ip_address=
+    "127.0.0.1")`` does not do it: ``resolve_ip_for_localhost`` turns it back into the outward IP. The
+    constant is this process's only (the processes Ray starts get the address on their command lines) and is
+    set back as soon as ``ray.init`` returns. Nothing goes into the environment: the processes Ray starts
+    bind to loopback without ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` (seen in 2.60).
+    """
+    consts = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    if not isinstance(getattr(consts, "ENABLE_RAY_CLUSTER", None), bool):
+        yield False
+        return
+    saved = consts.ENABLE_RAY_CLUSTER
+    consts.ENABLE_RAY_CLUSTER = False
+    try:
+        yield True
+    finally:
+        consts.ENABLE_RAY_CLUSTER = saved
+
+
+def _start_on_loopback(ray, kwargs: dict[str, Any]) -> None:
+    """``ray.init(**kwargs)`` of a new local cluster on loopback only (:func:`_loopback_node`); a warning on
+    stderr where this Ray offers no way to do so."""
+    with _loopback_node(ray):
+        ray.init(**kwargs)
+    node = _node_address(ray)  # what Ray's services bind to: loopback, or every interface
+    if node is None or not _is_loopback(node):
+        print(
+            f"warning: this Ray ({getattr(ray, '__version__', '?')}) started the local cluster on node address "
+            f"{node or '(unknown)'}, not on loopback: its services can be reached from the network while the run "
+            "lasts. Run it on a machine no untrusted host can reach, or turn on Ray's token authentication "
+            "(RAY_AUTH_MODE=token, Ray 2.52 or newer).",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _node_address(ray) -> str | None:
+    try:
+        return str(ray.util.get_node_ip_address())
+    except Exception:
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _children() -> set[int]:
@@ -162,6 +244,9 @@ def connect(
 
     Reuses an already initialised Ray (a notebook or a test that called ``ray.init`` itself). A ``HOST:PORT``
     that accepts no TCP connection within ``connect_timeout`` seconds is refused (exit 4) before ``ray.init``.
+    A local cluster listens on loopback only (:func:`_loopback_node`): Ray has no authentication unless
+    ``RAY_AUTH_MODE=token`` is on, so a cluster other hosts can reach runs their code. Environment variables
+    that ``ray.init`` sets in this process are put back by :meth:`Cluster.close`.
     """
     if ray.is_initialized():
         return Cluster(ray, False)
@@ -174,28 +259,36 @@ def connect(
     else:
         kwargs["address"] = address
     local = kwargs["address"] == "local"
-    for attempt in range(3 if local else 1):
-        before = _children()
-        try:
-            ray.init(**kwargs)
-            break
-        except ConnectionError as e:
-            raise CommandError(
-                f"cannot reach the Ray cluster at --address {address} ({e}). Start it first (ray start --head on "
-                "the head node, ray start --address=HEAD:6379 on the others), check the address, or leave "
-                "--address out to start a local cluster on this machine.",
-                EXIT_SETUP,
-            ) from None
-        except Exception as e:  # a local start can time out on a busy machine: clean up, try again
-            _shutdown_failed_start(ray, before)
-            if not local or attempt == 2:
+    env = dict(os.environ)
+    try:
+        for attempt in range(3 if local else 1):
+            before = _children()
+            try:
+                if local:
+                    _start_on_loopback(ray, kwargs)
+                else:
+                    ray.init(**kwargs)
+                break
+            except ConnectionError as e:
                 raise CommandError(
-                    f"cannot start Ray ({type(e).__name__}: {e}). On a busy machine, start the cluster yourself "
-                    "(ray start --head) and pass --address auto, or give Ray more time: "
-                    "RAY_gcs_server_request_timeout_seconds=300.",
+                    f"cannot reach the Ray cluster at --address {address} ({e}). Start it first (ray start --head "
+                    "on the head node, ray start --address=HEAD:6379 on the others), check the address, or leave "
+                    "--address out to start a local cluster on this machine.",
                     EXIT_SETUP,
                 ) from None
-    return Cluster(ray, True)
+            except Exception as e:  # a local start can time out on a busy machine: clean up, try again
+                _shutdown_failed_start(ray, before)
+                if not local or attempt == 2:
+                    raise CommandError(
+                        f"cannot start Ray ({type(e).__name__}: {e}). On a busy machine, start the cluster "
+                        "yourself (ray start --head) and pass --address auto, or give Ray more time: "
+                        "RAY_gcs_server_request_timeout_seconds=300.",
+                        EXIT_SETUP,
+                    ) from None
+    except BaseException:
+        _restore_env(_env_changes(env, dict(os.environ)))
+        raise
+    return Cluster(ray, True, _env_changes(env, dict(os.environ)))
 
 
 def plan_workers(

@@ -323,17 +323,16 @@ def test_host_shim_nan_and_huge_coordinates_are_zero(shim):
 
 @pytest.mark.slow  # subprocesses
 def test_gpu_benchmark_script_dry_run_and_no_gpu_exit(tmp_path):
-    """benchmarks/gpu_kernels.py: --dry-run works without a GPU; a plain run without CUDA exits 0 with a message."""
-    script = ROOT / "benchmarks" / "gpu_kernels.py"
+    """python -m benchmarks.gpu_kernels: --dry-run works without a GPU; a plain run without CUDA exits 0 with a
+    message."""
+    script = ["-m", "benchmarks.gpu_kernels"]
     env = {**os.environ, "ROMAV2_PLUGIN_CACHE": str(tmp_path / "cache")}
-    res = subprocess.run(
-        [sys.executable, str(script), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    res = subprocess.run([sys.executable, *script, "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "CPU op vs native torch path" in res.stdout
     if not torch.cuda.is_available():
         res = subprocess.run(
-            [sys.executable, str(script), "--out", str(tmp_path / "out")],
+            [sys.executable, *script, "--out", str(tmp_path / "out")],
             cwd=ROOT,
             env=env,
             capture_output=True,

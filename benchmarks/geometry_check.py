@@ -1,0 +1,221 @@
+"""The unreliable-pair check of ``romav2-match`` on validation pairs: its separation, its threshold, its cost.
+
+    python -m benchmarks.geometry_check [--weights tiny] [--setting tiny] [--n 6] [--num-samples 5000]
+
+Every pair is matched as ``romav2-match`` matches it (:func:`romav2_plugin.app.matching.match_pair`, which
+runs the check of :mod:`romav2_plugin.verify`: the better inlier ratio of a RANSAC fundamental matrix and
+homography on the drawn matches, and the share of the grid with overlap > 0.5).
+
+Validation pairs (never the held-out pictures the accuracy results report, ``.tiny-data/heldout``): the
+source photos are scikit-image's bundled photos (``skimage.data``) and the package's demo images.
+
+* correct: ``N`` synthetic homography pairs (``benchmarks.accuracy.data.synthetic_pairs`` on the
+  scikit-image photos, 384 px), ``N`` rendered 3-D pairs (``rendered_pairs``, training's scene generator,
+  textured with the scikit-image photos and the demo images, 288x384) and the demo pair;
+* wrong: the same images re-paired with unrelated ones (A of pair ``i`` with B of pair ``i + 1``, within
+  each set) and two pairs of unrelated uniform-noise images (kornia's item: the overlap calls them
+  covisible);
+* extra rows, not used for the threshold: the Toronto pair (``/work/shared/data``, a real wide-baseline pair,
+  when present).
+
+The rule, fixed before the results were seen: for each value (inlier ratio, confident share) let ``c10`` be
+the 10th percentile over the correct pairs and ``w90`` the 90th percentile over the wrong ones (an undefined
+ratio counts as 0). When ``c10 > w90`` the threshold is the midpoint ``(c10 + w90) / 2``, rounded to 0.01;
+otherwise the value does not separate the two: the inlier ratio then takes the largest threshold that flags
+no correct pair (its minimum, rounded down to 0.01), and the confident share is not used (threshold 0).
+A pair is flagged when either value is below its threshold. Writes
+``benchmarks/results/geometry_check_cpu.{json,md}`` with machine, command, commit and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from benchmarks._common import (
+    REPO,
+    RESULTS,
+    SHARED_PAIR,
+    SKIMAGE_IMAGES,
+    command_line,
+    machine_info,
+    now_utc,
+    provenance_markdown,
+    skimage_image,
+)
+
+ASSETS = REPO / "romav2_plugin" / "assets"
+
+
+def _pil(a: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(a)).convert("RGB")
+
+
+def validation_pairs(n: int) -> tuple[list[tuple[str, str, Image.Image, Image.Image]], dict[str, str]]:
+    """``[(kind, name, A, B)]`` with kind ``correct`` / ``wrong`` / ``extra``, and the sources described."""
+    from benchmarks.accuracy.data import rendered_pairs, synthetic_pairs
+
+    names = list(SKIMAGE_IMAGES)
+    syn = synthetic_pairs(n, seed=0, long_side=384, images=names)
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in names:
+            Image.fromarray(skimage_image(k)).save(Path(tmp) / f"{k}.png")
+        for k in ("demo_A", "demo_B"):
+            Image.open(ASSETS / f"{k}.jpg").convert("RGB").save(Path(tmp) / f"{k}.png")
+        ren = rendered_pairs(n, folder=tmp, size=(288, 384))
+    out: list[tuple[str, str, Image.Image, Image.Image]] = []
+    for p in syn:
+        out.append(("correct", f"synthetic {p.name}", _pil(p.img_A), _pil(p.img_B)))
+    for p in ren:
+        out.append(("correct", f"rendered {p.name}", _pil(p.img_A), _pil(p.img_B)))
+    demo_A, demo_B = (Image.open(ASSETS / f"demo_{s}.jpg").convert("RGB") for s in "AB")
+    out.append(("correct", "demo pair", demo_A, demo_B))
+    for i in range(n):
+        j = (i + 1) % n
+        out.append(("wrong", f"synthetic A {syn[i].name} / B {syn[j].name}", _pil(syn[i].img_A), _pil(syn[j].img_B)))
+    for i in range(n):
+        j = (i + 1) % n
+        out.append(("wrong", f"rendered A {ren[i].name} / B {ren[j].name}", _pil(ren[i].img_A), _pil(ren[j].img_B)))
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        a = rng.integers(0, 256, (288, 384, 3), dtype=np.uint8)
+        b = rng.integers(0, 256, (288, 384, 3), dtype=np.uint8)
+        out.append(("wrong", f"noise {i} (two unrelated uniform-noise images)", _pil(a), _pil(b)))
+    if all(p.is_file() for p in SHARED_PAIR):
+        out.append(("extra", "toronto (real wide-baseline pair)", *(Image.open(p).convert("RGB") for p in SHARED_PAIR)))
+    sources = {
+        "synthetic": f"{n} pairs of benchmarks.accuracy.data.synthetic_pairs (seed 0, 384 px) on scikit-image's "
+        f"photos ({', '.join(names)})",
+        "rendered": f"{n} pairs of benchmarks.accuracy.data.rendered_pairs (288x384, training's scene generator, "
+        "seeds RENDERED_SEED + 0) textured with the same scikit-image photos and the demo images",
+        "wrong": "A of pair i with B of pair i + 1 within each set, and 2 pairs of uniform-noise images (seed 0)",
+    }
+    return out, sources
+
+
+def _pct(v: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(v, dtype=np.float64), q)) if v else float("nan")
+
+
+def choose(correct: list[float], wrong: list[float], *, fallback_min: bool) -> tuple[float, str]:
+    """The threshold by the module's rule and which branch of it was taken."""
+    c10, w90 = _pct(correct, 10), _pct(wrong, 90)
+    if c10 > w90:
+        return round((c10 + w90) / 2, 2), f"midpoint of P10(correct) {c10:.3f} and P90(wrong) {w90:.3f}"
+    if fallback_min:
+        return math.floor(min(correct) * 100) / 100, (
+            f"no separation (P10(correct) {c10:.3f} <= P90(wrong) {w90:.3f}): the largest threshold flagging no "
+            "correct pair")
+    return 0.0, f"no separation (P10(correct) {c10:.3f} <= P90(wrong) {w90:.3f}): not used"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--weights", default="tiny")
+    ap.add_argument("--setting", default="tiny")
+    ap.add_argument("--n", type=int, default=6, help="pairs per correct set (synthetic, rendered)")
+    ap.add_argument("--num-samples", type=int, default=5000)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from romav2_plugin import RoMaV2
+    from romav2_plugin.app.matching import LoadedImage, match_pair
+
+    torch.manual_seed(0)
+    pairs, sources = validation_pairs(args.n)
+    model = RoMaV2.from_pretrained(args.weights, setting=args.setting, device="cpu")
+    rows = []
+    for kind, name, A, B in pairs:
+        a, b = LoadedImage(Path("A"), A, 1), LoadedImage(Path("B"), B, 1)
+        res = match_pair(model, a, b, num_samples=args.num_samples, seed=0, min_overlap=0.5)
+        m = res.check_metadata()
+        g = res.geometry
+        t_pair = res.times["match"] + res.times["sample"]
+        rows.append({
+            "kind": kind, "name": name, "size_A": list(a.hw), "size_B": list(b.hw),
+            "matches": len(res.confidence), "confident": res.n_confident,
+            "inlier_ratio": m["geometry_inlier_ratio"], "ratio_F": g.ratio_F, "ratio_H": g.ratio_H,
+            "model": g.model, "threshold_px": g.threshold_px, "confident_share": m["confident_share"],
+            "time_pair_s": t_pair, "time_check_s": res.times["check"],
+        })  # fmt: skip
+        print(f"{kind:8s} {name:55s} ratio {m['geometry_inlier_ratio']:.3f} (F {g.ratio_F:.3f}, H {g.ratio_H:.3f}) "
+              f"share {m['confident_share']:.3f} confident {res.n_confident}  pair {t_pair:.1f} s, check "
+              f"{1000 * res.times['check']:.0f} ms", flush=True)
+
+    def vals(kind, key):
+        return [0.0 if not math.isfinite(r[key]) else r[key] for r in rows if r["kind"] == kind]
+
+    thr_ratio, why_ratio = choose(vals("correct", "inlier_ratio"), vals("wrong", "inlier_ratio"), fallback_min=True)
+    thr_share, why_share = choose(vals("correct", "confident_share"), vals("wrong", "confident_share"),
+                                  fallback_min=False)
+    for r in rows:
+        ratio = 0.0 if not math.isfinite(r["inlier_ratio"]) else r["inlier_ratio"]
+        share = r["confident_share"]
+        r["flagged"] = bool(ratio < thr_ratio or (math.isfinite(share) and share < thr_share))
+    n_c = sum(r["kind"] == "correct" for r in rows)
+    n_w = sum(r["kind"] == "wrong" for r in rows)
+    flagged_c = sum(r["flagged"] for r in rows if r["kind"] == "correct")
+    passed_w = sum(not r["flagged"] for r in rows if r["kind"] == "wrong")
+    cost = [r["time_check_s"] / r["time_pair_s"] for r in rows]
+    demo = next(r for r in rows if r["name"] == "demo pair")
+    info, command, date = machine_info(), command_line(), now_utc()
+    record = {
+        "machine": info, "command": command, "date": date, "weights": args.weights, "setting": args.setting,
+        "num_samples": args.num_samples, "sources": sources, "rule": __doc__.split("The rule, fixed")[1].split("Writes")[0],
+        "threshold_inlier_ratio": thr_ratio, "threshold_inlier_ratio_why": why_ratio,
+        "threshold_confident_share": thr_share, "threshold_confident_share_why": why_share,
+        "correct": n_c, "correct_flagged": flagged_c, "wrong": n_w, "wrong_passing": passed_w,
+        "check_time_share_median": float(np.median(cost)), "check_time_share_max": float(np.max(cost)),
+        "demo_pair_time_s": demo["time_pair_s"], "demo_check_time_s": demo["time_check_s"], "pairs": rows,
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "geometry_check_cpu.json").write_text(json.dumps(record, indent=1))
+
+    def f(x, p=2):
+        return "undefined" if not math.isfinite(x) else f"{x:.{p}f}"
+
+    md = [
+        f"# Unreliable-pair check on validation pairs ({args.weights}, setting {args.setting}, CPU)",
+        "",
+        provenance_markdown(info, command, date),
+        f"- Pairs: correct = {sources['synthetic']}; {sources['rendered']}; and the demo pair. "
+        f"Wrong = {sources['wrong']}. Extra rows (not used for the thresholds): the Toronto pair when present.",
+        f"- {args.num_samples} matches drawn per pair (seed 0, overlap > 0.5), as `romav2-match` draws them.",
+        "",
+        "## Thresholds",
+        "",
+        f"- inlier ratio < **{thr_ratio:.2f}** flags a pair ({why_ratio})",
+        f"- confident share < **{thr_share:.2f}** flags a pair ({why_share})",
+        "",
+        "| pairs | count | flagged | passing |",
+        "|---|---|---|---|",
+        f"| correct | {n_c} | {flagged_c} | {n_c - flagged_c} |",
+        f"| wrong | {n_w} | {n_w - passed_w} | {passed_w} |",
+        "",
+        f"Cost: the check takes median {100 * np.median(cost):.1f}% (max {100 * np.max(cost):.1f}%) of a pair's "
+        f"match + sample time; on the demo pair {1000 * demo['time_check_s']:.0f} ms against "
+        f"{demo['time_pair_s']:.1f} s.",
+        "",
+        "## Every pair",
+        "",
+        "| kind | pair | inlier ratio | F | H | confident share | confident matches | flagged |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        md.append(f"| {r['kind']} | {r['name']} | {f(r['inlier_ratio'])} | {f(r['ratio_F'])} | {f(r['ratio_H'])} | "
+                  f"{f(r['confident_share'])} | {r['confident']} of {r['matches']} | {'yes' if r['flagged'] else 'no'} |")
+    (args.out / "geometry_check_cpu.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md[8:17]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

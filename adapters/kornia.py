@@ -219,8 +219,9 @@ class RoMaV2(nn.Module):
             bidirectional, ``precision0``/``precision1 (N, 2, 2)`` in input-image pixel units; and
             ``geometry_inlier_ratio (B,)``: per batch element, the share of its matches that fit one two-view
             geometry (:func:`romav2_plugin.verify.check_matches`, as ``romav2-match`` reports it; NaN with
-            fewer than 8 matches). Below ``romav2_plugin.verify.MIN_INLIER_RATIO`` the matches are unreliable
-            (unrelated images: the overlap alone can call two noise images covisible).
+            fewer than 8 matches). ``romav2-match`` warns below ``romav2_plugin.verify.MIN_INLIER_RATIO``; with
+            romav2-tiny, two unrelated noise images give about 0.2-0.25 (while the overlap calls them covisible)
+            and pairs whose matches are right 0.7-1.0 (``benchmarks/results/geometry_check_cpu.md``).
         """
         img0, img1 = self._check(data)
         masks = {k: self._check_mask(k, data[k], img) for k, img in (("mask0", img0), ("mask1", img1)) if k in data}

@@ -39,7 +39,7 @@ __all__ = [
 
 #: A pair whose best inlier ratio is below this is reported as unreliable (chosen on validation pairs by
 #: ``benchmarks/geometry_check.py``; see ``docs/cli.md``).
-MIN_INLIER_RATIO = 0.35
+MIN_INLIER_RATIO = 0.11
 #: A pair whose confident share of the grid is below this is reported as unreliable (same origin).
 MIN_CONFIDENT_SHARE = 0.0
 #: RANSAC hypotheses per model (fundamental matrix, homography).
@@ -253,7 +253,7 @@ def unreliable_reason(inlier_ratio: float, share: float, *, min_inlier_ratio: fl
     elif inlier_ratio < min_inlier_ratio:
         why.append(
             f"only {100 * inlier_ratio:.0f}% of the matches fit one two-view geometry (fundamental matrix or "
-            f"homography; a correct pair has >= {100 * min_inlier_ratio:.0f}%)"
+            f"homography; the threshold is {100 * min_inlier_ratio:.0f}%)"
         )
     if math.isfinite(share) and share < min_confident_share:
         why.append(f"only {100 * share:.0f}% of the grid is confidently covisible (< {100 * min_confident_share:.0f}%)")

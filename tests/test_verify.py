@@ -160,3 +160,15 @@ def test_unreliable_reason_rule():
 def test_default_threshold_grows_with_image_size():
     assert default_threshold_px((480, 640), (400, 600)) == 1.0
     assert default_threshold_px((1530, 2040), (480, 640)) == pytest.approx(2040 / 1024)
+
+
+def test_thresholds_are_those_the_validation_benchmark_chose():
+    """The shipped thresholds equal the ones benchmarks/geometry_check.py chose and recorded."""
+    import json
+    from pathlib import Path
+
+    from romav2_plugin import verify
+
+    rec = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "geometry_check_cpu.json").read_text())
+    assert verify.MIN_INLIER_RATIO == rec["threshold_inlier_ratio"]
+    assert verify.MIN_CONFIDENT_SHARE == rec["threshold_confident_share"]

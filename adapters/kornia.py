@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from romav2_plugin.model import RoMaV2 as _CoreRoMaV2
+from romav2_plugin.verify import check_matches, default_threshold_px
 
 __all__ = ["RoMaV2", "register"]
 
@@ -215,7 +216,12 @@ class RoMaV2(nn.Module):
         Returns:
             ``keypoints0 (N, 2)``, ``keypoints1 (N, 2)`` pixel coordinates (top-left pixel centre at
             (0, 0)), ``confidence (N,)``, ``batch_indexes (N,)`` long, and, when the setting is
-            bidirectional, ``precision0``/``precision1 (N, 2, 2)`` in input-image pixel units.
+            bidirectional, ``precision0``/``precision1 (N, 2, 2)`` in input-image pixel units; and
+            ``geometry_inlier_ratio (B,)``: per batch element, the share of its matches that fit one two-view
+            geometry (:func:`romav2_plugin.verify.check_matches`, as ``romav2-match`` reports it; NaN with
+            fewer than 8 matches). ``romav2-match`` warns below ``romav2_plugin.verify.MIN_INLIER_RATIO``; with
+            romav2-tiny, two unrelated noise images give about 0.2-0.25 (while the overlap calls them covisible)
+            and pairs whose matches are right 0.7-1.0 (``benchmarks/results/geometry_check_cpu.md``).
         """
         img0, img1 = self._check(data)
         masks = {k: self._check_mask(k, data[k], img) for k, img in (("mask0", img0), ("mask1", img1)) if k in data}
@@ -225,6 +231,7 @@ class RoMaV2(nn.Module):
         work_hw = tuple(preds["warp_AB"].shape[1:3])
         gen = self.seed
         out: dict[str, list[torch.Tensor]] = {k: [] for k in ("keypoints0", "keypoints1", "confidence", "batch_indexes", "precision0", "precision1")}
+        ratios: list[float] = []
         for b in range(B):
             if self.sample_mode == "balanced":
                 m, c, p0, p1 = self.model.sample(
@@ -242,10 +249,13 @@ class RoMaV2(nn.Module):
             out["keypoints1"].append(k1[keep])
             out["confidence"].append(c[keep])
             out["batch_indexes"].append(torch.full((int(keep.sum()),), b, dtype=torch.long, device=k0.device))
+            # the geometric check of romav2-match (romav2_plugin.verify): NaN with fewer than 8 matches
+            ratios.append(check_matches(k0[keep], k1[keep], threshold_px=default_threshold_px((H0, W0), (H1, W1))).inlier_ratio)
             if p0 is not None and self.model.bidirectional:
                 out["precision0"].append(_scale_precision(p0[keep], work_hw, (H0, W0)))
                 out["precision1"].append(_scale_precision(p1[keep], work_hw, (H1, W1)))
         result = {k: torch.cat(v) for k, v in out.items() if v}
+        result["geometry_inlier_ratio"] = torch.tensor(ratios, dtype=torch.float32, device=preds["warp_AB"].device)
         return {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in result.items()}
 
 

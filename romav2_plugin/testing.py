@@ -20,6 +20,7 @@ __all__ = [
     "make_micro_weights",
     "WarpDouble",
     "HomographyWarpDouble",
+    "ScrambledWarpDouble",
 ]
 
 
@@ -225,3 +226,25 @@ class HomographyWarpDouble(WarpDouble):
         Hm = torch.linalg.inv(self.H) if reverse else self.H
         ph = torch.cat((pix, torch.ones_like(pix[..., :1])), dim=-1) @ Hm.T
         return ph[..., :2] / ph[..., 2:], ph[..., 2] > 0
+
+
+class ScrambledWarpDouble(WarpDouble):
+    """:class:`WarpDouble` whose warp sends every pixel to an unrelated pixel of the other image (seeded,
+    uniform), with full overlap: confident matches that fit no two-view geometry, what a matcher can return
+    for two unrelated images.
+
+    Args:
+        seed: seed of the scrambled warp (the same for every call).
+        setting: which preset's working resolution (and bidirectionality) to mimic.
+    """
+
+    def __init__(self, seed: int = 0, setting: str = "turbo") -> None:
+        super().__init__(setting)
+        self.seed = seed
+
+    def pixel_warp(self, pix, x_from, x_to, reverse):
+        g = torch.Generator().manual_seed(self.seed + int(reverse))
+        H_to, W_to = x_to.shape[-2:]
+        u = torch.rand(*pix.shape[:-1], 2, generator=g, dtype=torch.float64)
+        out = u * torch.tensor([W_to - 1, H_to - 1], dtype=torch.float64)
+        return out, torch.ones(pix.shape[:-1], dtype=torch.bool)

@@ -194,3 +194,22 @@ def test_unrelated_images_give_no_matches_by_default():
     assert len(related({"image0": img0, "image1": img1})["keypoints0"]) == 500
     with pytest.raises(ValueError, match="min_overlap"):
         KF.RoMaV2(model=HomographyWarpDouble(H_TRUE), min_overlap=1.5)
+
+
+def test_geometry_inlier_ratio_per_batch_element_separates_scrambled_matches():
+    """``geometry_inlier_ratio (B,)``: ~1 for the exact homography, below the unreliable threshold for
+    confident matches that fit no geometry (the scrambled double, as two noise images give), NaN without
+    matches."""
+    from romav2_plugin.testing import ScrambledWarpDouble
+    from romav2_plugin.verify import MIN_INLIER_RATIO
+
+    img0, img1 = torch.rand(2, 3, 120, 160), torch.rand(2, 3, 130, 150)
+    good = KF.RoMaV2(model=HomographyWarpDouble(H_TRUE), setting="turbo", num_samples=300, seed=0)
+    r = good({"image0": img0, "image1": img1})["geometry_inlier_ratio"]
+    assert r.shape == (2,) and (r > 0.99).all()
+    bad = KF.RoMaV2(model=ScrambledWarpDouble(), setting="turbo", num_samples=300, seed=0)
+    out = bad({"image0": img0, "image1": img1})
+    assert len(out["keypoints0"]) == 600  # the overlap calls them all confident
+    assert (out["geometry_inlier_ratio"] < MIN_INLIER_RATIO).all()
+    none = KF.RoMaV2(model=_Unrelated(H_TRUE), setting="turbo", num_samples=300, seed=0)({"image0": img0, "image1": img1})
+    assert none["geometry_inlier_ratio"].isnan().all()

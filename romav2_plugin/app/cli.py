@@ -335,6 +335,7 @@ def _run_single(args: argparse.Namespace) -> int:
         name_A = "demo_A.jpg" if args.demo else str(path_A)
         name_B = "demo_B.jpg" if args.demo else str(path_B)
         pmeta = matching.pair_metadata(a, b, name_A, name_B)
+        pmeta.update(res.check_metadata())  # the geometric check, per pair
         written: list[Path] = []
         if results is not None:
             results.write_pair(
@@ -378,6 +379,8 @@ def _run_single(args: argparse.Namespace) -> int:
                 reprojection=None
                 if gt_H is None
                 else reprojection_errors(gt_H, res.arrays["keypoints_A"], res.arrays["keypoints_B"]),
+                check=res.check_metadata(),
+                unreliable=res.unreliable,
             ),
             flush=True,
         )

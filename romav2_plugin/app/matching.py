@@ -21,6 +21,13 @@ from PIL import Image
 from romav2_plugin.app.errors import EXIT_USAGE, CommandError
 from romav2_plugin.app.summary import CONFIDENT
 from romav2_plugin.app.weights_option import WeightsChoice, choose_weights, is_weights_error, weights_error
+from romav2_plugin.verify import (
+    GeometryCheck,
+    check_matches,
+    confident_share,
+    default_threshold_px,
+    unreliable_reason,
+)
 
 __all__ = [
     "PROG",
@@ -33,6 +40,7 @@ __all__ = [
     "open_image",
     "PairResult",
     "match_pair",
+    "check_metadata",
     "run_metadata",
     "pair_metadata",
     "setting_of",
@@ -144,6 +152,10 @@ class PairResult:
     preds_BA: dict[str, Any] | None = None
     times: dict[str, float] = field(default_factory=dict)
     coverage_A: float = float("nan")
+    #: the geometric check of the drawn matches (:func:`romav2_plugin.verify.check_matches`)
+    geometry: GeometryCheck | None = None
+    #: the share of the grid (both directions when bidirectional) with overlap > CONFIDENT
+    confident_share: float = float("nan")
 
     @property
     def confidence(self) -> np.ndarray:
@@ -152,6 +164,29 @@ class PairResult:
     @property
     def n_confident(self) -> int:
         return int((self.confidence > CONFIDENT).sum())
+
+    def check_metadata(self) -> dict[str, Any]:
+        """The per-pair values of the geometric check, as written with each result."""
+        return check_metadata(self.geometry, self.confident_share)
+
+    @property
+    def unreliable(self) -> str | None:
+        """Why the pair looks unreliable (:func:`romav2_plugin.verify.unreliable_reason`), or ``None``."""
+        m = self.check_metadata()
+        return unreliable_reason(m["geometry_inlier_ratio"], m["confident_share"])
+
+
+def check_metadata(geometry: GeometryCheck | None, share: float) -> dict[str, Any]:
+    """``geometry_inlier_ratio`` (NaN when undefined), ``geometry_inliers``, ``geometry_model``,
+    ``geometry_threshold_px`` and ``confident_share``: the attributes written per pair."""
+    nan = float("nan")
+    return {
+        "geometry_inlier_ratio": nan if geometry is None else float(geometry.inlier_ratio),
+        "geometry_inliers": 0 if geometry is None else int(geometry.inliers),
+        "geometry_model": "none" if geometry is None else geometry.model,
+        "geometry_threshold_px": nan if geometry is None else float(geometry.threshold_px),
+        "confident_share": float(share),
+    }
 
 
 def match_pair(
@@ -188,6 +223,16 @@ def match_pair(
     }
     res = PairResult(arrays, preds, times={"match": t1 - t0, "sample": t2 - t1})
     res.coverage_A = float((preds["overlap_AB"][0] > CONFIDENT).float().mean())
+    t3 = time.perf_counter()
+    # the geometric check of what was drawn (a fixed seed: the same check for the same matches)
+    res.geometry = check_matches(
+        arrays["keypoints_A"], arrays["keypoints_B"], threshold_px=default_threshold_px(a.hw, b.hw), seed=0
+    )
+    o_BA = preds.get("overlap_BA")
+    res.confident_share = confident_share(
+        preds["overlap_AB"][0], None if o_BA is None else o_BA[0], threshold=CONFIDENT
+    )
+    res.times["check"] = time.perf_counter() - t3
     if warp_both and preds.get("warp_BA") is None:
         t3 = time.perf_counter()
         res.preds_BA = model.match(b.image, a.image)

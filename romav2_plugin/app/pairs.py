@@ -55,6 +55,7 @@ from romav2_plugin.app.weights_option import (
     choose_weights,
     sha256_prefix,
 )
+from romav2_plugin.verify import unreliable_reason
 
 __all__ = [
     "DEFAULT_OUT",
@@ -234,6 +235,7 @@ def match_listed_pair(
         return None, None, f"{type(e).__name__}: {e}"
     pmeta = matching.pair_metadata(a, b, name_A, name_B)
     pmeta["time_match_s"] = res.times["match"]
+    pmeta.update(res.check_metadata())  # the geometric check, per pair (read by PairsJob.write)
     return res.arrays, pmeta, None
 
 
@@ -284,6 +286,7 @@ class PairsJob:
     _fmt: int = field(default=2, init=False)
     _damaged: bool = field(default=False, init=False)
     _totals: dict[str, int] = field(default_factory=lambda: {"matches": 0, "meaningless": 0}, init=False)
+    _unreliable: list[tuple[str, str, str]] = field(default_factory=list, init=False)
     _bar: Any = field(default=None, init=False)
     _t_ready: float = field(default=0.0, init=False)
 
@@ -416,7 +419,12 @@ class PairsJob:
             return False
         run.n_done += 1
         self._totals["matches"] += len(arrays["confidence"])
-        self._totals["meaningless"] += int((arrays["confidence"] > CONFIDENT).sum()) == 0
+        meaningless = int((arrays["confidence"] > CONFIDENT).sum()) == 0
+        self._totals["meaningless"] += meaningless
+        if not meaningless and "geometry_inlier_ratio" in pmeta:  # a pair with no confident match is counted above
+            why = unreliable_reason(float(pmeta["geometry_inlier_ratio"]), float(pmeta.get("confident_share", "nan")))
+            if why is not None:
+                self._unreliable.append((name_A, name_B, why))
         self._bar.update(1)
         if self.on_pair_written is not None:
             self.on_pair_written(name_A, name_B)
@@ -451,7 +459,7 @@ class PairsJob:
             weights_sha256=self.meta["weights_sha256"], elapsed=run.elapsed,
             total_matches=self._totals["matches"], num_samples=self.num_samples,
             n_meaningless=self._totals["meaningless"], out=self.out, out_exists=self.out.exists(),
-            stopped=run.stopped,
+            stopped=run.stopped, unreliable=self._unreliable,
         )  # fmt: skip
         print(run.summary, flush=True)
         if run.stopped:

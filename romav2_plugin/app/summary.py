@@ -7,9 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CONFIDENT", "reprojection_errors", "single_summary", "pairs_summary", "meaningless_note"]
+__all__ = [
+    "CONFIDENT", "reprojection_errors", "single_summary", "pairs_summary", "meaningless_note", "geometry_line",
+    "UNRELIABLE_ADVICE",
+]
 
 CONFIDENT = 0.5  # a sampled match counts as "confident" when its overlap exceeds this
+_MAX_LISTED = 20  # unreliable pairs named in the pairs summary
 
 
 def reprojection_errors(H: np.ndarray, kpts_A: np.ndarray, kpts_B: np.ndarray) -> np.ndarray:
@@ -30,6 +34,24 @@ def meaningless_note(n_confident: int, coverage_A: float) -> str | None:
         f"no confident match (none with overlap > {CONFIDENT}; {100 * coverage_A:.0f}% of A covisible): "
         "the images look unrelated to the model, or the weights are not suited (random or a test model). "
         "Do not use these matches."
+    )
+
+
+UNRELIABLE_ADVICE = (
+    "look at the matches picture before using them; the images may not show the same scene, or the baseline is "
+    "too wide for these weights and setting (try the official weights, a larger --setting)"
+)
+
+
+def geometry_line(inlier_ratio: float, inliers: int, n: int, model: str, threshold_px: float, share: float) -> str:
+    """The summary's line on the geometric check (:mod:`romav2_plugin.verify`)."""
+    share_txt = "" if share != share else f"; {100 * share:.0f}% of the grid confident (overlap > {CONFIDENT})"
+    if inlier_ratio != inlier_ratio:  # NaN: undefined
+        return f"check undefined (too few or degenerate matches){share_txt}"
+    model = {"fundamental": "fundamental matrix"}.get(model, model)
+    return (
+        f"{100 * inlier_ratio:.0f}% of {n} matches fit one {model} ({inliers} inliers at {threshold_px:.2g} px)"
+        f"{share_txt}"
     )
 
 
@@ -61,7 +83,11 @@ def single_summary(
     coverage_A: float,
     written: Sequence[Path],
     reprojection: np.ndarray | None = None,
+    check: dict | None = None,
+    unreliable: str | None = None,
 ) -> str:
+    """``check``: the per-pair check values (:func:`romav2_plugin.app.matching.check_metadata`);
+    ``unreliable``: why the pair looks unreliable (a WARNING line), or ``None``."""
     n = len(confidence)
     n_conf = int((confidence > CONFIDENT).sum())
     direction = "bidirectional" if bidirectional else "A->B only"
@@ -78,9 +104,16 @@ def single_summary(
         f"  matches    {n} sampled (seed {seed}{filt}), {n_conf} confident (overlap > {CONFIDENT}); "
         f"{100 * coverage_A:.0f}% of A covisible",
     ]
+    if check is not None:
+        lines.append("  geometry   " + geometry_line(
+            check["geometry_inlier_ratio"], check["geometry_inliers"], n, check["geometry_model"],
+            check["geometry_threshold_px"], check["confident_share"],
+        ))  # fmt: skip
     note = meaningless_note(n_conf, coverage_A)
     if note:
         lines.append(f"  WARNING    {note}")
+    elif unreliable:
+        lines.append(f"  WARNING    this pair looks unreliable: {unreliable}. {UNRELIABLE_ADVICE[0].upper()}{UNRELIABLE_ADVICE[1:]}.")
     if reprojection is not None and len(reprojection):
         e = reprojection
         lines.append(
@@ -110,7 +143,9 @@ def pairs_summary(
     out: Path,
     out_exists: bool,
     stopped: str | None = None,
+    unreliable: Sequence[tuple[str, str, str]] = (),
 ) -> str:
+    """``unreliable``: ``(name A, name B, why)`` of the pairs matched now that look unreliable."""
     sha = f" (sha256 {weights_sha256})" if weights_sha256 else ""
     not_run = n_listed - n_done - n_skipped - len(failures)
     tail = f", {not_run} not run" if not_run > 0 else ""
@@ -125,6 +160,14 @@ def pairs_summary(
         lines.append(
             f"  WARNING    {n_meaningless} of {n_done} pairs have no confident match (overlap > {CONFIDENT}): "
             "unrelated images, or weights not suited to them"
+        )
+    if unreliable:
+        shown = "\n             ".join(f"{na} {nb}: {why}" for na, nb, why in unreliable[:_MAX_LISTED])
+        more = len(unreliable) - _MAX_LISTED
+        lines.append(
+            f"  WARNING    {len(unreliable)} of {n_done} pairs look unreliable (their matches fit no single two-view "
+            f"geometry): {UNRELIABLE_ADVICE}; each pair's geometry_inlier_ratio is in the results file\n"
+            f"             {shown}" + (f"\n             ... and {more} more" if more > 0 else "")
         )
     if stopped:
         lines.append(f"  STOPPED    {stopped}")

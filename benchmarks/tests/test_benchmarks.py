@@ -424,11 +424,11 @@ def test_onnx_speed_benchmark_runs_and_records(tmp_path, random_checkpoint):
     cmd += ["--weights", str(random_checkpoint), "--out", str(tmp_path), "--tag", "t"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    data = json.loads((tmp_path / "onnx_t.json").read_text())
+    data = json.loads((tmp_path / "onnx_speed_t.json").read_text())
     (row,) = data["rows"]
     assert row["setting"] == "turbo" and row["eager_median_s"] > 0 and row["onnxruntime_median_s"] > 0
     assert max(row["max_abs_diff"].values()) < 1e-4
-    md = (tmp_path / "onnx_t.md").read_text()
+    md = (tmp_path / "onnx_speed_t.md").read_text()
     assert "| turbo |" in md and "Command: `" in md and "Machine:" in md
 
 

@@ -198,11 +198,11 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
         check_ranges(self)
-        if self.device != "auto":  # before any data or model is loaded
-            from romav2_plugin.runtime import check_device
+        if self.device != "auto":  # the string here (a config may be written for another machine's GPU);
+            from romav2_plugin.runtime import check_device  # whether it exists here: Trainer, before any data
 
             try:
-                check_device(self.device)
+                check_device(self.device, here=False)
             except ValueError as e:
                 raise ValueError(f"device: {e}") from None
 

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from romav2_plugin.config import config_to_dict, get_architecture
+from romav2_plugin.runtime import check_device
 from romav2_plugin.signals import Terminated, deferred_interrupts
 from romav2_plugin.train.checkpoint import (
     export_weights,
@@ -184,7 +185,10 @@ class Trainer:
         dev = cfg.device
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(dev)
+        try:  # before any data or model is loaded
+            self.device = check_device(dev)
+        except ValueError as e:
+            raise ValueError(f"device: {e}") from None
         self.amp = cfg.amp if cfg.amp is not None else self.device.type == "cuda"
         self.data = build_dataset(cfg)
         with torch.random.fork_rng(devices=[]):

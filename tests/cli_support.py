@@ -127,6 +127,20 @@ def cli_double(monkeypatch):
 
 
 @pytest.fixture
+def cli_small_double(monkeypatch):
+    """:func:`cli_double` on a 32x32 grid: the balanced sampler's KDE over every candidate stays cheap."""
+    from romav2_plugin.app import matching
+    from romav2_plugin.testing import HomographyWarpDouble
+
+    def fake(weights, setting, device, amp):
+        d = HomographyWarpDouble(DEMO_H, setting=setting or "precise")
+        d.H_lr = d.W_lr = 32
+        return d, {"weights": "double.pt", "weights_sha256": "0" * 16}
+
+    monkeypatch.setattr(matching, "load_model", fake)
+
+
+@pytest.fixture
 def cli_no_model(monkeypatch):
     """romav2-match in this process, failing the test if it loads a model (input refused before it)."""
     from romav2_plugin.app import matching

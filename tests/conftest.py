@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_support import cli_double, cli_driver, cli_images, cli_no_model  # noqa: F401 (fixtures)
+from cli_support import cli_double, cli_driver, cli_images, cli_no_model, cli_small_double  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

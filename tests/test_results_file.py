@@ -33,26 +33,13 @@ def images(tmp_path):
 
 
 @pytest.fixture
-def double(monkeypatch):
-    calls = []
-
-    def fake_load_model(weights, setting, device, amp):
-        calls.append((weights, setting))
-        return HomographyWarpDouble(DEMO_H, setting=setting or "precise"), {
-            "weights": "double.pt",
-            "weights_sha256": "0" * 16,
-        }
-
-    monkeypatch.setattr(matching, "load_model", fake_load_model)
-    return calls
+def double(cli_double):  # the command-line tests' double (tests/cli_support.py)
+    return cli_double
 
 
 @pytest.fixture
-def no_model(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("the model must not be loaded")
-
-    monkeypatch.setattr(matching, "load_model", refuse)
+def no_model(cli_no_model):
+    return cli_no_model
 
 
 def _sha256(p: Path) -> str:

@@ -10,21 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from romav2_plugin.app import cli, matching
-from romav2_plugin.testing import HomographyWarpDouble
+from romav2_plugin.app import cli
 
 ASSETS = Path(__file__).resolve().parents[1] / "romav2_plugin" / "assets"
 H = np.asarray(json.loads((ASSETS / "demo_pair.json").read_text())["homography_A_to_B"])
 
 
 @pytest.fixture
-def double(monkeypatch):
-    def fake(weights, setting, device, amp):
-        d = HomographyWarpDouble(H, setting=setting or "precise")
-        d.H_lr = d.W_lr = 32
-        return d, {"weights": "double.pt", "weights_sha256": "0" * 16}
-
-    monkeypatch.setattr(matching, "load_model", fake)
+def double(cli_small_double):  # tests/cli_support.py
+    return cli_small_double
 
 
 @pytest.mark.parametrize("mode", ["single", "pairs"])

@@ -63,9 +63,9 @@ def _spdx(stated: str, file: str) -> str:
     return SPDX[stated]
 
 
-def _dep5(package: str) -> list[dict[str, str]]:
+def _dep5(package: str, doc: Path = Path("/usr/share/doc")) -> list[dict[str, str]]:
     """The paragraphs of a machine-readable Debian copyright file, continuation lines joined with newlines."""
-    text = (Path("/usr/share/doc") / package / "copyright").read_text(encoding="utf-8", errors="replace")
+    text = (doc / package / "copyright").read_text(encoding="utf-8", errors="replace")
     paragraphs = []
     for block in re.split(r"\n[ \t]*\n", text):
         fields: dict[str, str] = {}

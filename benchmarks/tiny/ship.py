@@ -147,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.tiny.training_images import TABLE, card_training_data, describe, to_csv
 
     images = describe(pictures())  # the licence table, from the installed packages (as fetch_images links them)
+    if [r["file"] for r in images] != [e["file"] for e in manifest["files"]]:
+        print(f"error: the installed packages do not give the pictures of {args.data}/manifest.json; run "
+              f"python -m benchmarks.tiny.fetch_images --out {args.data} --install (root)", file=sys.stderr)
+        return 1
     TABLE.write_text(to_csv(images), encoding="utf-8")
     card = {
         "name": "romav2-tiny",

@@ -167,10 +167,11 @@ def describe(entries: list[dict[str, str]]) -> list[dict[str, str]]:
         pkg = e["package"]
         row = {"file": e["file"], "split": e["split"], "package": pkg, "source_path": str(source)}
         if pkg.startswith("scikit-image"):
-            row["source_path"] = f"skimage/data/{source.name}"  # inside site-packages, wherever that is
+            # inside site-packages, wherever that is; no version, so that the table does not change with it
+            row.update(package="scikit-image", source_path=f"skimage/data/{source.name}")
             fn = SKIMAGE[source.name]
             authors, stated, statement = _skimage(fn)
-            where = f"docstring of skimage.data.{fn} ({pkg}): {statement}"
+            where = f"docstring of skimage.data.{fn}: {statement}"
             package_line = ""
         else:
             rel = str(source)[len(MATE_ROOT):] if pkg == "mate-backgrounds" else source.name

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,31 @@ def test_every_numeric_card_key_has_a_range():
     missing = [k for k in _numeric_keys(config.RoMaV2Config) if k not in config.CARD_RANGES]
     assert not missing, f"add these keys to CARD_RANGES: {missing}"
     assert len(list(_numeric_keys(config.RoMaV2Config))) > 30
+
+
+def test_tiny_card_table_of_photographs_and_licence_page_agree():
+    """The shipped table of romav2-tiny's photographs (one row each: author(s), SPDX licence, where stated),
+    the card's training_data and assets/LICENSES.md describe the same pictures and the same licence counts.
+    (benchmarks/tests/test_tiny_training_images.py checks the table against the installed packages.)"""
+    import csv
+    from collections import Counter
+
+    from packaging.licenses import canonicalize_license_expression
+
+    card = json.loads((ASSETS / "romav2_tiny.json").read_text(encoding="utf-8"))["training_data"]
+    with (ASSETS / card["images_table"]).open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    train = [r for r in rows if r["split"] == "train"]
+    assert len(train) == card["photographs"] == 61
+    assert [r["file"] for r in rows if r["split"] == "heldout"] == card["held_out_files"]
+    assert len({r["file"] for r in rows}) == len(rows)
+    counts = Counter(r["licence"] for r in train)
+    assert dict(counts) == card["licence_counts"]
+    assert sum(v for k, v in counts.items() if k.startswith("CC-BY-SA")) == card["cc_by_sa_photographs"] == 21
+    for r in rows:
+        assert r["authors"] and r["statement_source"] and r["licence_as_stated"], r
+        assert canonicalize_license_expression(r["licence"]) == r["licence"], r
+    page = (ASSETS / "LICENSES.md").read_text(encoding="utf-8")
+    for licence, n in counts.items():
+        assert re.search(rf"{re.escape(licence)}\W[^|\n]*\| {n} \|", page), (licence, n)
+    assert "romav2_tiny.pt" in page and card["images_table"] in page

@@ -22,34 +22,27 @@ import sys
 from pathlib import Path
 
 DEBIAN = {
-    # package: (folder, licence as stated in /usr/share/doc/<package>/copyright)
+    # package: folder (licences: benchmarks/tiny/training_images.py, per picture)
     "mate-backgrounds": "/usr/share/backgrounds/mate",
     "ukui-wallpapers": "/usr/share/backgrounds",
     "plasma-workspace-wallpapers": "/usr/share/wallpapers",
 }
-# scikit-image's bundled photographs (not the synthetic or microscopy images); licences from its data README
+# scikit-image's bundled photographs (not the synthetic or microscopy images): file -> the skimage.data function
+# whose docstring states its licence (benchmarks/tiny/training_images.py reads it). The order fixes the split.
 SKIMAGE = {
-    "astronaut.png": "public domain (NASA)",
-    "chelsea.png": "CC0 (Stefan van der Walt)",
-    "coffee.png": "CC0 (Rachel Michetti)",
-    "rocket.jpg": "public domain (NASA / SpaceX)",
-    "brick.png": "CC0 (scikit-image)",
-    "grass.png": "CC0 (scikit-image)",
-    "gravel.png": "CC0 (scikit-image)",
-    "camera.png": "CC0 / public domain (scikit-image)",
+    "astronaut.png": "astronaut",
+    "chelsea.png": "chelsea",
+    "coffee.png": "coffee",
+    "rocket.jpg": "rocket",
+    "brick.png": "brick",
+    "grass.png": "grass",
+    "gravel.png": "gravel",
+    "camera.png": "camera",
 }
 ALWAYS_HELD_OUT = {"skimage__coffee.png"}
+RULE = "held out: every 5th picture per source (sorted), plus skimage coffee"
 SUFFIXES = (".jpg", ".jpeg", ".png")
 _RES = re.compile(r"[_-]?\d{3,5}x\d{3,5}")
-
-
-def _licence(package: str) -> str:
-    path = Path("/usr/share/doc") / package / "copyright"
-    if not path.is_file():
-        return "unknown (no /usr/share/doc copyright file)"
-    text = path.read_text(encoding="utf-8", errors="replace")
-    found = sorted({m.strip() for m in re.findall(r"^License:\s*(.+)$", text, flags=re.M)})
-    return ", ".join(found) if found else "see " + str(path)
 
 
 def _pictures(package: str, folder: str) -> dict[str, Path]:
@@ -69,6 +62,26 @@ def _pictures(package: str, folder: str) -> dict[str, Path]:
     return {k: max(v, key=lambda q: q.stat().st_size) for k, v in sorted(groups.items())}
 
 
+def pictures() -> list[dict[str, str]]:
+    """Every picture the recipe uses, in the fixed order that decides the split: ``file`` (the name under
+    ``OUT/train`` or ``OUT/heldout``), ``split``, ``package`` and ``source`` (the installed file). Pictures of
+    packages that are not installed are missing; scikit-image must be importable."""
+    import skimage
+
+    sources: list[tuple[str, dict[str, Path]]] = [(pkg, _pictures(pkg, folder)) for pkg, folder in DEBIAN.items()]
+    sk = Path(skimage.__file__).parent / "data"
+    sources.append((f"scikit-image {skimage.__version__}",
+                    {Path(n).stem: sk / n for n in SKIMAGE if (sk / n).is_file()}))
+    entries = []
+    for pkg, pics in sources:
+        short = "skimage" if pkg.startswith("scikit-image") else pkg.split("-")[0]
+        for i, (key, path) in enumerate(pics.items()):
+            name = f"{short}__{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}{path.suffix.lower()}"
+            split = "heldout" if (i % 5 == 4 or name in ALWAYS_HELD_OUT) else "train"
+            entries.append({"file": name, "split": split, "package": pkg, "source": str(path)})
+    return entries
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".tiny-data", help="output folder (git-ignored)")
@@ -79,34 +92,26 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["apt-get", "update"], check=True, env=env)
         subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *DEBIAN], check=True, env=env)
     try:
-        import skimage
+        import skimage  # noqa: F401  (pictures() imports it)
     except ImportError:
         print("scikit-image is missing: pip install scikit-image", file=sys.stderr)
         return 1
     out = Path(args.out)
-    entries = []
-    sources: list[tuple[str, str, dict[str, Path]]] = []
-    for pkg, folder in DEBIAN.items():
-        pics = _pictures(pkg, folder)
-        if not pics:
+    entries = pictures()
+    for pkg in DEBIAN:
+        if not any(e["package"] == pkg for e in entries):
             print(f"warning: no pictures from {pkg} (install it: apt-get install {pkg})", file=sys.stderr)
-        sources.append((pkg, _licence(pkg), pics))
-    sk = Path(skimage.__file__).parent / "data"
-    sources.append((f"scikit-image {skimage.__version__}", "",
-                    {Path(n).stem: sk / n for n in SKIMAGE if (sk / n).is_file()}))
     for split in ("train", "heldout"):
         (out / split).mkdir(parents=True, exist_ok=True)
         for old in (out / split).iterdir():
             old.unlink()
-    for pkg, lic, pics in sources:
-        short = "skimage" if pkg.startswith("scikit-image") else pkg.split("-")[0]
-        for i, (key, path) in enumerate(pics.items()):
-            name = f"{short}__{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}{path.suffix.lower()}"
-            split = "heldout" if (i % 5 == 4 or name in ALWAYS_HELD_OUT) else "train"
-            (out / split / name).symlink_to(path)
-            entries.append({"file": name, "split": split, "package": pkg, "source": str(path),
-                            "licence": SKIMAGE.get(path.name, lic) if short == "skimage" else lic})
-    manifest = {"rule": "held out: every 5th picture per source (sorted), plus skimage coffee", "files": entries}
+    from benchmarks.tiny.training_images import describe
+
+    for e, row in zip(entries, describe(entries)):
+        (out / e["split"] / e["file"]).symlink_to(e["source"])
+        e["licence"] = row["licence"]
+        e["authors"] = row["authors"]
+    manifest = {"rule": RULE, "files": entries}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     n = {s: sum(e["split"] == s for e in entries) for s in ("train", "heldout")}
     print(f"{out}: {n['train']} training and {n['heldout']} held-out pictures; manifest.json lists licences")

@@ -8,7 +8,8 @@ command lines: docs/romav2_tiny_recipe.md, ``python -m benchmarks.tiny.recipe``)
 
 Reads the run's checkpoint (EMA weights), writes ``romav2_tiny.pt`` (official key layout; bf16 backbone as
 the layout has it, fp16 elsewhere, upcast at load) and ``romav2_tiny.json``: the config, the training data
-and their licences (from the fetch manifest), steps, training time, machine, and the held-out figures; copies
+and their licences (benchmarks/tiny/training_images.py, read from the installed packages; it rewrites
+romav2_tiny_training_images.csv too), steps, training time, machine, and the held-out figures; copies
 the training log to ``benchmarks/results/tiny_training_cpu.csv`` with its curves ``tiny_training_cpu.png``.
 
 A run that started from an earlier run's exported weights (``model.weights = ".../<run>/model.pt"``) is
@@ -142,7 +143,15 @@ def main(argv: list[str] | None = None) -> int:
             offset[name] = offset.get(name, 0) + n
     manifest = json.loads((Path(args.data) / "manifest.json").read_text(encoding="utf-8"))
     train_files = [e for e in manifest["files"] if e["split"] == "train"]
-    licences = sorted({(e["package"], e["licence"]) for e in manifest["files"]})
+    from benchmarks.tiny.fetch_images import pictures
+    from benchmarks.tiny.training_images import TABLE, card_training_data, describe, to_csv
+
+    images = describe(pictures())  # the licence table, from the installed packages (as fetch_images links them)
+    if [r["file"] for r in images] != [e["file"] for e in manifest["files"]]:
+        print(f"error: the installed packages do not give the pictures of {args.data}/manifest.json; run "
+              f"python -m benchmarks.tiny.fetch_images --out {args.data} --install (root)", file=sys.stderr)
+        return 1
+    TABLE.write_text(to_csv(images), encoding="utf-8")
     card = {
         "name": "romav2-tiny",
         "note": NOTE,
@@ -161,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             "photographs": len(train_files),
             "held_out": manifest["rule"],
             "held_out_files": [e["file"] for e in manifest["files"] if e["split"] == "heldout"],
-            "packages_and_licences": [{"package": p, "licence": lic} for p, lic in licences],
+            **card_training_data(images),
         },
         "held_out_figures": json.loads(Path(args.figures).read_text()) if args.figures else None,
     }

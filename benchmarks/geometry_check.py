@@ -79,8 +79,13 @@ def _ratio0(row: dict) -> float:
     return 0.0 if r is None or not math.isfinite(r) else r
 
 
-def run_pairs(pairs, model, rows_file: Path, num_samples: int) -> list[dict]:
-    """Match and check every pair not yet in ``rows_file`` (appended as it goes); all rows in pair order."""
+def run_pairs(pairs, model, rows_file: Path, num_samples: int, *, budget_s: float = math.inf,
+              quiet: bool = False) -> list[dict]:
+    """Match and check every pair not yet in ``rows_file`` (appended as it goes), in an order shuffled with a
+    fixed seed (so that a run stopped by ``budget_s`` seconds has done a representative part of every
+    category); the rows done, in pair order. ``quiet``: print no value (matching a split ahead of its use)."""
+    import time
+
     from PIL import Image
 
     from romav2_plugin.app.matching import LoadedImage, match_pair
@@ -92,9 +97,14 @@ def run_pairs(pairs, model, rows_file: Path, num_samples: int) -> list[dict]:
                 r = json.loads(line)
                 done[r["name"]] = r
     rows_file.parent.mkdir(parents=True, exist_ok=True)
-    for p in pairs:
+    t_end = time.monotonic() + budget_s
+    for i in np.random.default_rng(0).permutation(len(pairs)):
+        p = pairs[i]
         if p.name in done:
             continue
+        if time.monotonic() > t_end:
+            print(f"time budget spent: {len(done)} of {len(pairs)} pairs done", flush=True)
+            break
         a = LoadedImage(Path("A"), Image.fromarray(p.img_A), 1)
         b = LoadedImage(Path("B"), Image.fromarray(p.img_B), 1)
         res = match_pair(model, a, b, num_samples=num_samples, seed=0, min_overlap=0.5)
@@ -116,9 +126,10 @@ def run_pairs(pairs, model, rows_file: Path, num_samples: int) -> list[dict]:
         done[p.name] = row
         with rows_file.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"{p.name:55s} ratio {row['inlier_ratio']} within3 {within} matches {row['matches']} "
-              f"pair {row['time_pair_s']:.1f} s check {1000 * row['time_check_s']:.0f} ms", flush=True)
-    return [done[p.name] for p in pairs]
+        values = "" if quiet else f"ratio {row['inlier_ratio']} within3 {within} matches {row['matches']} "
+        print(f"{len(done)}/{len(pairs)} {p.name:55s} {values}pair {row['time_pair_s']:.1f} s check "
+              f"{1000 * row['time_check_s']:.0f} ms", flush=True)
+    return [done[p.name] for p in pairs if p.name in done]
 
 
 def summarise(rows: list[dict], t: float) -> dict:
@@ -153,6 +164,9 @@ def _section_md(name: str, sec: dict) -> list[str]:
     lo, hi = s["false_alarm_ci95"]
     dlo, dhi = s["detection_ci95"]
     md = [f"## {name.capitalize()} split", "", provenance_markdown(sec["machine"], sec["command"], sec["date"]), "",
+          f"Pairs run: {sec['pairs_run']} of {sec['pairs_planned']} planned"
+          + ("" if sec["pairs_run"] == sec["pairs_planned"] else " (the rest not run: time limit; the order is "
+             "shuffled with a fixed seed, so every category is represented)") + ".", "",
           f"Threshold applied: inlier ratio < **{s['threshold']:.2f}**" +
           (" (chosen on this split by the rule)" if name == "validation" else " (from the validation split, unchanged)"),
           "", "| label | pairs | flagged | rate | 95% interval |", "|---|---|---|---|---|",
@@ -199,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=Path, default=Path("/tmp/geometry_check_rows"),
                     help="folder of the per-pair rows (resume an interrupted run)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--budget-s", type=float, default=math.inf,
+                    help="stop matching new pairs after this many seconds and report the pairs done")
+    ap.add_argument("--match-only", action="store_true",
+                    help="only match the split's pairs into --rows, printing no value and writing no result "
+                    "(the test split may be matched ahead; its result needs the validation threshold)")
     ap.add_argument("--extra", type=Path, nargs=2, default=SHARED_PAIR, metavar=("A", "B"),
                     help="test split: an extra row, not counted (default: the shared Toronto pair)")
     args = ap.parse_args(argv)
@@ -210,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out_json = args.out / OUT_JSON
     rec = json.loads(out_json.read_text()) if out_json.is_file() else {}
-    if args.split == "test" and "validation" not in rec.get("splits_run", []):
+    if args.split == "test" and not args.match_only and "validation" not in rec.get("splits_run", []):
         raise SystemExit(f"run --split validation first: {out_json} has no threshold chosen on validation pairs")
     torch.manual_seed(0)
     pairs = labelled_pairs(args.split)
@@ -221,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         pairs.append(LabelledPair("test", "extra", True, "extra/toronto (real wide-baseline pair)", A, B, None))
     model = RoMaV2.from_pretrained(args.weights, setting=args.setting, device="cpu")
     rows_file = args.rows / f"{args.split}-{args.weights}-{args.setting}-{args.num_samples}.jsonl"
-    rows = run_pairs(pairs, model, rows_file, args.num_samples)
+    rows = run_pairs(pairs, model, rows_file, args.num_samples, budget_s=args.budget_s, quiet=args.match_only)
+    if args.match_only:
+        return 0
     if args.split == "validation":
         t = choose_threshold([_ratio0(r) for r in rows if r["category"] != "extra" and label(r) == "correct"])
         rec = {"weights": args.weights, "setting": args.setting, "num_samples": args.num_samples,
@@ -233,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             rec["splits_run"].append("test")
     info = machine_info()
     rec[args.split] = {"machine": info, "command": command_line(), "date": now_utc(), "summary": summarise(rows, t),
-                       "pairs": rows}  # fmt: skip
+                       "pairs_planned": len(pairs), "pairs_run": len(rows), "pairs": rows}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(rec, indent=1))
     write_markdown(rec, args.out)

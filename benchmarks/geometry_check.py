@@ -164,8 +164,8 @@ def _section_md(name: str, sec: dict) -> list[str]:
     dlo, dhi = s["detection_ci95"]
     md = [f"## {name.capitalize()} split", "", provenance_markdown(sec["machine"], sec["command"], sec["date"]), "",
           f"Pairs run: {sec['pairs_run']} of {sec['pairs_planned']} planned"
-          + ("" if sec["pairs_run"] == sec["pairs_planned"] else " (the rest not run: time limit; the order is "
-             "shuffled with a fixed seed, so every category is represented)") + ".", "",
+          + ("" if sec["pairs_run"] == sec["pairs_planned"] else " (the rest not run: time limit on a shared CPU; "
+             "pairs run in an order shuffled with a fixed seed, so those run are a seeded random subset)") + ".", "",
           f"Threshold applied: inlier ratio < **{s['threshold']:.2f}**" +
           (" (chosen on this split by the rule)" if name == "validation" else " (from the validation split, unchanged)"),
           "", "| label | pairs | flagged | rate | 95% interval |", "|---|---|---|---|---|",

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from romav2_plugin.model import RoMaV2 as _CoreRoMaV2
-from romav2_plugin.verify import check_matches, default_threshold_px
+from romav2_plugin.verify import MIN_INLIER_RATIO, check_matches, default_threshold_px
 
 __all__ = ["RoMaV2", "register"]
 
@@ -45,6 +45,15 @@ def _check_threshold(value: Any) -> None:
         raise ValueError(
             f"confidence_threshold must be a number in [0, 1) (an overlap: matches above it are kept), got {value!r}"
         )
+
+
+def _check_ratio(value: Any) -> None:
+    """``min_inlier_ratio``: a number in ``[0, 1]`` (a share of the matches)."""
+    import math
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and 0.0 <= value <= 1.0):
+        raise ValueError(f"min_inlier_ratio must be a number in [0, 1] (a share of the matches), got {value!r}")
 
 
 _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -76,6 +85,9 @@ class RoMaV2(nn.Module):
         model: an already-built core model (e.g. ``romav2_plugin.RoMaV2``) instead of ``weights``.
         min_overlap: ``"balanced"`` mode: only matches with overlap above it are drawn (default 0.5: unrelated
             images give few or no matches); ``None``: the official sampler's behaviour.
+        min_inlier_ratio: a pair is reported ``covisible`` when at least this share of its matches fits one
+            two-view geometry (default :data:`romav2_plugin.verify.MIN_INLIER_RATIO`, the threshold of
+            ``romav2-match``'s warning, chosen on validation pairs with romav2-tiny; see ``docs/kornia.md``).
 
     Precision: ``.to(dtype)`` / ``.half()`` / ``.double()`` / ``.bfloat16()`` (as kornia's tests do for every
     module) set :attr:`dtype`: float images of any float dtype are taken, and ``keypoints``, ``confidence``
@@ -97,8 +109,10 @@ class RoMaV2(nn.Module):
         seed: int | torch.Generator | None = None,
         model: nn.Module | None = None,
         min_overlap: float | None = 0.5,
+        min_inlier_ratio: float = MIN_INLIER_RATIO,
     ) -> None:
         super().__init__()
+        _check_ratio(min_inlier_ratio)
         if min_overlap is not None and not 0.0 <= float(min_overlap) < 1.0:
             raise ValueError(f"min_overlap must lie in [0, 1) or be None, got {min_overlap}")
         if sample_mode not in _SAMPLE_MODES:
@@ -118,6 +132,7 @@ class RoMaV2(nn.Module):
         self.confidence_threshold = float(confidence_threshold)
         self.seed = seed
         self.min_overlap = None if min_overlap is None else float(min_overlap)
+        self.min_inlier_ratio = float(min_inlier_ratio)
         self.dtype = torch.float32  # of the outputs (and what inputs are taken as): follows .to(dtype)
         self.eval()
 
@@ -217,11 +232,13 @@ class RoMaV2(nn.Module):
             ``keypoints0 (N, 2)``, ``keypoints1 (N, 2)`` pixel coordinates (top-left pixel centre at
             (0, 0)), ``confidence (N,)``, ``batch_indexes (N,)`` long, and, when the setting is
             bidirectional, ``precision0``/``precision1 (N, 2, 2)`` in input-image pixel units; and
-            ``geometry_inlier_ratio (B,)``: per batch element, the share of its matches that fit one two-view
-            geometry (:func:`romav2_plugin.verify.check_matches`, as ``romav2-match`` reports it; NaN with
-            fewer than 8 matches). ``romav2-match`` warns below ``romav2_plugin.verify.MIN_INLIER_RATIO``; with
-            romav2-tiny, two unrelated noise images give about 0.2-0.25 (while the overlap calls them covisible)
-            and pairs whose matches are right 0.7-1.0 (``benchmarks/results/geometry_check_cpu.md``).
+            ``geometry_inlier_ratio (B,)`` (in :attr:`dtype`) and ``covisible (B,)`` bool, one value per batch
+            element (pair): the share of that pair's matches that fit one two-view geometry
+            (:func:`romav2_plugin.verify.check_matches`, as ``romav2-match`` reports it; NaN with fewer than 8
+            matches), and whether it is at least ``min_inlier_ratio``. ``covisible`` is False for a pair whose
+            matches look wrong (two unrelated images, two noise images, a baseline the weights cannot handle)
+            although the overlap calls them confident; select a pair's matches with
+            ``out["covisible"][out["batch_indexes"]]``. False for a pair without 8 matches.
         """
         img0, img1 = self._check(data)
         masks = {k: self._check_mask(k, data[k], img) for k, img in (("mask0", img0), ("mask1", img1)) if k in data}
@@ -255,7 +272,9 @@ class RoMaV2(nn.Module):
                 out["precision0"].append(_scale_precision(p0[keep], work_hw, (H0, W0)))
                 out["precision1"].append(_scale_precision(p1[keep], work_hw, (H1, W1)))
         result = {k: torch.cat(v) for k, v in out.items() if v}
-        result["geometry_inlier_ratio"] = torch.tensor(ratios, dtype=torch.float32, device=preds["warp_AB"].device)
+        ratio = torch.tensor(ratios, dtype=torch.float64, device=preds["warp_AB"].device)
+        result["geometry_inlier_ratio"] = ratio.float()
+        result["covisible"] = ratio >= self.min_inlier_ratio  # NaN (too few matches) compares False
         return {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in result.items()}
 
 

@@ -213,3 +213,53 @@ def test_geometry_inlier_ratio_per_batch_element_separates_scrambled_matches():
     assert (out["geometry_inlier_ratio"] < MIN_INLIER_RATIO).all()
     none = KF.RoMaV2(model=_Unrelated(H_TRUE), setting="turbo", num_samples=300, seed=0)({"image0": img0, "image1": img1})
     assert none["geometry_inlier_ratio"].isnan().all()
+
+
+def test_covisible_per_pair_follows_the_geometric_check():
+    """``covisible (B,)`` bool: True for matches that fit one geometry, False for confident matches that fit
+    none and for a pair without matches; ``min_inlier_ratio`` moves the cut and is checked at construction."""
+    from romav2_plugin.testing import ScrambledWarpDouble
+    from romav2_plugin.verify import MIN_INLIER_RATIO
+
+    img0, img1 = torch.rand(2, 3, 120, 160), torch.rand(2, 3, 130, 150)
+    data = {"image0": img0, "image1": img1}
+    good = KF.RoMaV2(model=HomographyWarpDouble(H_TRUE), setting="turbo", num_samples=300, seed=0)
+    assert good.min_inlier_ratio == MIN_INLIER_RATIO
+    out = good(data)
+    assert out["covisible"].dtype == torch.bool and out["covisible"].shape == (2,) and out["covisible"].all()
+    bad = KF.RoMaV2(model=ScrambledWarpDouble(), setting="turbo", num_samples=300, seed=0)(data)
+    assert not bad["covisible"].any()
+    none = KF.RoMaV2(model=_Unrelated(H_TRUE), setting="turbo", num_samples=300, seed=0)(data)
+    assert not none["covisible"].any()  # NaN ratio: not covisible
+    strict = KF.RoMaV2(model=ScrambledWarpDouble(), setting="turbo", num_samples=300, seed=0, min_inlier_ratio=0.0)
+    assert strict(data)["covisible"].all()
+    for bad_value in (float("nan"), 1.5, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match="min_inlier_ratio"):
+            KF.RoMaV2(model=HomographyWarpDouble(H_TRUE), min_inlier_ratio=bad_value)
+
+
+@pytest.mark.slow
+def test_covisible_flags_the_noise_pair_in_a_batch_with_romav2_tiny():
+    """romav2-tiny (weights="tiny"), one batch: the demo pair (resized to one size) and two unrelated
+    uniform-noise images. The overlap calls both confident; ``covisible`` keeps the demo pair, flags the
+    noise pair."""
+    from importlib.resources import files
+
+    import numpy as np
+    from PIL import Image
+
+    assets = files("romav2_plugin.assets")
+    demo = [torch.from_numpy(np.asarray(Image.open(str(assets / f"demo_{s}.jpg")).convert("RGB").resize((384, 288))))
+            .permute(2, 0, 1).float() / 255 for s in "AB"]
+    g = torch.Generator().manual_seed(0)
+    noise = [torch.rand(3, 288, 384, generator=g) for _ in range(2)]
+    data = {"image0": torch.stack((demo[0], noise[0])), "image1": torch.stack((demo[1], noise[1]))}
+    matcher = KF.RoMaV2(weights="tiny", num_samples=2000, seed=0)
+    with torch.inference_mode():
+        out = matcher(data)
+    per_pair = torch.bincount(out["batch_indexes"], minlength=2)
+    assert (per_pair > 1000).all(), per_pair  # both "confident"
+    ratio = out["geometry_inlier_ratio"]
+    assert out["covisible"].tolist() == [True, False], ratio
+    kept = out["covisible"][out["batch_indexes"]]
+    assert (out["batch_indexes"][kept] == 0).all()

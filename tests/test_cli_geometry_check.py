@@ -147,3 +147,23 @@ def test_pairs_summary_lists_at_most_twenty_unreliable_pairs():
     )  # fmt: skip
     assert "25 of 25 pairs look unreliable" in text
     assert "a19.jpg b19.jpg" in text and "a20.jpg" not in text and "... and 5 more" in text
+
+
+TORONTO = (REPO.parent / "shared" / "data" / "toronto_A.jpg", REPO.parent / "shared" / "data" / "toronto_B.jpg")
+
+
+@pytest.mark.slow
+def test_tiny_on_the_toronto_pair_is_flagged_and_the_demo_pair_is_not(tmp_path, capsys):
+    """The real wide-baseline pair on which romav2-tiny draws confident but wrong matches gets the warning;
+    the demo pair (same model, same setting) does not. Real network (romav2-tiny), no doubles."""
+    if not all(p.is_file() for p in TORONTO):
+        pytest.skip(f"the shared toronto pair is absent ({TORONTO[0].parent})")
+    ratios = {}
+    for name, (A, B) in {"toronto": TORONTO, "demo": (ASSETS / "demo_A.jpg", ASSETS / "demo_B.jpg")}.items():
+        out = tmp_path / name
+        rc = cli.main([str(A), str(B), "--weights", "tiny", "--out", str(out), "--no-pictures", "--seed", "0"])
+        assert rc == 0
+        text = capsys.readouterr().out
+        ratios[name] = (float(np.load(out / "matches.npz")["geometry_inlier_ratio"]), "WARNING" in text)
+    assert ratios["toronto"][0] < MIN_INLIER_RATIO and ratios["toronto"][1], ratios
+    assert ratios["demo"][0] >= MIN_INLIER_RATIO and not ratios["demo"][1], ratios

@@ -91,8 +91,7 @@ def _unique_reference(a, b, c):
             continue
         rivals_a = [j for j in range(len(a)) if a[j] == a[i] and b[j] >= 0]
         rivals_b = [j for j in range(len(a)) if b[j] == b[i] and a[j] >= 0]
-        best = lambda js: min(js, key=lambda j: (-c[j], j))  # noqa: E731
-        if best(rivals_a) == i and best(rivals_b) == i:
+        if min(rivals_a, key=lambda j: (-c[j], j)) == i and min(rivals_b, key=lambda j: (-c[j], j)) == i:
             keep.append((a[i], b[i]))
     return sorted(keep)
 

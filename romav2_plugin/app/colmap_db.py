@@ -195,9 +195,10 @@ class ColmapDatabase:
         for rig in db.read_all_rigs():
             self._rig_of.setdefault(rig.ref_sensor_id.id, rig.rig_id)
         cams = {c.camera_id: c for c in db.read_all_cameras()}
-        for name, cid in self._camera_of.items():
+        for name, cid in self._camera_of.items():  # reuse only cameras as this writer makes them
             cam = cams[cid]
-            self._cameras.setdefault(self._camera_key(name, (cam.height, cam.width)), cid)
+            if cam.model_name == "SIMPLE_RADIAL" and np.allclose(cam.params, _default_params(cam.width, cam.height)):
+                self._cameras.setdefault(self._camera_key(name, (cam.height, cam.width)), cid)
 
     def _open(self):
         if self._db is None:
@@ -232,14 +233,13 @@ class ColmapDatabase:
         cid = self._cameras.get(key)
         if cid is None:
             h, w = int(hw[0]), int(hw[1])
-            f = 1.2 * max(w, h)
-            cam = pycolmap.Camera(model="SIMPLE_RADIAL", width=w, height=h, params=[f, w / 2, h / 2, 0.0])
+            cam = pycolmap.Camera(model="SIMPLE_RADIAL", width=w, height=h, params=_default_params(w, h))
             cam.camera_id = cid = db.write_camera(cam)
-            rig = pycolmap.Rig()
-            rig.add_ref_sensor(cam.sensor_id)
-            rig_id = db.write_rig(rig)
             self._cameras[key] = cid
-            self._rig_of[cid] = rig_id
+        if cid not in self._rig_of:  # a trivial rig per camera (COLMAP >= 3.12 needs rigs and frames)
+            rig = pycolmap.Rig()
+            rig.add_ref_sensor(db.read_camera(cid).sensor_id)
+            self._rig_of[cid] = db.write_rig(rig)
         image = pycolmap.Image(name=name, camera_id=cid)
         image.image_id = iid = db.write_image(image)
         frame = pycolmap.Frame()
@@ -312,6 +312,11 @@ class ColmapDatabase:
         for n in names:
             self._kps.pop(n, None)
             self._stored.pop(n, None)
+
+
+def _default_params(width: int, height: int) -> list[float]:
+    """SIMPLE_RADIAL ``f, cx, cy, k``: COLMAP's prior focal length ``1.2 * max(w, h)``, the centre, no distortion."""
+    return [1.2 * max(width, height), width / 2, height / 2, 0.0]
 
 
 def _jsonable(v: Any) -> Any:

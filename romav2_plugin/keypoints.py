@@ -41,8 +41,8 @@ __all__ = [
 ]
 
 #: Defaults measured on the rendered multi-view scene (benchmarks/results/colmap_keypoints_cpu.md).
-DEFAULT_CELL_SIZE = 2.0
-DEFAULT_MAX_ERROR = 2.0
+DEFAULT_CELL_SIZE = 1.0
+DEFAULT_MAX_ERROR = 1.0
 
 _NEIGHBOURS = [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
 

@@ -40,6 +40,7 @@ def _read(db_path):
                 ia, ib = images[a].image_id, images[b].image_id
                 if ia < ib and db.exists_matches(ia, ib):
                     matches[(a, b)] = db.read_matches(ia, ib)
+                if ia < ib and db.exists_two_view_geometry(ia, ib):
                     tvgs[(a, b)] = db.read_two_view_geometry(ia, ib)
         return images, kps, matches, tvgs, db.num_cameras(), db.num_frames(), db.num_rigs()
 
@@ -196,3 +197,32 @@ def test_pair_lists(tmp_path):
         with pytest.raises(CommandError) as e:
             pairs_from(bad, d)
         assert e.value.code == 2
+
+
+def test_interrupted_inside_a_pair_then_resumed(three, cli_small_double, monkeypatch, capsys):
+    """Ctrl-C in the middle of the second pair's transaction: the first pair is kept as written, the rerun
+    redoes the second one and the database ends complete."""
+    pairs, images, db = three
+    real = pycolmap.estimate_two_view_geometry
+    calls = []
+
+    def interrupt_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pycolmap, "estimate_two_view_geometry", interrupt_second)
+    assert cli.main(_args(pairs, images, db)) == 130
+    _, kps1, m1, tvg1, *_ = _read(db)
+    assert set(tvg1) == set(m1) == {("a.jpg", "b.jpg")}  # nothing of the second pair was written
+    monkeypatch.setattr(pycolmap, "estimate_two_view_geometry", real)
+    capsys.readouterr()
+    assert cli.main(_args(pairs, images, db)) == 0
+    assert "1 of 2 pairs already in" in capsys.readouterr().err
+    _, kps2, m2, tvg2, *_ = _read(db)
+    np.testing.assert_array_equal(m2[("a.jpg", "b.jpg")], m1[("a.jpg", "b.jpg")])
+    np.testing.assert_array_equal(kps2["b.jpg"], kps1["b.jpg"])
+    m = m2[("a.jpg", "c.jpg")]
+    assert len(m) > 50 and m[:, 0].max() < len(kps2["a.jpg"]) and m[:, 1].max() < len(kps2["c.jpg"])
+    assert set(tvg2) == {("a.jpg", "b.jpg"), ("a.jpg", "c.jpg")}

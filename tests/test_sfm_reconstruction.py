@@ -58,7 +58,6 @@ def test_at_least_as_good_as_hlocs_route(scene, ours, hloc, tmp_path):
     import itertools
 
     from benchmarks.colmap_keypoints import hloc_route
-
     from romav2_plugin.app.sfm import model_summary
 
     root, _, names = scene

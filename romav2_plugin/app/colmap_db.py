@@ -36,6 +36,7 @@ import numpy as np
 from romav2_plugin.app.errors import EXIT_RUNTIME, EXIT_USAGE, CommandError, is_disk_full, missing_dependency
 from romav2_plugin.app.results import WriteFailed, hold_writer_lock
 from romav2_plugin.keypoints import ImageKeypoints, opencv_to_colmap, unique_matches
+from romav2_plugin.signals import deferred_interrupts
 
 __all__ = ["RUN_TABLE", "CAMERA_MODES", "ColmapDatabase", "import_pycolmap", "pycolmap_features"]
 
@@ -225,6 +226,14 @@ class ColmapDatabase:
             self._kps[name] = kp
         return kp
 
+    def _camera_for(self, db, pycolmap, name: str, hw):
+        """The camera ``name`` has or will get (not written here)."""
+        cid = self._camera_of.get(name) or self._cameras.get(self._camera_key(name, hw))
+        if cid is not None:
+            return db.read_camera(cid)
+        h, w = int(hw[0]), int(hw[1])
+        return pycolmap.Camera(model="SIMPLE_RADIAL", width=w, height=h, params=_default_params(w, h))
+
     def _ensure_image(self, db, pycolmap, name: str, hw) -> int:
         iid = self._image_ids.get(name)
         if iid is not None:
@@ -275,7 +284,14 @@ class ColmapDatabase:
             ids_A = kA.assign(opencv_to_colmap(arrays["keypoints_A"]), conf)
             ids_B = kB.assign(opencv_to_colmap(arrays["keypoints_B"]), conf)
             matches = unique_matches(ids_A, ids_B, conf)
-            with pycolmap.DatabaseTransaction(db):
+            cam_A = self._camera_for(db, pycolmap, name_A, pair_meta["image_hw_A"])
+            cam_B = self._camera_for(db, pycolmap, name_B, pair_meta["image_hw_B"])
+            tvg = pycolmap.estimate_two_view_geometry(
+                cam_A, kA.xy, cam_B, kB.xy, matches, pycolmap.TwoViewGeometryOptions()
+            ) if len(matches) else pycolmap.TwoViewGeometry()
+            # only writes from here: stop signals wait for the commit (pycolmap's transaction commits also
+            # when an exception leaves it)
+            with deferred_interrupts(), pycolmap.DatabaseTransaction(db):
                 iA = self._ensure_image(db, pycolmap, name_A, pair_meta["image_hw_A"])
                 iB = self._ensure_image(db, pycolmap, name_B, pair_meta["image_hw_B"])
                 for name, iid, kp, n0 in ((name_A, iA, kA, nA0), (name_B, iB, kB, nB0)):
@@ -286,15 +302,11 @@ class ColmapDatabase:
                         else:
                             db.write_keypoints(iid, rows)
                         self._stored[name] = rows
-                if db.exists_matches(iA, iB):  # a pair redone after an interruption between commits
+                if db.exists_matches(iA, iB):  # a pair left half-written by a failed write: redone
                     db.delete_matches(iA, iB)
                 if db.exists_two_view_geometry(iA, iB):
                     db.delete_two_view_geometry(iA, iB)
                 db.write_matches(iA, iB, matches)
-                cams = {iid: db.read_camera(self._camera_of[n]) for n, iid in ((name_A, iA), (name_B, iB))}
-                tvg = pycolmap.estimate_two_view_geometry(
-                    cams[iA], kA.xy, cams[iB], kB.xy, matches, pycolmap.TwoViewGeometryOptions()
-                ) if len(matches) else pycolmap.TwoViewGeometry()
                 db.write_two_view_geometry(iA, iB, tvg)
         except (OSError, RuntimeError) as e:
             self._forget(name_A, name_B)

@@ -226,3 +226,14 @@ def test_interrupted_inside_a_pair_then_resumed(three, cli_small_double, monkeyp
     m = m2[("a.jpg", "c.jpg")]
     assert len(m) > 50 and m[:, 0].max() < len(kps2["a.jpg"]) and m[:, 1].max() < len(kps2["c.jpg"])
     assert set(tvg2) == {("a.jpg", "b.jpg"), ("a.jpg", "c.jpg")}
+
+
+def test_pairs_from_without_a_list(tmp_path, cli_images, cli_small_double):
+    """romav2-match --pairs-from sequential:1 --image-dir DIR: each image with the next in name order."""
+    db = tmp_path / "seq.db"
+    args = ["--pairs-from", "sequential:1", "--image-dir", str(cli_images), "--colmap-db", str(db),
+            "--setting", "turbo", "--num-samples", "100"]  # fmt: skip
+    assert cli.main(args) == 0
+    ims, _, matches, tvgs, n_cams, *_ = _read(db)
+    assert len(ims) == 5 and len(matches) == len(tvgs) == 4
+    assert n_cams == 3  # 600x400 and 640x480 in the top folder, 640x480 in a/ (a/b.jpg)

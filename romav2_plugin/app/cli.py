@@ -37,6 +37,7 @@ from romav2_plugin.app.errors import (
     run_command,
 )
 from romav2_plugin.app.matching import PROG, LoadedImage, PairResult, open_image, say
+from romav2_plugin.app.pair_lists import PAIRS_FROM_HELP
 from romav2_plugin.app.pairs import DEFAULT_OUT, LocalExecutor, PairsJob, read_or_repair, run_pairs
 from romav2_plugin.app.results import (
     ResultsFile,
@@ -127,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
         "space starts a comment ('a#1.jpg' is a name)"
     )
     p.add_argument(
+        "--pairs-from", metavar="SPEC", help=f"instead of --pairs, the images of --image-dir paired by SPEC: "
+        f"{PAIRS_FROM_HELP}"
+    )
+    p.add_argument(
         "--image-dir",
         metavar="DIR",
         help="--pairs: folder the names are relative to (default: the pairs file's folder)",
@@ -203,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.pairs_from is not None:
+        if args.pairs is not None:
+            p.error("--pairs and --pairs-from exclude each other")
+        if args.image_dir is None:
+            p.error("--pairs-from needs --image-dir (the folder whose images are paired)")
+        args.pairs = ""  # the pairs mode; the list is made from --image-dir
     modes = sum((bool(args.images), args.demo, args.pairs is not None))
     if modes == 0:
         p.error("give IMAGE_A IMAGE_B, or --pairs FILE, or --demo")
@@ -438,8 +449,14 @@ def _run_pairs(args: argparse.Namespace) -> int:
         executor = RayExecutor.from_args(args)  # Ray missing: refused now, before anything is read
     else:
         executor = LocalExecutor()
-    pairs_path = Path(args.pairs).expanduser()
-    image_dir = Path(args.image_dir).expanduser() if args.image_dir else pairs_path.parent
+    if args.pairs_from is not None:
+        from romav2_plugin.app.pair_lists import pairs_from
+
+        image_dir = Path(args.image_dir).expanduser()
+        pairs_path = pairs_from(args.pairs_from, image_dir)  # the pairs themselves
+    else:
+        pairs_path = Path(args.pairs).expanduser()
+        image_dir = Path(args.image_dir).expanduser() if args.image_dir else pairs_path.parent
     job = PairsJob(
         pairs_path, image_dir.resolve() if ray else image_dir, Path(args.out if args.out is not None else DEFAULT_OUT),
         weights=args.weights, setting=args.setting, seed=args.seed, num_samples=args.num_samples,

@@ -67,3 +67,16 @@ def test_at_least_as_good_as_hlocs_route(scene, ours, hloc, tmp_path):
     assert ours["registered_images"] >= theirs["registered_images"]
     assert ours["points3D"] >= theirs["points3D"]
     assert 0.5 <= ours["mean_track_length"] / theirs["mean_track_length"] <= 2.0  # the same order
+
+
+def test_global_mapper_on_the_same_database(scene, ours, tmp_path):
+    """--mapper global (GLOMAP inside pycolmap; 4.2.1 has it) on romav2-sfm's database."""
+    from romav2_plugin.app.sfm import map_database, model_summary
+
+    if not hasattr(pycolmap, "global_mapping"):
+        pytest.skip(f"pycolmap {pycolmap.__version__} has no global_mapping")
+    root, _, _ = scene
+    recs = map_database(root / "out" / "database.db", root / "images", tmp_path / "sparse", mapper="global")
+    s = model_summary(recs[0])
+    print(f"global: {s}")
+    assert s["registered_images"] == N_VIEWS and s["mean_track_length"] > 2

@@ -326,7 +326,8 @@ class PairsJob:
         todo = [p for p in self.pair_list if p not in done]
         skipped = len(self.pair_list) - len(todo)
         if skipped:
-            say(f"{skipped} of {len(self.pair_list)} pairs already in {out}: skipped (--overwrite redoes them)")
+            redo = "" if self.colmap_db is not None else " (--overwrite redoes them)"
+            say(f"{skipped} of {len(self.pair_list)} pairs already in {out}: skipped{redo}")
         self.run = PairsRun(out, len(self.pair_list), 0, skipped, [], EXIT_OK)
         if not todo:
             self.run.summary = f"all {len(self.pair_list)} pairs already in {out}; nothing to do"

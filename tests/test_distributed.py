@@ -264,3 +264,36 @@ def test_hloc_same_files_as_match_dense_main(data, hloc, cluster, tmp_path):
                 else:
                     np.testing.assert_array_equal(items_b[k], items_a[k], err_msg=k)
     assert not list((tmp_path / "ray").glob("*.ray-dense.h5"))  # the cache is gone once the run completed
+
+
+@pytest.mark.slow  # a local Ray cluster
+def test_colmap_database_through_ray(data, cluster, tmp_path):
+    """--colmap-db --engine ray: the same pairs job writes the database on the driver; same images, pairs and
+    (the matches being the same) the same number of one-to-one matches as one process."""
+    pycolmap = pytest.importorskip("pycolmap")
+    args = data["args"][:-4] + ["--weights", str(data["weights"])]  # without --out
+    local, ray_db = tmp_path / "local.db", tmp_path / "ray.db"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(args + COMMON + ["--colmap-db", str(local)]) == cli.EXIT_PAIRS_FAILED
+    finally:
+        torch.set_num_threads(threads)
+    ray_args = ["--engine", "ray", "--workers", "2", "--cpus-per-worker", "1"]
+    assert cli.main(args + COMMON + ["--colmap-db", str(ray_db)] + ray_args) == cli.EXIT_PAIRS_FAILED
+
+    def contents(path):
+        with pycolmap.Database.open(path) as db:
+            ims = {im.image_id: im.name for im in db.read_all_images()}
+            pairs = {}
+            for i in ims:
+                for j in ims:
+                    if i < j and db.exists_matches(i, j):
+                        pairs[tuple(sorted((ims[i], ims[j])))] = len(db.read_matches(i, j))
+            return sorted(ims.values()), pairs
+
+    names, pairs = contents(local)
+    names_ray, pairs_ray = contents(ray_db)
+    assert names == names_ray and pairs.keys() == pairs_ray.keys() and len(pairs) == N_OK
+    for k in pairs:
+        assert abs(pairs[k] - pairs_ray[k]) <= 0.1 * pairs[k] + 2, (k, pairs[k], pairs_ray[k])

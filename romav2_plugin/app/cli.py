@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from romav2_plugin.app import matching
+from romav2_plugin.app.colmap_db import CAMERA_MODES
 from romav2_plugin.app.errors import (
     EXIT_CODES_HELP,
     EXIT_INTERRUPTED,
@@ -36,6 +37,7 @@ from romav2_plugin.app.errors import (
     run_command,
 )
 from romav2_plugin.app.matching import PROG, LoadedImage, PairResult, open_image, say
+from romav2_plugin.app.pair_lists import PAIRS_FROM_HELP
 from romav2_plugin.app.pairs import DEFAULT_OUT, LocalExecutor, PairsJob, read_or_repair, run_pairs
 from romav2_plugin.app.results import (
     ResultsFile,
@@ -53,6 +55,7 @@ from romav2_plugin.app.weights_option import (
     cached_official_weights,
     choose_weights,
 )
+from romav2_plugin.keypoints import DEFAULT_CELL_SIZE, DEFAULT_MAX_ERROR
 
 __all__ = [
     "main",
@@ -125,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
         "space starts a comment ('a#1.jpg' is a name)"
     )
     p.add_argument(
+        "--pairs-from", metavar="SPEC", help=f"instead of --pairs, the images of --image-dir paired by SPEC: "
+        f"{PAIRS_FROM_HELP}"
+    )
+    p.add_argument(
         "--image-dir",
         metavar="DIR",
         help="--pairs: folder the names are relative to (default: the pairs file's folder)",
@@ -171,6 +178,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="unidirectional settings: also match B->A for warp.png's bottom row",
     )
     p.add_argument("--overwrite", action="store_true", help="--pairs: redo pairs already in the output file")
+    g = p.add_argument_group("COLMAP database (--pairs; docs/sfm.md)")
+    g.add_argument(
+        "--colmap-db", metavar="FILE", help="write a COLMAP database instead of the results file: cameras, images, "
+        "keypoints shared across each image's pairs, one-to-one matches and verified two-view geometries "
+        "(needs pycolmap: pip install \"romav2-plugin[colmap]\"); resumable"
+    )
+    g.add_argument(
+        "--colmap-db-add", action="store_true",
+        help="add to a --colmap-db that holds cameras/images this command did not write (refused otherwise)",
+    )
+    g.add_argument(
+        "--cell-size", type=float, default=DEFAULT_CELL_SIZE, metavar="PX",
+        help=f"keypoint grid: at most one keypoint per cell of PX pixels (default {DEFAULT_CELL_SIZE:g})",
+    )
+    g.add_argument(
+        "--max-error", type=float, default=DEFAULT_MAX_ERROR, metavar="PX",
+        help="a match joins an image's existing keypoint within PX pixels, <= --cell-size "
+        f"(default {DEFAULT_MAX_ERROR:g})",
+    )
+    g.add_argument(
+        "--camera-mode", choices=CAMERA_MODES, default="auto",
+        help="auto: one camera per folder and image size (default); per-image: one each",
+    )
     from romav2_plugin.distributed.options import add_engine_arguments
 
     add_engine_arguments(p)  # --engine ray, --address, --workers, ... (romav2_plugin.distributed)
@@ -178,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.pairs_from is not None:
+        if args.pairs is not None:
+            p.error("--pairs and --pairs-from exclude each other")
+        if args.image_dir is None:
+            p.error("--pairs-from needs --image-dir (the folder whose images are paired)")
+        args.pairs = ""  # the pairs mode; the list is made from --image-dir
     modes = sum((bool(args.images), args.demo, args.pairs is not None))
     if modes == 0:
         p.error("give IMAGE_A IMAGE_B, or --pairs FILE, or --demo")
@@ -195,6 +231,21 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--min-overlap must lie in [0, 1), got {args.min_overlap:g}")
     if args.max_draw < 0:
         p.error("--max-draw must be >= 0")
+    if args.colmap_db is not None:
+        if args.pairs is None:
+            p.error("--colmap-db applies to --pairs only")
+        if args.out is not None:
+            p.error("--colmap-db writes the database instead of the results file: leave out --out")
+        if args.overwrite:
+            p.error("--overwrite does not apply to --colmap-db: a rerun resumes; to start afresh, give another "
+                    "--colmap-db (or delete the database yourself)")
+    elif args.colmap_db_add or args.camera_mode != "auto" or args.cell_size != DEFAULT_CELL_SIZE or (
+        args.max_error != DEFAULT_MAX_ERROR
+    ):
+        p.error("--colmap-db-add, --camera-mode, --cell-size and --max-error apply to --colmap-db only")
+    if args.colmap_db is not None and not (0 < args.cell_size < float("inf") and 0 <= args.max_error <= args.cell_size):
+        p.error(f"--cell-size must be positive and 0 <= --max-error <= --cell-size, got {args.cell_size:g}, "
+                f"{args.max_error:g}")
     if getattr(args, "engine", "local") != "local" and args.pairs is None:
         p.error(f"--engine {args.engine} applies to --pairs only")
     from romav2_plugin.distributed.options import ray_only_options_given
@@ -398,12 +449,20 @@ def _run_pairs(args: argparse.Namespace) -> int:
         executor = RayExecutor.from_args(args)  # Ray missing: refused now, before anything is read
     else:
         executor = LocalExecutor()
-    pairs_path = Path(args.pairs).expanduser()
-    image_dir = Path(args.image_dir).expanduser() if args.image_dir else pairs_path.parent
+    if args.pairs_from is not None:
+        from romav2_plugin.app.pair_lists import pairs_from
+
+        image_dir = Path(args.image_dir).expanduser()
+        pairs_path = pairs_from(args.pairs_from, image_dir)  # the pairs themselves
+    else:
+        pairs_path = Path(args.pairs).expanduser()
+        image_dir = Path(args.image_dir).expanduser() if args.image_dir else pairs_path.parent
     job = PairsJob(
         pairs_path, image_dir.resolve() if ray else image_dir, Path(args.out if args.out is not None else DEFAULT_OUT),
         weights=args.weights, setting=args.setting, seed=args.seed, num_samples=args.num_samples,
         min_overlap=args.min_overlap, overwrite=args.overwrite, device=args.device, fp32=args.fp32,
+        colmap_db=args.colmap_db, colmap_add=args.colmap_db_add, cell_size=args.cell_size,
+        max_error=args.max_error, camera_mode=args.camera_mode,
     )  # fmt: skip
     try:
         return run_pairs(job, executor).code

@@ -55,6 +55,7 @@ from romav2_plugin.app.weights_option import (
     choose_weights,
     sha256_prefix,
 )
+from romav2_plugin.keypoints import DEFAULT_CELL_SIZE, DEFAULT_MAX_ERROR
 from romav2_plugin.verify import unreliable_reason
 
 __all__ = [
@@ -274,6 +275,11 @@ class PairsJob:
     fp32: bool = False
     progress: bool = True
     on_pair_written: Callable[[str, str], None] | None = None
+    colmap_db: str | os.PathLike | None = None  # write a COLMAP database instead of the results file
+    colmap_add: bool = False  # add to a database that holds other cameras/images
+    cell_size: float = DEFAULT_CELL_SIZE  # --colmap-db keypoint grid, pixels (romav2_plugin.keypoints)
+    max_error: float = DEFAULT_MAX_ERROR
+    camera_mode: str = "auto"
     # the bookkeeping of the run (set by open() and while matching)
     pair_list: list[tuple[str, str]] = field(default_factory=list, init=False)
     todo: list[tuple[str, str]] = field(default_factory=list, init=False)
@@ -314,41 +320,14 @@ class PairsJob:
         self.image_dir = Path(self.image_dir)
         if not self.image_dir.is_dir():
             raise CommandError(f"--image-dir {self.image_dir} is not a folder", EXIT_USAGE)
-        out = Path(self.out).expanduser()
-        if out.suffix.lower() == ".npz":
-            raise CommandError(
-                "--pairs writes HDF5: give --out RESULTS.h5 (or a folder for FOLDER/results.h5)", EXIT_USAGE
-            )
-        if out.suffix.lower() not in (".h5", ".hdf5"):
-            out = out / "results.h5"
-        self.out = out
-        import_h5py()
-        self.choice = choose_weights(self.weights)
-        self.results = results = ResultsFile(out)
-        per_pair = estimate_pair_bytes(matching.capped_num_samples(self.num_samples, self.setting))
-        check_output(out, per_pair)
-        results.hold_lock()  # one writer per results file, until this run ends; before the file is read
-        done: set[tuple[str, str]] = set()
-        if out.exists():
-            try:
-                self._attrs, done, self._fmt = read_or_repair(results)
-            except Unreadable:
-                if not self.overwrite:
-                    raise
-                self._damaged = True
-        # the options that need no model are compared first, also when nothing is left to do (the weights'
-        # hash where it is cheap, else once the model is loaded)
-        early = early_run_options(
-            seed=self.seed, num_samples=self.num_samples, min_overlap=self.min_overlap, setting=self.setting,
-            choice=self.choice, attrs=self._attrs,
-        )  # fmt: skip
-        check_run_options(results, out, self._attrs, early, damaged=self._damaged, overwrite=self.overwrite)
+        out, done, per_pair = self._open_colmap() if self.colmap_db is not None else self._open_h5()
         if self.overwrite:
             done = set()
         todo = [p for p in self.pair_list if p not in done]
         skipped = len(self.pair_list) - len(todo)
         if skipped:
-            say(f"{skipped} of {len(self.pair_list)} pairs already in {out}: skipped (--overwrite redoes them)")
+            redo = "" if self.colmap_db is not None else " (--overwrite redoes them)"
+            say(f"{skipped} of {len(self.pair_list)} pairs already in {out}: skipped{redo}")
         self.run = PairsRun(out, len(self.pair_list), 0, skipped, [], EXIT_OK)
         if not todo:
             self.run.summary = f"all {len(self.pair_list)} pairs already in {out}; nothing to do"
@@ -387,16 +366,80 @@ class PairsJob:
             return False
         return True
 
+    def _open_h5(self) -> tuple[Path, set[tuple[str, str]], int]:
+        """The HDF5 results file: locked, read (repaired), its options compared; ``(path, done, bytes/pair)``."""
+        out = Path(self.out).expanduser()
+        if out.suffix.lower() == ".npz":
+            raise CommandError(
+                "--pairs writes HDF5: give --out RESULTS.h5 (or a folder for FOLDER/results.h5)", EXIT_USAGE
+            )
+        if out.suffix.lower() not in (".h5", ".hdf5"):
+            out = out / "results.h5"
+        self.out = out
+        import_h5py()
+        self.choice = choose_weights(self.weights)
+        self.results = results = ResultsFile(out)
+        per_pair = estimate_pair_bytes(matching.capped_num_samples(self.num_samples, self.setting))
+        check_output(out, per_pair)
+        results.hold_lock()  # one writer per results file, until this run ends; before the file is read
+        done: set[tuple[str, str]] = set()
+        if out.exists():
+            try:
+                self._attrs, done, self._fmt = read_or_repair(results)
+            except Unreadable:
+                if not self.overwrite:
+                    raise
+                self._damaged = True
+        # the options that need no model are compared first, also when nothing is left to do (the weights'
+        # hash where it is cheap, else once the model is loaded)
+        early = early_run_options(
+            seed=self.seed, num_samples=self.num_samples, min_overlap=self.min_overlap, setting=self.setting,
+            choice=self.choice, attrs=self._attrs,
+        )  # fmt: skip
+        check_run_options(results, out, self._attrs, early, damaged=self._damaged, overwrite=self.overwrite)
+        return out, done, per_pair
+
+    def _open_colmap(self) -> tuple[Path, set[tuple[str, str]], int]:
+        """``--colmap-db``: the database locked, refused when it is not ours (unless adding), its options
+        compared; ``(path, done, bytes/pair)``."""
+        from romav2_plugin.app.colmap_db import ColmapDatabase, import_pycolmap
+
+        out = Path(self.colmap_db).expanduser()
+        import_pycolmap()
+        self.out = out
+        self.choice = choose_weights(self.weights)
+        try:
+            store = ColmapDatabase(
+                out, cell_size=self.cell_size, max_error=self.max_error, add=self.colmap_add,
+                camera_mode=self.camera_mode,
+            )  # fmt: skip
+        except ValueError as e:
+            raise CommandError(f"--cell-size / --max-error: {e}", EXIT_USAGE) from None
+        self.results = store
+        per_pair = estimate_pair_bytes(matching.capped_num_samples(self.num_samples, self.setting))
+        check_output(out, per_pair, what="--colmap-db")
+        store.hold_lock()
+        attrs = store.inspect()
+        early = early_run_options(
+            seed=self.seed, num_samples=self.num_samples, min_overlap=self.min_overlap, setting=self.setting,
+            choice=self.choice, attrs=attrs,
+        )  # fmt: skip
+        store.check_options({**early, "cell_size": self.cell_size, "max_error": self.max_error})
+        return out, store.done_pairs(self.pair_list), per_pair
+
     # ---------------------------------------------------------------- while an executor matches
     def begin(self, meta: dict[str, Any]) -> None:
         """The model(s) are loaded, with the run attributes ``meta``: the results file is made ready (other
         options refused unless ``--overwrite``, an earlier layout migrated) and writing starts."""
         from tqdm import tqdm
 
-        prepare_results_file(
-            self.results, self.out, self._attrs, meta, damaged=self._damaged, fmt=self._fmt,
-            overwrite=self.overwrite,
-        )  # fmt: skip
+        if self.colmap_db is not None:
+            self.results.begin(meta)
+        else:
+            prepare_results_file(
+                self.results, self.out, self._attrs, meta, damaged=self._damaged, fmt=self._fmt,
+                overwrite=self.overwrite,
+            )  # fmt: skip
         self.meta = meta
         self.started = True
         self._t_ready = time.perf_counter()
@@ -444,6 +487,8 @@ class PairsJob:
 
     # ---------------------------------------------------------------- after
     def close(self) -> None:
+        if self.colmap_db is not None and self.results is not None:
+            self.results.close()
         if self._bar is not None:
             self._bar.close()
             self._bar = None

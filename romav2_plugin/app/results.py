@@ -62,6 +62,7 @@ __all__ = [
     "Unreadable",
     "NotOurs",
     "one_writer",
+    "hold_writer_lock",
 ]
 
 FORMAT_ATTR = "romav2_results_format"
@@ -165,6 +166,20 @@ class _RunLock:
         self.fd = None
 
 
+def hold_writer_lock(path: Path) -> bool:
+    """Take the writer lock of the output file ``path`` (``<path>.lock``) until the enclosing :func:`one_writer`
+    function returns; a second run is refused (exit 2, naming the holder's pid). ``False`` where the file
+    system has no locks (said on stderr)."""
+    stack = _HELD.get()
+    if stack is None:
+        raise RuntimeError("hold_writer_lock() outside a function decorated with @one_writer")
+    lock = _RunLock(Path(path))
+    if not lock.acquire():
+        return False
+    stack.callback(lock.release)
+    return True
+
+
 def _quote(name: str) -> str:
     return name.replace("%", "%25").replace("/", "%2F")
 
@@ -236,12 +251,7 @@ class ResultsFile:
     def hold_lock(self) -> None:
         """Take this file's writer lock until the enclosing :func:`one_writer` function returns; a second
         run is refused (exit 2, naming the holder's pid). Call before reading the file."""
-        stack = _HELD.get()
-        if stack is None:
-            raise RuntimeError("ResultsFile.hold_lock() outside a function decorated with @one_writer")
-        lock = _RunLock(self.path)
-        if lock.acquire():
-            stack.callback(lock.release)
+        if hold_writer_lock(self.path):
             self.remove_stale_temporaries()
 
     def remove_stale_temporaries(self) -> list[Path]:

@@ -267,6 +267,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--pair", nargs=2, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--append", action="store_true", help="add to the rows of the existing results file (its "
+                    "commands are kept), e.g. other levers at another setting")
     args = ap.parse_args(argv)
     import os
 
@@ -278,6 +280,14 @@ def main(argv=None) -> int:
             "load": f"1-min load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores at the start"}
     rows: list[dict] = []
     extra: dict = {}
+    old = args.out / "cpu_levers_cpu.json"
+    if args.append and old.is_file():
+        data = json.loads(old.read_text())
+        rows = data.pop("rows")
+        prev = data.pop("meta")
+        extra = data
+        for k in ("command", "date", "load"):
+            meta[k] = f"{prev[k]}; then {meta[k]}" if k != "command" else f"{prev[k]}` then `{meta[k]}"
     levers = [x.strip() for x in args.levers.split(",") if x.strip()]
     for setting in [s.strip() for s in args.settings.split(",") if s.strip()]:
         model = _model(setting)

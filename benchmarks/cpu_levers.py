@@ -267,6 +267,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--pair", nargs=2, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores); "
+                    "1 on a contended machine, where 2 threads run several times slower (see the threads lever)")
     ap.add_argument("--append", action="store_true", help="add to the rows of the existing results file (its "
                     "commands are kept), e.g. other levers at another setting")
     args = ap.parse_args(argv)
@@ -274,10 +276,14 @@ def main(argv=None) -> int:
 
     from romav2_plugin import runtime
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
     A, B, desc = _images(tuple(args.pair) if args.pair else None)
     meta = {"machine": machine_info("cpu"), "command": command_line(), "date": now_utc(), "commit": git_commit(),
             "pair": desc, "precision": "bf16 autocast" if runtime.amp_default("cpu") else "fp32",
-            "load": f"1-min load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores at the start"}
+            "load": f"1-min load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores at the start, "
+                    f"{torch.get_num_threads()} torch thread(s)"}
     rows: list[dict] = []
     extra: dict = {}
     old = args.out / "cpu_levers_cpu.json"

@@ -14,6 +14,9 @@ Levers (``--levers``):
   inputs; parity: largest absolute difference of the outputs;
 * ``threads``  -- ``match()`` with ``torch.set_num_threads(1)`` against the default (all cores), interleaved
   in one process; parity: the warps are compared;
+* ``checks``   -- the input check of a float image (``romav2_plugin.io._check_values``, one ``aminmax`` pass) against
+  the four passes it replaced (``isfinite().all()``, ``min``, ``max``), on both images of the pair at their
+  full size; parity: both accept the pair and both reject it with one NaN / inf;
 * ``compile``  -- ``torch.compile`` (inductor, CPU) of the fine-feature CNN and of each refiner's block stack
   (the convolution-bound parts) against eager, on the same inputs as ``layout``; the compile time is
   reported apart; parity: largest absolute difference. (Measured only: the package has no compile option.)
@@ -201,6 +204,36 @@ def lever_threads(setting, model, A, B, rows, extra, repeats, warmup):
     t = _interleaved({n: run(n), 1: run(1)}, repeats, warmup)
     rows.append(_row("threads", setting, f"match(), {n} threads (default)", t[n]))
     rows.append(_row("threads", setting, "match(), 1 thread", t[1], t[n], _maxdiff(outs[n], outs[1])))
+
+
+def _old_check(x):
+    if not torch.isfinite(x).all():
+        raise ValueError("contains NaN or inf values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError("float values must lie in [0, 1]")
+
+
+def lever_checks(setting, model, A, B, rows, extra, repeats, warmup):
+    from romav2_plugin.io import _check_values
+
+    def both(fn):
+        return lambda: (fn(A, "A"), fn(B, "B")) if fn is _check_values else (fn(A), fn(B))
+
+    agree = True
+    for bad in (float("nan"), float("inf")):
+        y = A.clone()
+        y[0, 1, y.shape[2] // 2, y.shape[3] // 3] = bad
+        for fn in (lambda t: _check_values(t, "A"), _old_check):
+            try:
+                fn(y)
+                agree = False
+            except ValueError:
+                pass
+    t = _interleaved({"old": both(_old_check), "new": both(_check_values)}, repeats, warmup)
+    res = f"{tuple(A.shape)} and {tuple(B.shape)}; same decisions on the pair and with a NaN / inf: {agree}"
+    rows.append(_row("checks", setting, "input check, isfinite + min + max (before)", t["old"], note=res))
+    rows.append(_row("checks", setting, "input check, one aminmax (now)", t["new"], t["old"], 0.0 if agree else 1.0, res))
 
 
 def lever_compile(setting, model, A, B, rows, extra, repeats, warmup):

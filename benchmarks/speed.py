@@ -7,7 +7,16 @@ Matchers (``--matchers``):
   same weights with an identical-maths 24-block DINOv3 (see ``benchmarks/_official.py``);
 * ``roma``     -- RoMa (``romatch``), outdoor architecture, coarse 560 -> upsampled 644 by default;
 * ``loftr``    -- ``kornia.feature.LoFTR(pretrained=None)`` at 640x640;
+* ``tiny``     -- romav2-tiny (the shipped weights, setting ``tiny``) on the shipped demo pair: ``match``
+  alone, and ``match`` + ``sample(5000)`` (the one row where sampling is timed);
 * ``double``   -- a ground-truth test double (no network), for ``--dry-run`` and CI.
+
+Precisions (``--dtype``, a comma list; each one its own workers): ``default`` -- each code as released
+(ours ``amp=None``: bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere; the official code's
+own autocasts, bf16 on any device, with its fine-feature CNN in fp32 on CPU as its hard-coded
+``device_type="cuda"`` leaves it), ``bf16`` (ours ``amp=True``, the official code as released) and ``fp32``
+(ours ``amp=False``, the official code with every autocast off). Default: ``default,fp32`` on CPU,
+``bf16`` on CUDA.
 
 Weights are random unless ``--weights`` is given (one official-layout file, shared by ours and the
 official pipeline); random weights do not change the cost of a dense forward pass.
@@ -25,6 +34,8 @@ Outputs ``speed_<tag>.md``, ``.csv``, ``.json`` and ``.png`` under ``--out`` (de
 Examples::
 
     python -m benchmarks.speed                                   # CPU, all matchers, 3 repeats
+    python -m benchmarks.speed --matchers ours,official,tiny --settings turbo,base \
+        --dtype default,fp32 --repeats 3 --warmup 1                # CPU side by side, as released and fp32
     python -m benchmarks.speed --device cuda --batch 8 --dtype bf16 --settings base \\
         --input-size 640 --roma-coarse 644 --roma-upsample 0 --repeats 10 --warmup 3 --tag h200
     python -m benchmarks.speed --dry-run --out /tmp/bench        # harness check, seconds
@@ -61,6 +72,10 @@ from benchmarks._common import (
 V2_SETTINGS = ("turbo", "fast", "base", "precise", "mega1500")
 PAPER_TABLE8 = {"official": (30.9, 4.8), "roma": (18.5, None)}  # H200, batch 8, bf16, 640x640: pairs/s, GB
 GOALS = {"cpu_time_ratio": 0.8, "cpu_mem_ratio": 0.5, "cuda_pairs_per_s": 45.0}
+#: issue 33 (CPU, this machine): ours/official time per (setting, precision), and peak memory at precise
+CPU_TARGETS = {("precise", "default"): 0.5, ("precise", "fp32"): 0.5, ("base", "default"): 0.5}
+CPU_MEM_TARGET = 0.3
+DTYPES = ("default", "bf16", "fp32")
 #: Official pipeline, toronto pair, fp32, this repository's 2-core CPU (measured by the project lead).
 LEAD_REFERENCE_CPU = {"precise": (199.0, 9.4), "base": (44.0, 2.1), "turbo": (8.1, None)}
 
@@ -74,10 +89,11 @@ class Config:
     group: str
     heavy: bool = False
     params: dict = field(default_factory=dict)
+    dtype: str | None = None  # None: the run's only --dtype (names and tables without a precision)
 
     @property
     def name(self) -> str:
-        return f"{self.matcher}:{self.setting}"
+        return f"{self.matcher}:{self.setting}" + (f":{self.dtype}" if self.dtype else "")
 
 
 def _v2_resolution(setting: str) -> str:
@@ -98,12 +114,20 @@ def build_configs(args) -> list[Config]:
         ]
     out: list[Config] = []
     heavy_settings = {"precise", "mega1500"}
+    many = len(args.dtypes) > 1
     for s in args.settings:
         if s not in V2_SETTINGS:
             raise SystemExit(f"--settings: unknown setting {s!r} (choose from {', '.join(V2_SETTINGS)})")
-        for m in ("ours", "official"):
-            if m in args.matchers:
-                out.append(Config(m, s, _v2_resolution(s), s, heavy=s in heavy_settings))
+        for dt in args.dtypes:  # one group per (setting, precision): ours and official interleaved
+            for m in ("ours", "official"):
+                if m in args.matchers:
+                    out.append(Config(m, s, _v2_resolution(s), f"{s}/{dt}", heavy=s in heavy_settings,
+                                      dtype=dt if many else None))
+    if "tiny" in args.matchers:
+        for dt in args.dtypes:
+            for label, n in (("match", 0), ("match+sample5000", 5000)):
+                out.append(Config("tiny", label, _v2_resolution("tiny"), "tiny", params={"sample": n},
+                                  dtype=dt if many else None))
     if "loftr" in args.matchers:
         group = "base" if "base" in args.settings else "loftr"
         out.append(Config("loftr", str(args.loftr_res), f"{args.loftr_res}x{args.loftr_res}", group,
@@ -142,7 +166,10 @@ def _make_runner(cfg: dict, spec: dict, device):
     import torch
     import torch.nn.functional as F
 
-    amp = spec["dtype"] == "bf16"
+    # RoMa / LoFTR rows of a run with several precisions: fp32 (they carry no precision of their own)
+    dtype = cfg.get("dtype") or (spec["dtype"] if "," not in spec["dtype"] else "fp32")
+    amp = dtype in ("bf16", "default")  # the official code's default is its bf16 autocast
+    ours_amp = None if dtype == "default" else amp  # ours: amp=None picks the device's default
     m = cfg["matcher"]
     if m == "double":
         from romav2_plugin.testing import HomographyWarpDouble
@@ -152,8 +179,22 @@ def _make_runner(cfg: dict, spec: dict, device):
     if m == "ours":
         from romav2_plugin import RoMaV2
 
-        model = RoMaV2.from_pretrained(_load_weights(spec["weights"]), setting=cfg["setting"], amp=amp, device=device)
-        return (lambda a, b: int(model.match(a, b)["warp_AB"].numel())), ""
+        model = RoMaV2.from_pretrained(_load_weights(spec["weights"]), setting=cfg["setting"], amp=ours_amp, device=device)
+        return (lambda a, b: int(model.match(a, b)["warp_AB"].numel())), _ours_precision(model, device)
+    if m == "tiny":
+        from romav2_plugin import RoMaV2
+
+        model = RoMaV2.from_pretrained("tiny", setting="tiny", amp=ours_amp, device=device)
+        n = cfg["params"]["sample"]
+
+        def run_tiny(a, b):
+            preds = model.match(a, b)
+            if n:
+                model.sample(preds, n, generator=0)
+                return n
+            return int(preds["warp_AB"].numel())
+
+        return run_tiny, _ours_precision(model, device) + "; demo pair" + (f"; match + sample({n})" if n else "")
     if m == "official":
         from benchmarks._official import build_official, no_autocast
 
@@ -164,7 +205,8 @@ def _make_runner(cfg: dict, spec: dict, device):
             with ctx:
                 return int(model.match(a, b)["warp_AB"].numel())
 
-        return run_official, "official code; 24-block timm DINOv3 stand-in" + ("" if amp else "; fp32 (autocast off)")
+        return run_official, "official code; 24-block timm DINOv3 stand-in" + (
+            "; as released (its bf16 autocasts; fine features fp32 on CPU)" if amp else "; fp32 (autocast off)")
     if m == "loftr":
         import kornia.feature as KF
         from kornia.color import rgb_to_grayscale
@@ -186,6 +228,13 @@ def _make_runner(cfg: dict, spec: dict, device):
     if m == "roma":
         return _make_roma(cfg["params"], amp, device)
     raise ValueError(f"unknown matcher {m}")
+
+
+def _ours_precision(model, device) -> str:
+    from romav2_plugin import runtime
+
+    on = model.amp if model.amp is not None else runtime.amp_default(device)
+    return ("amp=None -> " if model.amp is None else "") + ("bf16 autocast" if on else "fp32")
 
 
 class _null:
@@ -258,6 +307,11 @@ def worker_main(cfg_json: str) -> None:
         from benchmarks._common import benchmark_pair as _pair
 
         A, B, _ = _pair(tuple(spec["pair"]) if spec["pair"] else None)
+        if cfg["matcher"] == "tiny":  # romav2-tiny's own demo pair (its shipped assets)
+            import romav2_plugin
+
+            assets = Path(romav2_plugin.__file__).parent / "assets"
+            A, B, _ = _pair((str(assets / "demo_A.jpg"), str(assets / "demo_B.jpg")))
         if spec.get("input_size"):  # pre-resized inputs (outside the timing), e.g. the paper's 640x640
             from PIL import Image
 
@@ -389,7 +443,8 @@ def run_benchmark(configs: list[Config], spec: dict, *, repeats: int, heavy_repe
 def summarize(rec: dict, batch: int) -> dict:
     c: Config = rec["config"]
     out = {
-        "matcher": c.matcher, "setting": c.setting, "resolution": c.resolution, "notes": rec.get("notes", ""),
+        "matcher": c.matcher, "setting": c.setting, "dtype": c.dtype, "resolution": c.resolution,
+        "notes": rec.get("notes", ""),
         "error": rec["error"], "repeats": len(rec["runs"]), "build_s": rec["build_s"],
         "baseline_mb": rec.get("baseline_mb"), "cuda_model_mb": rec.get("cuda_model_mb"),
         "times_s": [r["seconds"] for r in rec["runs"]],
@@ -418,9 +473,14 @@ def _fmt(x, nd=0) -> str:
     return f"{x:.{nd}f}"
 
 
+def _key(r: dict) -> str:
+    """``setting`` or ``setting/precision`` when the run compared several precisions."""
+    return r["setting"] + (f"/{r['dtype']}" if r.get("dtype") else "")
+
+
 def ratios(rows: list[dict]) -> dict[str, dict]:
-    """``ours / official`` median time and peak memory per v2 setting."""
-    by = {(r["matcher"], r["setting"]): r for r in rows if r.get("median_s")}
+    """``ours / official`` median time and peak memory per v2 setting (and precision, see :func:`_key`)."""
+    by = {(r["matcher"], _key(r)): r for r in rows if r.get("median_s")}
     out = {}
     for (m, s), r in by.items():
         if m != "ours" or ("official", s) not in by:
@@ -449,6 +509,25 @@ def goals(rows: list[dict], spec: dict) -> list[str]:
             lines.append(f"- CPU goal at `precise`: time {p['time']:.3f}x the official (goal <= 0.8x: "
                          f"{'met' if ok_t else 'NOT met'}), peak memory {_fmt(p['memory'], 3)}x (goal <= 0.5x: "
                          f"{'met' if ok_m else 'NOT met'})")
+        for (setting, dt), target in CPU_TARGETS.items():
+            v = rat.get(f"{setting}/{dt}")
+            if v is None:
+                continue
+            line = (f"- Issue 33 target, `{setting}`, {dt} vs {dt}: time {v['time']:.3f}x the official (target <= "
+                    f"{target}x: {'met' if v['time'] <= target else 'NOT met'})")
+            if setting == "precise":
+                ok = v["memory"] is not None and v["memory"] <= CPU_MEM_TARGET
+                line += f", peak memory {_fmt(v['memory'], 3)}x (target <= {CPU_MEM_TARGET}x: {'met' if ok else 'NOT met'})"
+            lines.append(line)
+        by = {(r["matcher"], _key(r)): r for r in rows if r.get("median_s")}
+        for m in ("ours", "official", "tiny"):
+            for (mm, k), r in by.items():
+                dt = r.get("dtype")
+                if mm != m or dt in (None, "fp32"):
+                    continue
+                f = by.get((m, k[: -len(dt)] + "fp32"))
+                if f is not None:
+                    lines.append(f"- {m} `{r['setting']}`: {dt} / fp32 time {r['median_s'] / f['median_s']:.2f}x")
     else:
         ours = [r for r in rows if r["matcher"] == "ours" and r["setting"] == "base" and r.get("pairs_per_s")]
         for r in ours:
@@ -468,7 +547,7 @@ def write_outputs(rows: list[dict], spec: dict, out_dir: Path, tag: str, meta: d
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {k: out_dir / f"speed_{tag}.{k}" for k in ("md", "csv", "json", "png")}
     cuda = spec["device"].startswith("cuda")
-    cols = ["matcher", "setting", "resolution", "median_s", "min_s", "max_s", "pairs_per_s", "repeats",
+    cols = ["matcher", "setting", "dtype", "resolution", "median_s", "min_s", "max_s", "pairs_per_s", "repeats",
             "baseline_mb", "peak_delta_mb", "cuda_peak_mb", "cuda_delta_mb", "build_s", "n_out", "notes", "error"]
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
@@ -485,6 +564,7 @@ def write_outputs(rows: list[dict], spec: dict, out_dir: Path, tag: str, meta: d
     mem_head = "CUDA peak alloc MiB | CUDA +MiB" if cuda else "model RSS MiB | peak +MiB"
     md = [
         f"# Speed and memory ({spec['device']}, batch {spec['batch']}, {spec['dtype']})",
+
         "",
         provenance_markdown(meta["machine"], meta["command"], meta["date"]),
         f"- Input: {meta['pair']}; each matcher resizes it to its working resolution inside the timed call",
@@ -505,19 +585,24 @@ def write_outputs(rows: list[dict], spec: dict, out_dir: Path, tag: str, meta: d
         "`vit_large_patch16_dinov3_qkvb` with all 24 blocks and the same weights, called as "
         "`forward_intermediates(indices=[11, 17], norm=True)` without `stop_early`, i.e. the same maths and the "
         "same work as the official `get_intermediate_layers(n=[11, 17])`."
-        + ("" if spec["dtype"] == "bf16" else " Run in fp32 with every autocast disabled (the as-is official "
-           "code autocasts bf16 on CPU, ~100x slower on this CPU)."),
+        + (" Precision per row: `default` = each code as released (ours `amp=None`, resolved in the notes; "
+           "the official code's own bf16 autocasts, its fine-feature CNN in fp32 on a CPU), `bf16` = ours "
+           "`amp=True` / the official as released, `fp32` = ours `amp=False` / the official with every autocast "
+           "off." if "," in spec["dtype"] else "" if spec["dtype"] in ("bf16", "default")
+           else " Run in fp32 with every autocast disabled (the as-is official code autocasts bf16 on CPU)."),
+        *([f"- Load: {meta['load']}"] if meta.get("load") else []),
         "",
-        f"| matcher | setting | resolution | median s | spread s | pairs/s | {mem_head} | outputs | notes |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        f"| matcher | setting | precision | resolution | median s | spread s | pairs/s | {mem_head} | outputs | notes |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         if r.get("median_s") is None:
-            md.append(f"| {r['matcher']} | {r['setting']} | {r['resolution']} | failed | | | | | | {r['error']} |")
+            md.append(f"| {r['matcher']} | {r['setting']} | {r.get('dtype') or spec['dtype']} | {r['resolution']} | "
+                      f"failed | | | | | | {r['error']} |")
             continue
         mem = (f"{_fmt(r['cuda_peak_mb'])} | {_fmt(r['cuda_delta_mb'])}" if cuda
                else f"{_fmt(r['baseline_mb'])} | {_fmt(r['peak_delta_mb'])}")
-        md.append(f"| {r['matcher']} | {r['setting']} | {r['resolution']} | {r['median_s']:.2f} | "
+        md.append(f"| {r['matcher']} | {r['setting']} | {r.get('dtype') or spec['dtype']} | {r['resolution']} | {r['median_s']:.2f} | "
                   f"{r['min_s']:.2f}-{r['max_s']:.2f} | {r['pairs_per_s']:.3f} | {mem} | {r['n_out']} | {r['notes']} |")
     md += ["", "## Ratios and goals", "", *goals(rows, spec), ""]
     if spec["device"] == "cpu":
@@ -540,8 +625,9 @@ def _plot(rows: list[dict], path: Path, spec: dict, meta: dict) -> None:
     ok = [r for r in rows if r.get("median_s") is not None]
     if not ok:
         return
-    labels = [f"{r['matcher']}\n{r['setting']}" for r in ok]
-    colors = {"ours": "tab:green", "official": "tab:blue", "roma": "tab:orange", "loftr": "tab:purple", "double": "tab:gray"}
+    labels = [f"{r['matcher']}\n{r['setting']}" + (f"\n{r['dtype']}" if r.get("dtype") else "") for r in ok]
+    colors = {"ours": "tab:green", "official": "tab:blue", "roma": "tab:orange", "loftr": "tab:purple",
+              "double": "tab:gray", "tiny": "tab:olive"}
     col = [colors.get(r["matcher"], "tab:gray") for r in ok]
     cuda = spec["device"].startswith("cuda")
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(ok) + 3), 4.5))
@@ -570,13 +656,23 @@ def _plot(rows: list[dict], path: Path, spec: dict, meta: dict) -> None:
     plt.close(fig)
 
 
+def _load_note() -> str | None:
+    """The 1-minute load average and the core count at the start (a contended run says so)."""
+    try:
+        one = os.getloadavg()[0]
+    except OSError:
+        return None
+    return f"1-min load average {one:.2f} on {os.cpu_count()} cores at the start of the run"
+
+
 # ====================================================================== CLI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--matchers", default="ours,official,roma,loftr", help="comma list of ours,official,roma,loftr")
+    p.add_argument("--matchers", default="ours,official,roma,loftr,tiny", help="comma list of ours,official,roma,loftr,tiny")
     p.add_argument("--settings", default="turbo,base,precise", help="RoMa v2 settings for ours and official")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--dtype", default=None, help="comma list of default (each code as released), bf16, fp32; "
+                   "default: default,fp32 on CPU, bf16 on CUDA")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--heavy-repeats", type=int, default=None, help="repeats of the CPU-heavy configurations "
@@ -599,11 +695,15 @@ def parse_args(argv=None):
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.matchers = [m.strip() for m in args.matchers.split(",") if m.strip()]
-    unknown = set(args.matchers) - {"ours", "official", "roma", "loftr"}
+    unknown = set(args.matchers) - {"ours", "official", "roma", "loftr", "tiny"}
     if unknown:
         p.error(f"unknown matchers: {sorted(unknown)}")
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "default,fp32")
+    args.dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    if not args.dtypes or set(args.dtypes) - set(DTYPES) or len(set(args.dtypes)) != len(args.dtypes):
+        p.error(f"--dtype: a comma list of distinct {', '.join(DTYPES)}")
+    args.dtype = ",".join(args.dtypes)
     args.heavy_repeats = args.heavy_repeats or args.repeats
     if args.out is None:
         args.out = Path(tempfile.gettempdir()) / "romav2_bench_dry" if args.dry_run else RESULTS
@@ -643,7 +743,8 @@ def main(argv=None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="romav2_bench_")
         print("[speed] writing seeded random weights (official layout) ...", file=sys.stderr, flush=True)
         spec["weights"] = str(make_random_official_checkpoint(Path(tmp.name) / "random_seed0.pt", seed=0))
-    meta = {"machine": machine_info(args.device), "command": command_line(), "date": now_utc(), "pair": pair_desc}
+    meta = {"machine": machine_info(args.device), "command": command_line(), "date": now_utc(), "pair": pair_desc,
+            "load": _load_note()}
     try:
         rows = run_benchmark(configs, spec, repeats=args.repeats, heavy_repeats=args.heavy_repeats, warmup=args.warmup)
     finally:

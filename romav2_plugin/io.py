@@ -12,6 +12,7 @@ counts, empty images and images larger than :data:`MAX_PIXELS`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -140,9 +141,12 @@ def _check_values(x: torch.Tensor, name: str) -> None:
     if x.numel() == 0:
         raise ValueError(f"{name}: empty image tensor of shape {tuple(x.shape)}")
     if x.is_floating_point():
-        if not torch.isfinite(x).all():
+        # One pass (aminmax) instead of four (isfinite, all, min, max): NaN propagates into both ends and
+        # +-inf shows at one of them. ~15x cheaper on a 2040x1530 image on a CPU (benchmarks/cpu_levers.py).
+        lo_t, hi_t = torch.aminmax(x)
+        lo, hi = float(lo_t), float(hi_t)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"{name}: contains NaN or inf values")
-        lo, hi = float(x.min()), float(x.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(
                 f"{name}: float values must lie in [0, 1], got [{_fmt(lo)}, {_fmt(hi)}]. "

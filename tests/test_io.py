@@ -57,10 +57,12 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         load_image(tmp_path / "x.jpg")
     with pytest.raises(FileNotFoundError, match="not found"):
         load_image(tmp_path / "missing.jpg")
-    x = torch.rand(1, 3, 10, 10)
-    x[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        to_tensor_image(x)
+    for bad in (float("nan"), float("inf"), -float("inf")):  # one aminmax pass must see each of them
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            x = torch.rand(1, 3, 10, 10, dtype=dtype)
+            x[0, 1, 4, 7] = bad
+            with pytest.raises(ValueError, match="NaN or inf"):
+                to_tensor_image(x)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         to_tensor_image(torch.rand(1, 3, 10, 10) * 255)
     with pytest.raises(ValueError, match="1 or 3 channels"):

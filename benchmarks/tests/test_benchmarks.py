@@ -389,6 +389,30 @@ def test_speed_ratios_and_goals():
     assert "goal <= 0.5x: NOT met" in "\n".join(speed.goals(rows, {"device": "cpu", "batch": 1}))
 
 
+def test_speed_several_precisions_one_group_each_and_ratios_per_precision():
+    args = speed.parse_args(["--matchers", "ours,official,tiny", "--settings", "base", "--dtype", "default,fp32"])
+    cfgs = speed.build_configs(args)
+    assert [c.name for c in cfgs] == [
+        "ours:base:default", "official:base:default", "ours:base:fp32", "official:base:fp32",
+        "tiny:match:default", "tiny:match+sample5000:default", "tiny:match:fp32", "tiny:match+sample5000:fp32"]
+    assert [c.group for c in cfgs[:4]] == ["base/default", "base/default", "base/fp32", "base/fp32"]
+    assert speed.parse_args([]).dtype == "default,fp32"  # CPU: as released and fp32
+    assert speed.build_configs(speed.parse_args(["--matchers", "ours", "--settings", "base", "--dtype", "fp32"]))[0].name == "ours:base"
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--dtype", "fp16"])
+    rows = [
+        {"matcher": "ours", "setting": "base", "dtype": "default", "median_s": 4.0, "peak_delta_mb": 100.0},
+        {"matcher": "official", "setting": "base", "dtype": "default", "median_s": 10.0, "peak_delta_mb": 400.0},
+        {"matcher": "ours", "setting": "base", "dtype": "fp32", "median_s": 8.0, "peak_delta_mb": 200.0},
+        {"matcher": "official", "setting": "base", "dtype": "fp32", "median_s": 12.0, "peak_delta_mb": 300.0},
+    ]
+    rat = speed.ratios(rows)
+    assert rat["base/default"]["time"] == 0.4 and rat["base/fp32"]["time"] == 8.0 / 12.0
+    text = "\n".join(speed.goals(rows, {"device": "cpu", "batch": 1}))
+    assert "`base`, default vs default: time 0.400x the official (target <= 0.5x: met)" in text
+    assert "ours `base`: default / fp32 time 0.50x" in text and "official `base`: default / fp32 time 0.83x" in text
+
+
 # ---------------------------------------------------------------- the official reference of the speed benchmark
 @pytest.mark.slow
 def test_official_standin_computes_the_same_warps_as_ours(random_checkpoint, random_model):

@@ -1,0 +1,351 @@
+"""CPU levers of ``match()``, each measured against the unchanged path in the same run (issue 33, item 3).
+
+    python -m benchmarks.cpu_levers --settings tiny,base --repeats 5 --warmup 1 [--levers profile,layout,threads,compile]
+
+Levers (``--levers``):
+
+* ``profile``  -- ``torch.profiler`` over one ``match()`` per setting (the default precision): the operators with
+  the most self CPU time, and the time spent in copies and dtype conversions (``aten::copy_``, ``aten::to``,
+  ``aten::_to_copy``, ``aten::clone``, ``aten::contiguous``, ``aten::cat``) -- where "fewer copies between
+  stages" could pay;
+* ``layout``   -- channels-last (the code as it is) against contiguous NCHW, for the VGG fine features of both
+  images and for the depthwise-separable block stacks of the refiners at every stride, at the setting's finest
+  pass, under the setting's default precision. The NCHW variant runs the same modules on ``.contiguous()``
+  inputs; parity: largest absolute difference of the outputs;
+* ``threads``  -- ``match()`` with ``torch.set_num_threads(1)`` against the default (all cores), interleaved
+  in one process; parity: the warps are compared;
+* ``checks``   -- the input check of a float image (``romav2_plugin.io._check_values``, one ``aminmax`` pass) against
+  the four passes it replaced (``isfinite().all()``, ``min``, ``max``), on both images of the pair at their
+  full size; parity: both accept the pair and both reject it with one NaN / inf;
+* ``compile``  -- ``torch.compile`` (inductor, CPU) of the fine-feature CNN and of each refiner's block stack
+  (the convolution-bound parts) against eager, on the same inputs as ``layout``; the compile time is
+  reported apart; parity: largest absolute difference. (Measured only: the package has no compile option.)
+
+Weights: the shipped romav2-tiny for ``tiny``; seeded random official-layout weights otherwise (the cost does
+not depend on the weights). Input: the toronto pair when present (``--pair``), else scikit-image photos.
+Every timing is the median of ``--repeats`` interleaved runs after ``--warmup``; ratio = lever / unchanged.
+Writes ``benchmarks/results/cpu_levers_<device>.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks._common import RESULTS, benchmark_pair, command_line, git_commit, machine_info, now_utc
+
+COPY_OPS = ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::cat")
+
+
+def _model(setting: str):
+    from romav2_plugin import RoMaV2
+
+    if setting == "tiny":
+        return RoMaV2.from_pretrained("tiny", setting="tiny", device="cpu")
+    from romav2_plugin.testing import make_random_official_state_dict
+
+    return RoMaV2.from_pretrained(make_random_official_state_dict(0), setting=setting, device="cpu")
+
+
+def _images(pair):
+    A, B, desc = benchmark_pair(pair)
+
+    def t(x):
+        return torch.from_numpy(x).permute(2, 0, 1).float().div(255)[None].contiguous()
+
+    return t(A), t(B), desc
+
+
+def _interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
+    times = {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[k].append(dt)
+    return times
+
+
+def _row(lever, setting, variant, times, ref_times=None, parity=None, note=""):
+    med = statistics.median(times)
+    ref = statistics.median(ref_times) if ref_times else None
+    return {"lever": lever, "setting": setting, "variant": variant, "median_s": med, "min_s": min(times),
+            "max_s": max(times), "times_s": times, "ratio": (med / ref) if ref else 1.0, "parity": parity, "note": note}
+
+
+def _maxdiff(a, b) -> float:
+    if isinstance(a, dict):
+        return max(_maxdiff(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return max(_maxdiff(x, y) for x, y in zip(a, b))
+    return float((a.float() - b.float()).abs().max())
+
+
+def _finest_inputs(model, A, B):
+    """The inputs of the fine features and of each refiner at the setting's finest pass (captured by hooks
+    on one ``match()``): ``imgs (2B, 3, H, W)`` and per stride the block stack input ``d`` (channels-last)."""
+    from romav2_plugin.nn import refiner as refmod
+
+    caught: dict = {"fine": [], "blocks": {}}
+    ff = model.refiner_features.forward
+
+    def ff_hook(imgs, *, amp=False):
+        caught["fine"].append((imgs, amp))
+        return ff(imgs, amp=amp)
+
+    handles = []
+    for key, ref in model.refiners.items():
+        def pre(mod, args, key=key):
+            caught["blocks"][key] = args[0]  # last call wins: the finest pass
+        handles.append(ref.block1.register_forward_pre_hook(pre))
+    model.refiner_features.forward = ff_hook
+    try:
+        model.match(A, B)
+    finally:
+        model.refiner_features.forward = ff
+        for h in handles:
+            h.remove()
+    del refmod
+    imgs, amp = caught["fine"][-1]
+    return imgs, amp, caught["blocks"]
+
+
+def _fine_nchw(ff, img, amp):
+    """The fine-feature CNN of ``ff`` on a contiguous NCHW input (the lever's "off" variant)."""
+    import contextlib
+
+    from torch import nn
+
+    from romav2_plugin.nn.backbone import imagenet_normalize
+
+    x = imagenet_normalize(img).contiguous()
+    feats, stride = {}, 1
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    with ctx:
+        for layer in ff.layers:
+            if isinstance(layer, nn.MaxPool2d):
+                feats[stride] = x.permute(0, 2, 3, 1)
+                stride *= 2
+            x = layer(x)
+        feats[stride] = x.permute(0, 2, 3, 1)
+    return feats
+
+
+def _blocks(ref, d, amp):
+    import contextlib
+
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    with ctx:
+        return ref.hidden_blocks(ref.block1(d))
+
+
+def lever_profile(setting, model, A, B, rows, extra):
+    from torch.profiler import ProfilerActivity, profile
+
+    model.match(A, B)  # warm-up
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        model.match(A, B)
+        wall = time.perf_counter() - t0
+    avg = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in avg) / 1e6
+    top = sorted(avg, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    copies = {e.key: e.self_cpu_time_total / 1e6 for e in avg if e.key in COPY_OPS}
+    extra.setdefault("profile", {})[setting] = {
+        "wall_s": wall, "self_cpu_total_s": total,
+        "top": [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count} for e in top],
+        "copies_s": copies, "copies_share": sum(copies.values()) / total if total else None,
+    }
+
+
+def lever_layout(setting, model, A, B, rows, extra, repeats, warmup):
+    imgs, amp, blocks = _finest_inputs(model, A, B)
+    ff = model.refiner_features
+    with torch.inference_mode():
+        ref_out = ff(imgs, amp=amp)
+        alt_out = _fine_nchw(ff, imgs, amp)
+        par = _maxdiff(ref_out, alt_out)
+        t = _interleaved({"cl": lambda: ff(imgs, amp=amp), "nchw": lambda: _fine_nchw(ff, imgs, amp)}, repeats, warmup)
+    res = f"{tuple(imgs.shape)}"
+    rows.append(_row("layout", setting, "fine features, channels-last (as is)", t["cl"], note=res))
+    rows.append(_row("layout", setting, "fine features, NCHW", t["nchw"], t["cl"], par, res))
+    for key, d in blocks.items():
+        ref = model.refiners[key]
+        dn = d.contiguous()
+        with torch.inference_mode():
+            par = _maxdiff(_blocks(ref, d, amp), _blocks(ref, dn, amp))
+            t = _interleaved({"cl": lambda: _blocks(ref, d, amp), "nchw": lambda: _blocks(ref, dn, amp)}, repeats, warmup)
+        res = f"stride {key}, {tuple(d.shape)}"
+        rows.append(_row("layout", setting, f"refiner {key} blocks, channels-last (as is)", t["cl"], note=res))
+        rows.append(_row("layout", setting, f"refiner {key} blocks, NCHW", t["nchw"], t["cl"], par, res))
+
+
+def lever_threads(setting, model, A, B, rows, extra, repeats, warmup):
+    n = torch.get_num_threads()
+    outs = {}
+
+    def run(k):
+        def f():
+            torch.set_num_threads(k)
+            try:
+                outs[k] = model.match(A, B)["warp_AB"]
+            finally:
+                torch.set_num_threads(n)
+        return f
+
+    t = _interleaved({n: run(n), 1: run(1)}, repeats, warmup)
+    rows.append(_row("threads", setting, f"match(), {n} threads (default)", t[n]))
+    rows.append(_row("threads", setting, "match(), 1 thread", t[1], t[n], _maxdiff(outs[n], outs[1])))
+
+
+def _old_check(x):
+    if not torch.isfinite(x).all():
+        raise ValueError("contains NaN or inf values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError("float values must lie in [0, 1]")
+
+
+def lever_checks(setting, model, A, B, rows, extra, repeats, warmup):
+    from romav2_plugin.io import _check_values
+
+    def both(fn):
+        return lambda: (fn(A, "A"), fn(B, "B")) if fn is _check_values else (fn(A), fn(B))
+
+    agree = True
+    for bad in (float("nan"), float("inf")):
+        y = A.clone()
+        y[0, 1, y.shape[2] // 2, y.shape[3] // 3] = bad
+        for fn in (lambda t: _check_values(t, "A"), _old_check):
+            try:
+                fn(y)
+                agree = False
+            except ValueError:
+                pass
+    t = _interleaved({"old": both(_old_check), "new": both(_check_values)}, repeats, warmup)
+    res = f"{tuple(A.shape)} and {tuple(B.shape)}; same decisions on the pair and with a NaN / inf: {agree}"
+    rows.append(_row("checks", setting, "input check, isfinite + min + max (before)", t["old"], note=res))
+    rows.append(_row("checks", setting, "input check, one aminmax (now)", t["new"], t["old"], 0.0 if agree else 1.0, res))
+
+
+def lever_compile(setting, model, A, B, rows, extra, repeats, warmup):
+    imgs, amp, blocks = _finest_inputs(model, A, B)
+    ff = model.refiner_features
+    torch._dynamo.reset()
+    cff = torch.compile(lambda x: ff(x, amp=amp), backend="inductor", dynamic=False)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        c_out = cff(imgs)
+        ctime = time.perf_counter() - t0
+        par = _maxdiff(ff(imgs, amp=amp), c_out)
+        t = _interleaved({"eager": lambda: ff(imgs, amp=amp), "compiled": lambda: cff(imgs)}, repeats, warmup)
+    res = f"{tuple(imgs.shape)}; compile {ctime:.1f} s"
+    rows.append(_row("compile", setting, "fine features, eager (as is)", t["eager"], note=res))
+    rows.append(_row("compile", setting, "fine features, torch.compile", t["compiled"], t["eager"], par, res))
+    for key, d in blocks.items():
+        ref = model.refiners[key]
+        cb = torch.compile(lambda x, ref=ref: _blocks(ref, x, amp), backend="inductor", dynamic=False)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            c_out = cb(d)
+            ctime = time.perf_counter() - t0
+            par = _maxdiff(_blocks(ref, d, amp), c_out)
+            t = _interleaved({"eager": lambda: _blocks(ref, d, amp), "compiled": lambda: cb(d)}, repeats, warmup)
+        res = f"stride {key}, {tuple(d.shape)}; compile {ctime:.1f} s"
+        rows.append(_row("compile", setting, f"refiner {key} blocks, eager (as is)", t["eager"], note=res))
+        rows.append(_row("compile", setting, f"refiner {key} blocks, torch.compile", t["compiled"], t["eager"], par, res))
+
+
+def write(rows, extra, meta, out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cpu_levers_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows, **extra}, indent=1))
+    m = meta["machine"]
+    md = ["# CPU levers of match() (issue 33, item 3)", "",
+          f"- Machine: {m['cpu']}, {m['cores']} cores, {m.get('ram_gb')} GB RAM; torch {m['versions'].get('torch')}",
+          f"- Command: `{meta['command']}`", f"- Date: {meta['date']}", f"- Commit: {meta['commit']}",
+          f"- Input: {meta['pair']}; precision: each setting's default on this CPU ({meta['precision']})",
+          f"- Load: {meta['load']}",
+          "- Each row: median of the interleaved timed runs; ratio = this variant / the unchanged path (the row "
+          "above marked 'as is' / 'default') in the same run; parity = largest absolute output difference.", "",
+          "| lever | setting | variant | median s | spread s | ratio | parity | inputs / notes |",
+          "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        par = "" if r["parity"] is None else f"{r['parity']:.2e}"
+        md.append(f"| {r['lever']} | {r['setting']} | {r['variant']} | {r['median_s']:.3f} | "
+                  f"{r['min_s']:.3f}-{r['max_s']:.3f} | {r['ratio']:.2f} | {par} | {r['note']} |")
+    for setting, p in extra.get("profile", {}).items():
+        md += ["", f"## Profile, `{setting}` (one match(), {p['wall_s']:.2f} s wall under the profiler)", "",
+               f"Self CPU total {p['self_cpu_total_s']:.2f} s; copies and conversions ({', '.join(COPY_OPS)}): "
+               + ", ".join(f"{k} {v:.3f} s" for k, v in p["copies_s"].items())
+               + f" = {100 * (p['copies_share'] or 0):.1f}% of self CPU time.", "",
+               "| operator | self CPU s | calls |", "|---|---:|---:|"]
+        md += [f"| {e['op']} | {e['self_cpu_s']:.3f} | {e['calls']} |" for e in p["top"]]
+    (out / "cpu_levers_cpu.md").write_text("\n".join(md) + "\n")
+    return out / "cpu_levers_cpu.md"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--settings", default="tiny,base")
+    ap.add_argument("--levers", default="profile,layout,threads,compile")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--pair", nargs=2, default=None)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores); "
+                    "1 on a contended machine, where 2 threads run several times slower (see the threads lever)")
+    ap.add_argument("--append", action="store_true", help="add to the rows of the existing results file (its "
+                    "commands are kept), e.g. other levers at another setting")
+    args = ap.parse_args(argv)
+    import os
+
+    from romav2_plugin import runtime
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    A, B, desc = _images(tuple(args.pair) if args.pair else None)
+    meta = {"machine": machine_info("cpu"), "command": command_line(), "date": now_utc(), "commit": git_commit(),
+            "pair": desc, "precision": "bf16 autocast" if runtime.amp_default("cpu") else "fp32",
+            "load": f"1-min load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores at the start, "
+                    f"{torch.get_num_threads()} torch thread(s)"}
+    rows: list[dict] = []
+    extra: dict = {}
+    old = args.out / "cpu_levers_cpu.json"
+    if args.append and old.is_file():
+        data = json.loads(old.read_text())
+        rows = data.pop("rows")
+        prev = data.pop("meta")
+        extra = data
+        for k in ("command", "date", "load"):
+            meta[k] = f"{prev[k]}; then {meta[k]}" if k != "command" else f"{prev[k]}` then `{meta[k]}"
+    levers = [x.strip() for x in args.levers.split(",") if x.strip()]
+    for setting in [s.strip() for s in args.settings.split(",") if s.strip()]:
+        model = _model(setting)
+        for lever in levers:
+            print(f"[cpu_levers] {setting}: {lever}", file=sys.stderr, flush=True)
+            fn = globals()[f"lever_{lever}"]
+            try:
+                if lever == "profile":
+                    fn(setting, model, A, B, rows, extra)
+                else:
+                    fn(setting, model, A, B, rows, extra, args.repeats, args.warmup)
+            except Exception as e:  # one lever failing (e.g. no compiler for inductor) must not lose the others
+                extra.setdefault("errors", []).append(f"{setting} {lever}: {type(e).__name__}: {e}")
+                print(f"[cpu_levers] {setting} {lever} failed: {e}", file=sys.stderr, flush=True)
+            write(rows, extra, meta, args.out)
+        del model
+    print(write(rows, extra, meta, args.out).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,6 +15,9 @@ knob                           effect
                                local correlation, forward and backward. Per call: ``chunk_bytes=``.
 ``$ROMAV2_LOCAL_CORR``         ``auto`` (default: the NVRTC kernel on CUDA after a self-check, else torch),
                                ``cuda`` (the kernel, unchecked) or ``torch``
+:data:`LOCAL_CORR_AUTOTUNE`    on CUDA, time the tiles of the specialised local-correlation kernel on first
+``$ROMAV2_LOCAL_CORR_AUTOTUNE`` use per GPU, shape and dtype and cache the choice
+                               (:mod:`romav2_plugin.ops.local_corr_tune`); off (``=0``): a fixed default tile
 ``$ROMAV2_PLUGIN_CACHE``       cache folder (downloaded weights, compiled kernels); default
                                ``~/.cache/romav2_plugin`` (:func:`romav2_plugin.cache.cache_dir`)
 ``$ROMAV2_WEIGHTS``            default weights (path or URL) when none are given
@@ -45,7 +48,9 @@ __all__ = [
     "MAX_BATCH_PIXELS_CPU",
     "MAX_BATCH_PIXELS_GPU",
     "LOCAL_CORR_CHUNK_BYTES",
+    "LOCAL_CORR_AUTOTUNE",
     "amp_default",
+    "local_corr_autotune",
     "check_device",
     "max_batch_pixels",
     "native_cpu_bf16",
@@ -57,6 +62,20 @@ MAX_BATCH_PIXELS_CPU: int = 2**17
 MAX_BATCH_PIXELS_GPU: int = 2**22
 #: bytes of temporaries per band of rows in the torch local correlation (about 64 MiB)
 LOCAL_CORR_CHUNK_BYTES: int = 64 * 2**20
+#: autotune the specialised local-correlation kernel's tiles on CUDA (``$ROMAV2_LOCAL_CORR_AUTOTUNE`` wins)
+LOCAL_CORR_AUTOTUNE: bool = True
+
+
+def local_corr_autotune() -> bool:
+    """Whether to autotune the specialised local-correlation kernel: ``$ROMAV2_LOCAL_CORR_AUTOTUNE`` (``1`` /
+    ``0``, also on/off/true/false) if set and not empty, else :data:`LOCAL_CORR_AUTOTUNE`. Read at each call."""
+    raw = os.environ.get("ROMAV2_LOCAL_CORR_AUTOTUNE", "")
+    key = raw.strip().lower()
+    if not key:
+        return bool(LOCAL_CORR_AUTOTUNE)
+    if key in _CPU_BF16_ON or key in _CPU_BF16_OFF:
+        return key in _CPU_BF16_ON
+    raise ValueError(f"$ROMAV2_LOCAL_CORR_AUTOTUNE={raw!r}: use 1 (autotune, the default) or 0 (a fixed default tile)")
 
 
 def max_batch_pixels(device: torch.device, override: int | None = None) -> int:

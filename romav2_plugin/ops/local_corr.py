@@ -12,7 +12,9 @@ official ``romav2.local_correlation.local_correlation`` (its ``scale_factor`` ar
 Implementations:
 
 * CUDA: the NVRTC kernel ``kernels/local_corr.cu`` (fp32 / fp16 / bf16 inputs, fp32 accumulation); it
-  never materialises the ``(B, C, H, W, K)`` window. Before its first use on a device it is run once on a
+  never materialises the ``(B, C, H, W, K)`` window. The forward runs specialised for the problem's
+  channels and radius with an autotuned tile (:mod:`romav2_plugin.ops.local_corr_tune`) where one passes its
+  check, else this generic kernel. Before its first use on a device it is run once on a
   small seeded problem against the torch path (:func:`self_check`: forward and both gradients, every input
   dtype). If it cannot be compiled, loaded or launched (no cuda-python, no driver, ...) or disagrees, one
   warning with the figures is emitted and that device uses the chunked torch path below.
@@ -399,6 +401,12 @@ def _local_corr_cuda(f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, chunk_
     kernels = _kernels_for(f_A.device) if kdt is not None else None
     if kernels is None:
         return _local_corr_torch(f_A, f_B, warp, radius, chunk_bytes)
+    if f_A.device.type == "cuda" and kernel_mode() == "auto":  # run-time specialisation, autotuned tile
+        from romav2_plugin.ops.local_corr_tune import specialised_forward
+
+        out = specialised_forward(kernels, f_A, f_B, warp, radius, kdt)
+        if out is not None:
+            return out
     return _kernel_forward(kernels, f_A, f_B, warp, radius, kdt)
 
 

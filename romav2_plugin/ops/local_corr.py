@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from romav2_plugin.ops import local_corr_tune as _tune
 from romav2_plugin.runtime import LOCAL_CORR_CHUNK_BYTES
 
 __all__ = [
@@ -306,15 +307,7 @@ def _kernel_backward(
     )
 
 
-def _rel_err(x: Tensor, ref: Tensor) -> float:
-    """``max|x - ref| / max|ref|`` in float64 on the CPU; ``inf`` for a shape mismatch or any NaN/inf."""
-    if x.shape != ref.shape:
-        return float("inf")
-    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
-    diff = (x - ref).abs()
-    if not bool(torch.isfinite(diff).all()):
-        return float("inf")
-    return float(diff.max()) / max(float(ref.abs().max()), 1e-30) if diff.numel() else 0.0
+_rel_err = _tune.rel_err  # max|x - ref| / max|ref| (inf for NaN/inf or a shape mismatch)
 
 
 def self_check(kernels, device: torch.device) -> list[str]:
@@ -347,6 +340,13 @@ def self_check(kernels, device: torch.device) -> list[str]:
             if not err <= tol:
                 failures.append(f"{what} {str(dt).removeprefix('torch.')}: max rel error {err:.2e} > {tol:.0e}")
     return failures
+
+
+def _reference(f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int) -> Tensor:
+    return _local_corr_torch(f_A, f_B, warp, radius, DEFAULT_CHUNK_BYTES)
+
+
+_SELF_CHECK = _tune.SelfCheck(_reference, SELF_CHECK_SHAPE, SELF_CHECK_TOL)
 
 
 def _kernels_for(device: torch.device):
@@ -402,9 +402,7 @@ def _local_corr_cuda(f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, chunk_
     if kernels is None:
         return _local_corr_torch(f_A, f_B, warp, radius, chunk_bytes)
     if f_A.device.type == "cuda" and kernel_mode() == "auto":  # run-time specialisation, autotuned tile
-        from romav2_plugin.ops.local_corr_tune import specialised_forward
-
-        out = specialised_forward(kernels, f_A, f_B, warp, radius, kdt)
+        out = _tune.specialised_forward(kernels, f_A, f_B, warp, radius, kdt, _SELF_CHECK)
         if out is not None:
             return out
     return _kernel_forward(kernels, f_A, f_B, warp, radius, kdt)

@@ -6,7 +6,8 @@ a template parameter, and so is the tile: ``lanes`` threads per output pixel and
 load; the block size ``threads`` is chosen at launch. :func:`candidates` lists the tiles that fit a problem.
 
 On first use per (GPU name, shape, dtype) :func:`autotune` runs every candidate once on the self-check
-problem against the torch path (:func:`romav2_plugin.ops.local_corr.self_check`'s inputs and tolerance); only
+problem against the torch path (:func:`romav2_plugin.ops.local_corr.self_check`'s inputs and tolerance,
+passed in as a :class:`SelfCheck`); only
 a candidate that passes may be timed, and the fastest passing one is chosen. The choice, the timings and the
 rejections are written to ``local_corr_autotune.json`` in the compiled-kernel cache folder
 (:func:`romav2_plugin.kernels.cache_dir`), keyed with the kernel source's hash, so the next process reads it
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["CACHE_FILE", "Tile", "autotune", "candidates", "default_tile", "specialised_forward"]
+__all__ = ["CACHE_FILE", "SelfCheck", "Tile", "autotune", "candidates", "default_tile", "rel_err", "specialised_forward"]
 
 #: the autotuner's cache, next to the compiled kernels
 CACHE_FILE = "local_corr_autotune.json"
@@ -195,12 +196,32 @@ def _run(kernels, tile: Tile, f_A: Tensor, f_B: Tensor, warp: Tensor, radius: in
     return out
 
 
-def _check(kernels, tile: Tile, device: torch.device, C: int, radius: int, kdt: torch.dtype) -> list[str]:
-    """The self-check of :mod:`romav2_plugin.ops.local_corr` (its seeded problem, with this specialisation's
-    channels and radius) for the forward of one tile; launch errors count as failures."""
-    from romav2_plugin.ops import local_corr as lcm
+def rel_err(x: Tensor, ref: Tensor) -> float:
+    """``max|x - ref| / max|ref|`` in float64 on the CPU; ``inf`` for a shape mismatch or any NaN/inf."""
+    if x.shape != ref.shape:
+        return float("inf")
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    diff = (x - ref).abs()
+    if not bool(torch.isfinite(diff).all()):
+        return float("inf")
+    return float(diff.max()) / max(float(ref.abs().max()), 1e-30) if diff.numel() else 0.0
 
-    B, _, H, W, _ = lcm.SELF_CHECK_SHAPE
+
+@dataclass(frozen=True)
+class SelfCheck:
+    """What :mod:`romav2_plugin.ops.local_corr` checks its kernels with: ``reference(f_A, f_B, warp, r)``
+    (the torch path), the problem ``shape`` ``(B, C, H, W, r)`` (its ``B, H, W`` are used) and ``tol``
+    (largest relative error per output dtype)."""
+
+    reference: Callable[[Tensor, Tensor, Tensor, int], Tensor]
+    shape: tuple[int, int, int, int, int]
+    tol: dict
+
+
+def _check(kernels, tile: Tile, device: torch.device, C: int, radius: int, kdt: torch.dtype, sc: SelfCheck) -> list[str]:
+    """The op's self-check (its seeded problem, with this specialisation's channels and radius) for the
+    forward of one tile; launch errors count as failures."""
+    B, _, H, W, _ = sc.shape
     gen = torch.Generator().manual_seed(0)
     f_A = torch.randn(B, C, H, W, generator=gen).to(device, kdt)
     f_B = torch.randn(B, C, H, W, generator=gen).to(device, kdt)
@@ -210,8 +231,8 @@ def _check(kernels, tile: Tile, device: torch.device, C: int, radius: int, kdt: 
         torch.cuda.synchronize(device)
     except (RuntimeError, OSError, ValueError) as exc:
         return [f"launch failed ({type(exc).__name__}: {exc})"]
-    want = lcm._local_corr_torch(f_A, f_B, warp, radius, lcm.DEFAULT_CHUNK_BYTES)
-    err, tol = lcm._rel_err(got, want), lcm.SELF_CHECK_TOL[want.dtype]
+    want = sc.reference(f_A, f_B, warp, radius)
+    err, tol = rel_err(got, want), sc.tol[want.dtype]
     return [] if err <= tol else [f"forward {str(kdt).removeprefix('torch.')}: max rel error {err:.2e} > {tol:.0e}"]
 
 
@@ -245,10 +266,12 @@ def tune_key(device: torch.device, shape: tuple[int, ...], radius: int, kdt: tor
     return f"{name}|sm{major}{minor}|{_SUFFIX[kdt]}|B{B}C{C}H{H}W{W}r{radius}|{src}"
 
 
-def specialised_forward(kernels, f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, kdt: torch.dtype) -> Tensor | None:
+def specialised_forward(
+    kernels, f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, kdt: torch.dtype, sc: SelfCheck
+) -> Tensor | None:
     """The forward through the specialised kernel with the tuned (or default) tile, or ``None`` when there
     is none for this problem (then the caller runs the generic kernel). ``f_A``, ``f_B``: ``(B, C, H, W)``
-    on a CUDA device; returns ``(B, K, H, W)`` float32."""
+    on a CUDA device; ``sc``: the op's self-check. Returns ``(B, K, H, W)`` float32."""
     from romav2_plugin.runtime import local_corr_autotune
 
     B, C, H, W = f_A.shape
@@ -267,7 +290,7 @@ def specialised_forward(kernels, f_A: Tensor, f_B: Tensor, warp: Tensor, radius:
                     tile = autotune(
                         key,
                         cands,
-                        check=lambda t: _check(kernels, t, f_A.device, C, radius, kdt),
+                        check=lambda t: _check(kernels, t, f_A.device, C, radius, kdt, sc),
                         time_s=lambda t: _time(kernels, t, f_A, f_B, warp, radius, kdt),
                         path=kernels.cache_dir() / CACHE_FILE,
                         tune=tune,

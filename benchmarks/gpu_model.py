@@ -179,19 +179,30 @@ def within(diff: dict, precision: str) -> bool:
     return all(v["warp_px_max"] <= mx and v["warp_px_p99"] <= p99 and v["overlap_max"] <= ov for v in diff.values())
 
 
-def parity_setting(setting: str, precision: str, dev: torch.device, dry: bool, sd=None) -> dict:
-    """Ours vs official on one setting; ``sd``: the official-layout weights (default seeded random)."""
-    from benchmarks._official import build_official, no_autocast
+def parity_models(sd, precision: str, dev: torch.device):
+    """Ours and the official model on the same official-layout weights ``sd`` (bf16 autocast or fp32)."""
+    from benchmarks._official import build_official
     from romav2_plugin import RoMaV2
+
+    amp = precision == "bf16"
+    return RoMaV2.from_pretrained(sd, setting="base", amp=amp, device=dev), build_official(sd, "base", amp=amp, device=dev)
+
+
+def parity_setting(setting: str, precision: str, dev: torch.device, dry: bool, sd=None, models=None) -> dict:
+    """Ours vs official on one setting; ``sd``: the official-layout weights (default seeded random);
+    ``models``: ``parity_models(sd, precision, dev)`` already built (the setting is applied here)."""
+    from benchmarks._official import no_autocast
     from romav2_plugin.testing import make_random_official_state_dict
 
-    sd = make_random_official_state_dict(0) if sd is None else sd
     amp = precision == "bf16"
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        ours = RoMaV2.from_pretrained(sd, setting=setting, amp=amp, device=dev)
-        off = build_official(sd, setting, amp=amp, device=dev)
+        if models is None:
+            models = parity_models(make_random_official_state_dict(0) if sd is None else sd, precision, dev)
+        ours, off = models
+        for m in (ours, off):
+            m.apply_setting(setting)
         if dry:
             for m in (ours, off):
                 m.H_lr = m.W_lr = 64
@@ -228,10 +239,11 @@ def run_parity(out: Path, name: str, dry: bool, settings=None) -> int:
     lines = [f"Bounds (pixels of the finest grid, overlap absolute): {json.dumps(BOUNDS)}; TF32 off in both.", "",
              "| setting | precision | grid | dir | warp px median | p99 | max | overlap max | precision max / spread | ok |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
-    for st in settings:
-        for prec in ("bf16", "fp32"):
+    for prec in ("bf16", "fp32"):
+        models = parity_models(sd, prec, dev)
+        for st in settings:
             try:
-                r = parity_setting(st, prec, dev, dry, sd)
+                r = parity_setting(st, prec, dev, dry, sd, models)
             except Exception as e:  # noqa: BLE001 - record and go on (a budget cut keeps the rest)
                 r = {"setting": st, "precision": prec, "error": f"{type(e).__name__}: {e}"[:300], "ok": False, "diff": {}}
             rows.append(r)

@@ -221,11 +221,11 @@ def run(out: Path, budget_s: float, dry_run: bool, pictures: Path = PICTURES, on
     if "kernels" in only:
         _kernels(s, py, label, dry_run)
     if "profile" in only:
-        _model_step(s, py, "profile", label, dry_run, 300 if dry_run else 100)
+        _model_step(s, py, "profile", label, dry_run, 300 if dry_run else 90)
     if "throughput" in only:
         _throughput(s, py, label, dry_run)
     if "parity" in only:
-        _model_step(s, py, "parity", label, dry_run, 400 if dry_run else 150)
+        _model_step(s, py, "parity", label, dry_run, 400 if dry_run else 120)
     if "compare" in only:
         _compare(s, py, label, dry_run)
     if "latency" in only:
@@ -242,7 +242,7 @@ def run(out: Path, budget_s: float, dry_run: bool, pictures: Path = PICTURES, on
 
 def _kernels(s: _Suite, py: str, label: str, dry_run: bool) -> None:
     s.step("kernels", [py, "-m", "benchmarks.gpu_kernels", "--out", str(s.out), "--name", f"gpu_kernels_{label}",
-                       *(["--dry-run"] if dry_run else [])], 60 if dry_run else 150)
+                       *(["--dry-run"] if dry_run else [])], 60 if dry_run else 120)
 
 
 def _throughput(s: _Suite, py: str, label: str, dry_run: bool) -> None:
@@ -252,7 +252,7 @@ def _throughput(s: _Suite, py: str, label: str, dry_run: bool) -> None:
     else:
         speed += ["--device", "cuda", "--batch", "8", "--dtype", "bf16", "--settings", "base",
                   "--input-size", "640", "--matchers", "ours,official", "--repeats", "5", "--warmup", "2"]
-    s.step("throughput", speed, 120 if dry_run else 200)
+    s.step("throughput", speed, 120 if dry_run else 150)
 
 
 def _model_step(s: _Suite, py: str, step: str, label: str, dry_run: bool, limit: float) -> None:
@@ -286,7 +286,7 @@ def _latency(s: _Suite, py: str, label: str, dry_run: bool) -> None:
         cmd += ["--device", "cuda", "--batch", "1", "--dtype", "bf16", "--settings", "base", "--input-size", "640",
                 "--matchers", "ours,official,roma,loftr", "--roma-coarse", "644", "--roma-upsample", "0",
                 "--repeats", "10", "--warmup", "3"]
-    s.step("latency", cmd, 120 if dry_run else 120)
+    s.step("latency", cmd, 120 if dry_run else 100)
 
 
 def _train(s: _Suite, py: str, work: Path, label: str, dry_run: bool, pictures: Path, summary: dict) -> None:

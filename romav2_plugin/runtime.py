@@ -15,11 +15,12 @@ knob                           effect
                                local correlation, forward and backward. Per call: ``chunk_bytes=``.
 ``$ROMAV2_LOCAL_CORR``         ``auto`` (default: the NVRTC kernel on CUDA after a self-check, else torch),
                                ``cuda`` (the kernel, unchecked) or ``torch``
-:data:`LOCAL_CORR_AUTOTUNE`    on CUDA, time the tiles of the specialised local-correlation kernel on first
-``$ROMAV2_LOCAL_CORR_AUTOTUNE`` use per GPU, shape and dtype and cache the choice
-                               (:mod:`romav2_plugin.ops.local_corr_tune`); off (``=0``): a fixed default tile
-:data:`CHANNELS_LAST_CUDA`     on CUDA, run the fine-feature CNN and the refiners' convolutions channels-last
-``$ROMAV2_CHANNELS_LAST``      (opt-in, default off; to be measured: ``benchmarks/gpu_model.py levers``)
+:data:`LOCAL_CORR_AUTOTUNE`   on CUDA, time the tiles of the specialised local-correlation kernel on first
+                               use per GPU, shape and dtype and cache the choice
+                               (:mod:`romav2_plugin.ops.local_corr_tune`); ``$ROMAV2_LOCAL_CORR_AUTOTUNE=0``
+                               (or the constant ``False``): a fixed default tile, still checked
+:data:`CHANNELS_LAST_CUDA`    on CUDA, run the fine-feature CNN and the refiners' convolutions channels-last;
+``$ROMAV2_CHANNELS_LAST``      opt-in (default off), to be measured: ``benchmarks/gpu_model.py levers``
 ``$ROMAV2_PLUGIN_CACHE``       cache folder (downloaded weights, compiled kernels); default
                                ``~/.cache/romav2_plugin`` (:func:`romav2_plugin.cache.cache_dir`)
 ``$ROMAV2_WEIGHTS``            default weights (path or URL) when none are given

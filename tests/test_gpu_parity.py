@@ -40,12 +40,21 @@ def sd():
     return make_random_official_state_dict(0)
 
 
+@pytest.fixture(scope="module")
+def built():
+    return {}
+
+
 @needs_gpu_and_official[0]
 @needs_gpu_and_official[1]
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("setting", ["turbo", "fast", "base", "precise", "mega1500", "scannet1500", "wxbs", "satast"])
-def test_gpu_parity_with_the_official_code(gm, sd, setting, precision):
-    r = gm.parity_setting(setting, precision, torch.device("cuda"), False, sd)
+def test_gpu_parity_with_the_official_code(gm, sd, built, setting, precision):
+    dev = torch.device("cuda")
+    if precision not in built:
+        built.clear()  # one pair of models on the GPU at a time
+        built[precision] = gm.parity_models(sd, precision, dev)
+    r = gm.parity_setting(setting, precision, dev, False, sd, built[precision])
     print(setting, precision, r["diff"])
     assert r["diff"], "no directions compared"
     mx, p99, ov = gm.BOUNDS[precision]

@@ -185,10 +185,16 @@ def _launch(kernels, tile: Tile, sfx: str, defines, a: Tensor, b: Tensor, w: Ten
         )
 
 
+def _aligned(t: Tensor, vec: int) -> Tensor:
+    """``t`` itself when its data pointer is aligned for ``vec``-element vector loads, else an aligned copy
+    (a contiguous view can start at any element offset; a misaligned vector load is a fatal CUDA error)."""
+    return t if t.data_ptr() % (vec * t.element_size()) == 0 else t.clone()
+
+
 def _run(kernels, tile: Tile, f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, kdt: torch.dtype) -> Tensor:
     B, C, H, W = f_A.shape
-    a = f_A.to(kdt).permute(0, 2, 3, 1).contiguous()
-    b = f_B.to(kdt).permute(0, 2, 3, 1).contiguous()
+    a = _aligned(f_A.to(kdt).permute(0, 2, 3, 1).contiguous(), tile.vec)  # (B, H, W, C)
+    b = _aligned(f_B.to(kdt).permute(0, 2, 3, 1).contiguous(), tile.vec)
     w = warp.to(torch.float32).contiguous()
     out = torch.empty((B, (2 * radius + 1) ** 2, H, W), device=f_A.device, dtype=torch.float32)
     if out.numel():

@@ -58,10 +58,21 @@ def _images(batch: int, size: int, dev: torch.device, seed: int = 0):
     return (torch.rand(batch, 3, size, size, generator=g).to(dev), torch.rand(batch, 3, size, size, generator=g).to(dev))
 
 
+_SD: dict = {}
+
+
+def _random_sd() -> dict:
+    """The seeded random official-layout weights, made once per process (read only)."""
+    from romav2_plugin.testing import make_random_official_state_dict
+
+    if "sd" not in _SD:
+        _SD["sd"] = make_random_official_state_dict(0)
+    return _SD["sd"]
+
+
 def _ours(setting: str, amp: bool, dev: torch.device, dry: bool, **cfg_over):
     from romav2_plugin import RoMaV2
     from romav2_plugin.config import RoMaV2Config, tiny_config
-    from romav2_plugin.testing import make_random_official_state_dict
 
     if dry:
         model = RoMaV2(dataclasses.replace(tiny_config(setting), **cfg_over), amp=amp, device=dev)
@@ -70,7 +81,7 @@ def _ours(setting: str, amp: bool, dev: torch.device, dry: bool, **cfg_over):
             model.H_hr = model.W_hr = 96
         return model
     cfg = dataclasses.replace(RoMaV2Config(setting=setting), **cfg_over)
-    return RoMaV2.from_pretrained(make_random_official_state_dict(0), config=cfg, setting=setting, amp=amp, device=dev)
+    return RoMaV2.from_pretrained(_random_sd(), config=cfg, setting=setting, amp=amp, device=dev)
 
 
 def _write(out: Path, name: str, title: str, lines: list[str], data: dict) -> None:
@@ -230,11 +241,10 @@ class _null:
 
 def run_parity(out: Path, name: str, dry: bool, settings=None) -> int:
     from romav2_plugin.config import SETTINGS
-    from romav2_plugin.testing import make_random_official_state_dict
 
     dev = _device(dry)
     settings = settings or (("turbo",) if dry else tuple(s for s in SETTINGS if s != "tiny"))
-    sd = make_random_official_state_dict(0)
+    sd = _random_sd()
     rows = []
     lines = [f"Bounds (pixels of the finest grid, overlap absolute): {json.dumps(BOUNDS)}; TF32 off in both.", "",
              "| setting | precision | grid | dir | warp px median | p99 | max | overlap max | precision max / spread | ok |",

@@ -267,9 +267,10 @@ def _compare(s: _Suite, py: str, label: str, dry_run: bool) -> None:
     644x644 coarse, no upsampled pass) and LoFTR (kornia, random weights: speed and memory only), 640x640
     input, batch 8, bf16 -> speed_<gpu>_compare.md/.csv/.json/.png."""
     cmd = [py, "-m", "benchmarks.speed", "--out", str(s.out), "--tag", f"{label}_compare"]
-    if dry_run:  # CPU, token sizes: the real matchers' plumbing (romatch only where installed)
+    if dry_run:  # CPU, token sizes: LoFTR's real plumbing (ours runs in the profile, parity and levers steps;
+        # RoMa only where romatch is installed: carried to the GPU as a wheel)
         cmd += ["--device", "cpu", "--batch", "1", "--dtype", "fp32", "--settings", "turbo", "--input-size", "64",
-                "--matchers", "ours,loftr", "--loftr-res", "64", "--repeats", "1", "--warmup", "0"]
+                "--matchers", "loftr", "--loftr-res", "64", "--repeats", "1", "--warmup", "0"]
     else:
         cmd += ["--device", "cuda", "--batch", "8", "--dtype", "bf16", "--settings", "turbo,base,precise",
                 "--input-size", "640", "--matchers", "ours,official,roma,loftr", "--roma-coarse", "644",

@@ -242,7 +242,7 @@ def run(out: Path, budget_s: float, dry_run: bool, pictures: Path = PICTURES, on
 
 def _kernels(s: _Suite, py: str, label: str, dry_run: bool) -> None:
     s.step("kernels", [py, "-m", "benchmarks.gpu_kernels", "--out", str(s.out), "--name", f"gpu_kernels_{label}",
-                       *(["--dry-run"] if dry_run else [])], 60 if dry_run else 120)
+                       *(["--dry-run"] if dry_run else [])], 240 if dry_run else 120)  # dry: NVRTC, cold cache
 
 
 def _throughput(s: _Suite, py: str, label: str, dry_run: bool) -> None:

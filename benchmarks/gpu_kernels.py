@@ -175,6 +175,58 @@ def benchmark(device, iters) -> list[dict]:
     return rows
 
 
+def _spec_methods(device, f_A, f_B, warp, r) -> dict:
+    """The run-time specialised forward (channels, radius compiled in; tile autotuned on its first call and
+    cached, every candidate checked against the torch path first), fp32 and bf16 inputs; empty when the
+    kernels do not load. Its output is compared with the generic kernel's here (printed)."""
+    try:
+        kernels = lcm._load_kernels(device)
+    except Exception as exc:  # noqa: BLE001 - reported, the generic rows still run
+        print(f"specialised kernels unavailable: {exc}")
+        return {}
+    out = {}
+    for label, dt in (("ours spec fwd", torch.float32), ("ours spec bf16 fwd", torch.bfloat16)):
+        a, b = f_A.to(dt), f_B.to(dt)
+
+        def fn(a=a, b=b, dt=dt):
+            res = lcm._tune.specialised_forward(kernels, a, b, warp, r, dt, lcm._SELF_CHECK)
+            if res is None:
+                raise RuntimeError("no specialised tile passed its check")
+            return res
+
+        try:
+            got = fn()
+            ref = lcm._kernel_forward(kernels, a, b, warp, r, dt)
+            print(f"{label} C={f_A.shape[1]} r={r}: max rel diff vs the generic kernel {_rel(got, ref):.2e}")
+        except Exception as exc:  # noqa: BLE001
+            print(f"{label}: {type(exc).__name__}: {exc}")
+            continue
+        out[label] = fn
+    return out
+
+
+def autotune_table(gpu: str) -> tuple[str, list[dict]]:
+    """The autotuner's cached choices for ``gpu`` (``local_corr_autotune.json`` in the kernel cache)."""
+    from romav2_plugin import kernels
+
+    path = kernels.cache_dir() / lcm._tune.CACHE_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return f"(no autotuner cache at {path})", []
+    rows = []
+    for key, e in sorted(data.items()):
+        if not key.startswith(gpu + "|"):
+            continue
+        ms = e.get("ms", {})
+        best = e.get("chosen")
+        worst = max(ms.values()) if ms else float("nan")
+        rows.append({"problem": key.split("|", 2)[2].rsplit("|", 1)[0], "chosen": best,
+                     "chosen_ms": ms.get(best, float("nan")), "slowest_ms": worst, "candidates": len(ms) + len(e.get("rejected", {})),
+                     "rejected": len(e.get("rejected", {}))})
+    return _table(rows, ["problem", "chosen", "chosen_ms", "slowest_ms", "candidates", "rejected"]), rows
+
+
 def _bench_shape(device, iters, have_fused, name, B, C, H, W, r) -> list[dict]:
     rows = []
     f_A, f_B, warp = _inputs(B, C, H, W, device)
@@ -189,6 +241,8 @@ def _bench_shape(device, iters, have_fused, name, B, C, H, W, r) -> list[dict]:
         "ours bf16 fwd": lambda: local_corr(f_A.bfloat16(), f_B.bfloat16(), warp, r),
         "native fwd": lambda: _native(f_A, f_B, warp, r),
     }
+    spec = _spec_methods(device, f_A, f_B, warp, r)
+    methods.update(spec)
     if have_fused:
         methods["official fused fwd"] = lambda: _fused(f_A, f_B, warp, r)
     res = {}
@@ -262,6 +316,10 @@ def dry_run() -> int:
         for arch in ("sm_80", "sm_90"):
             ck = kernels.compile_kernel("local_corr.cu", arch)
             print(f"  NVRTC local_corr.cu [{arch}]: {ck.kind} {len(ck.image)} bytes")
+        for c, r in kernels.specialisations():  # the run-time specialisations of the shipped models (sm_90)
+            ck = kernels.compile_kernel("local_corr.cu", "sm_90", defines=kernels.spec_defines(c, r))
+            ok = all(e.encode() in ck.image for e in kernels.spec_entries(c))
+            print(f"  NVRTC specialisation C={c} r={r} [sm_90]: {ck.kind} {len(ck.image)} bytes, entry points ok: {ok}")
     except ImportError as exc:
         print(f"  NVRTC unavailable: {exc}")
     f_A, f_B, warp = _inputs(1, 5, 6, 7, "cpu")
@@ -344,6 +402,8 @@ def main(argv=None) -> int:
         ],
     )
     print(bench_md)
+    tune_md, tune_rows = autotune_table(meta["machine"]["gpu"])
+    print(tune_md)
     meta["total_s"] = time.time() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -353,12 +413,15 @@ def main(argv=None) -> int:
         f"- host CPU: {machine_info()['cpu']}, {os.cpu_count()} cores\n"
         f"- machine: {meta['machine']}\n- torch {meta['torch']} (CUDA {meta['torch_cuda']})\n"
         f"- targets: >= 90% less memory than native, >= 1.5x faster than the official fused kernel\n\n"
-        f"## parity\n\n{par_md}\n\n## time / peak memory\n\n{bench_md}\n"
+        f"## parity\n\n{par_md}\n\n## time / peak memory\n\n{bench_md}\n\n"
+        f"`ours fwd` is the generic kernel; `ours spec ...` the run-time specialisation (channels and radius "
+        f"compiled in) with the autotuned tile below (each candidate checked against the torch path first).\n\n"
+        f"## autotuner choices (local_corr_autotune.json)\n\n{tune_md}\n"
     )
     name = args.name or f"gpu_kernels_{gpu_label(meta['machine']['gpu'])}"
     (out / f"{name}.md").write_text(md)
     (out / f"{name}.json").write_text(
-        json.dumps({"meta": meta, "parity": par, "benchmark": bench}, indent=1)
+        json.dumps({"meta": meta, "parity": par, "benchmark": bench, "autotune": tune_rows}, indent=1)
     )
     print(
         f"wrote {out / (name + '.md')} and {out / (name + '.json')}; status {'OK' if not status else 'FAIL'}"

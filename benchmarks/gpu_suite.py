@@ -204,7 +204,8 @@ class _Suite:
         return rec
 
 
-STEPS = ("kernels", "throughput", "train")
+#: in order of value: a budget cut loses the last ones; each writes its results file when it finishes
+STEPS = ("kernels", "profile", "throughput", "parity", "compare", "latency", "levers", "train")
 
 
 def run(out: Path, budget_s: float, dry_run: bool, pictures: Path = PICTURES, only: tuple[str, ...] = STEPS,
@@ -219,16 +220,29 @@ def run(out: Path, budget_s: float, dry_run: bool, pictures: Path = PICTURES, on
                      "dry_run": dry_run, "steps": s.steps}
     if "kernels" in only:
         _kernels(s, py, label, dry_run)
+    if "profile" in only:
+        _model_step(s, py, "profile", label, dry_run, 300 if dry_run else 90)
     if "throughput" in only:
         _throughput(s, py, label, dry_run)
-    if "train" in only:
+    if "parity" in only:
+        _model_step(s, py, "parity", label, dry_run, 400 if dry_run else 120)
+    if "compare" in only:
+        _compare(s, py, label, dry_run)
+    if "latency" in only:
+        _latency(s, py, label, dry_run)
+    if "levers" in only:
+        _model_step(s, py, "levers", label, dry_run, 200 if dry_run else 150)
+    if "train" in only and not pictures.is_dir():  # (a GPU run without --dry-run refuses this in main)
+        s.steps.append({"step": "train", "command": f"skipped: no training pictures in {pictures}", "limit_s": 0,
+                        "rc": "skipped", "seconds": 0.0, "log": None})
+    elif "train" in only:
         _train(s, py, work, label, dry_run, pictures, summary)
     return _summary(s, label, summary)
 
 
 def _kernels(s: _Suite, py: str, label: str, dry_run: bool) -> None:
     s.step("kernels", [py, "-m", "benchmarks.gpu_kernels", "--out", str(s.out), "--name", f"gpu_kernels_{label}",
-                       *(["--dry-run"] if dry_run else [])], 60 if dry_run else 150)
+                       *(["--dry-run"] if dry_run else [])], 240 if dry_run else 120)  # dry: NVRTC, cold cache
 
 
 def _throughput(s: _Suite, py: str, label: str, dry_run: bool) -> None:
@@ -238,7 +252,42 @@ def _throughput(s: _Suite, py: str, label: str, dry_run: bool) -> None:
     else:
         speed += ["--device", "cuda", "--batch", "8", "--dtype", "bf16", "--settings", "base",
                   "--input-size", "640", "--matchers", "ours,official", "--repeats", "5", "--warmup", "2"]
-    s.step("throughput", speed, 120 if dry_run else 200)
+    s.step("throughput", speed, 120 if dry_run else 150)
+
+
+def _model_step(s: _Suite, py: str, step: str, label: str, dry_run: bool, limit: float) -> None:
+    """``benchmarks/gpu_model.py``: ``profile`` -> gpu_profile_<gpu>, ``parity`` -> gpu_parity_<gpu>,
+    ``levers`` -> gpu_levers_<gpu> (each .md/.json)."""
+    s.step(step, [py, "-m", "benchmarks.gpu_model", step, "--out", str(s.out), "--name", f"gpu_{step}_{label}",
+                  *(["--dry-run"] if dry_run else [])], limit)
+
+
+def _compare(s: _Suite, py: str, label: str, dry_run: bool) -> None:
+    """The mission's comparison, one run on one card: ours and official at turbo/base/precise, RoMa (romatch,
+    644x644 coarse, no upsampled pass) and LoFTR (kornia, random weights: speed and memory only), 640x640
+    input, batch 8, bf16 -> speed_<gpu>_compare.md/.csv/.json/.png."""
+    cmd = [py, "-m", "benchmarks.speed", "--out", str(s.out), "--tag", f"{label}_compare"]
+    if dry_run:  # CPU, token sizes: LoFTR's real plumbing (ours runs in the profile, parity and levers steps;
+        # RoMa only where romatch is installed: carried to the GPU as a wheel)
+        cmd += ["--device", "cpu", "--batch", "1", "--dtype", "fp32", "--settings", "turbo", "--input-size", "64",
+                "--matchers", "loftr", "--loftr-res", "64", "--repeats", "1", "--warmup", "0"]
+    else:
+        cmd += ["--device", "cuda", "--batch", "8", "--dtype", "bf16", "--settings", "turbo,base,precise",
+                "--input-size", "640", "--matchers", "ours,official,roma,loftr", "--roma-coarse", "644",
+                "--roma-upsample", "0", "--loftr-res", "640", "--repeats", "5", "--warmup", "2"]
+    s.step("compare", cmd, 300 if dry_run else 240)
+
+
+def _latency(s: _Suite, py: str, label: str, dry_run: bool) -> None:
+    """Batch-1 latency of the same four at ``base`` / 640x640 (RoMa 644) -> speed_<gpu>_b1.md/...."""
+    cmd = [py, "-m", "benchmarks.speed", "--out", str(s.out), "--tag", f"{label}_b1"]
+    if dry_run:
+        cmd += ["--dry-run"]
+    else:
+        cmd += ["--device", "cuda", "--batch", "1", "--dtype", "bf16", "--settings", "base", "--input-size", "640",
+                "--matchers", "ours,official,roma,loftr", "--roma-coarse", "644", "--roma-upsample", "0",
+                "--repeats", "10", "--warmup", "3"]
+    s.step("latency", cmd, 120 if dry_run else 100)
 
 
 def _train(s: _Suite, py: str, work: Path, label: str, dry_run: bool, pictures: Path, summary: dict) -> None:
@@ -300,7 +349,7 @@ def _summary(s: _Suite, label: str, summary: dict) -> int:
     if "train_plan" in summary:
         lines += ["", f"Training plan: {json.dumps(summary['train_plan'], default=str)}"]
     (s.out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    ok = all(st["rc"] == 0 for st in s.steps)
+    ok = all(st["rc"] in (0, "skipped") for st in s.steps)
     print(f"gpu_suite: {'all steps ok' if ok else 'some steps failed'} in {summary['total_s']} s; "
           f"wrote {s.out / (name + '.md')} and .json; step logs in {s.logs}", flush=True)
     return 0 if ok else 1

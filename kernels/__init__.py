@@ -30,6 +30,9 @@ __all__ = [
     "get_function",
     "launch",
     "read_source",
+    "spec_defines",
+    "spec_entries",
+    "specialisations",
 ]
 
 _HERE = Path(__file__).resolve().parent
@@ -43,6 +46,45 @@ KERNELS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+#: vector widths (channels per load) of the specialised forward, per element suffix: 4, 8 and 16 bytes
+SPEC_VECS: dict[str, tuple[int, ...]] = {"f32": (1, 2, 4), "f16": (2, 4, 8), "bf16": (2, 4, 8)}
+#: threads per output pixel of the specialised forward
+SPEC_LANES: tuple[int, ...] = (4, 8, 16, 32)
+
+
+def spec_defines(channels: int, radius: int) -> tuple[str, ...]:
+    """NVRTC ``-D`` options of the ``local_corr.cu`` forward specialised for ``channels`` and ``radius``."""
+    if channels < 1 or radius < 0:
+        raise ValueError(f"a specialisation needs channels >= 1 and radius >= 0, got {channels}, {radius}")
+    return (f"-DRV2_SPEC_C={int(channels)}", f"-DRV2_SPEC_R={int(radius)}")
+
+
+def spec_entries(channels: int, sfx: str | None = None) -> tuple[str, ...]:
+    """Entry points a specialisation for ``channels`` defines (one per element type, lane count and vector
+    width dividing ``channels``): ``rv2_lc_fwd_<sfx>_l<LANES>_v<VEC>``; only ``sfx`` when given."""
+    return tuple(
+        f"rv2_lc_fwd_{s}_l{lanes}_v{vec}"
+        for s, vecs in SPEC_VECS.items()
+        if sfx is None or s == sfx
+        for vec in vecs
+        if channels % vec == 0
+        for lanes in SPEC_LANES
+    )
+
+
+def specialisations() -> tuple[tuple[int, int], ...]:
+    """``(channels, radius)`` of every local correlation of the shipped architectures (official, tiny):
+    the specialisations ``python -m romav2_plugin.kernels --check`` compiles."""
+    from romav2_plugin.config import ARCHITECTURES
+
+    out = []
+    for make in ARCHITECTURES.values():
+        for r in make().refiners:
+            if r.local_corr_radius is not None and (r.proj_dim, r.local_corr_radius) not in out:
+                out.append((r.proj_dim, r.local_corr_radius))
+    return tuple(out)
+
+
 #: NVRTC options used for every compile (no fast math: parity with torch's grid_sample matters)
 COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++17", "--fmad=true", "-default-device")
 
@@ -51,8 +93,8 @@ _INSTALL_HINT = (
 )
 
 _lock = threading.Lock()
-_modules: dict[tuple[str, int], Any] = {}  # (source, device index) -> CUmodule
-_functions: dict[tuple[str, str, int], Any] = {}  # (source, kernel, device index) -> CUfunction
+_modules: dict[tuple[str, tuple[str, ...], int], Any] = {}  # (source, defines, device index) -> CUmodule
+_functions: dict[tuple[str, tuple[str, ...], str, int], Any] = {}  # (source, defines, kernel, device) -> CUfunction
 _contexts: dict[int, Any] = {}  # device index -> primary CUcontext
 
 
@@ -197,25 +239,34 @@ def _compile_isolated(name: str, arch: str, options: tuple[str, ...], source: st
         return res["kind"], out.read_bytes(), res["log"]
 
 
-def compile_kernel(name: str, arch: str, *, use_cache: bool = True) -> CompiledKernel:
-    """Compile the source ``name`` for ``arch`` (``"sm_90"``, or ``"compute_90"`` for PTX only).
+def source_key(name: str, defines: tuple[str, ...] = ()) -> str:
+    """Hash of a kernel source, its compile options and ``defines``: part of every cache key, so an edited
+    kernel is never served from a stale cache (the compiled images and the autotuner's choices)."""
+    return hashlib.sha256("\0".join([read_source(name), *COMPILE_OPTIONS, *defines]).encode()).hexdigest()[:16]
+
+
+def compile_kernel(name: str, arch: str, *, use_cache: bool = True, defines: tuple[str, ...] = ()) -> CompiledKernel:
+    """Compile the source ``name`` for ``arch`` (``"sm_90"``, or ``"compute_90"`` for PTX only), with the
+    extra NVRTC options ``defines`` (e.g. :func:`spec_defines`: a run-time specialisation).
 
     The result is cached on disk (see :func:`cache_dir`). Raises ``RuntimeError`` with the NVRTC log when the
     compile fails and ``ImportError`` when cuda-python is missing.
     """
     ver = nvrtc_version()
     src = read_source(name)
+    options = (*COMPILE_OPTIONS, *defines)
     key = hashlib.sha256(
-        "\0".join([src, arch, " ".join(COMPILE_OPTIONS), f"nvrtc{ver[0]}.{ver[1]}"]).encode()
+        "\0".join([src, arch, " ".join(options), f"nvrtc{ver[0]}.{ver[1]}"]).encode()
     ).hexdigest()[:32]
-    stem = f"{Path(name).stem}-{arch}-nvrtc{ver[0]}{ver[1]}-{key}"
+    spec = "".join("-" + d.split("=", 1)[-1] for d in defines if d.startswith("-D"))
+    stem = f"{Path(name).stem}{spec}-{arch}-nvrtc{ver[0]}{ver[1]}-{key}"
     cdir = cache_dir()
     if use_cache:
         for kind in ("cubin", "ptx"):
             path = cdir / f"{stem}.{kind}"
             if path.is_file():
                 return CompiledKernel(name, arch, kind, path.read_bytes(), "", from_cache=True)
-    kind, image, log = _compile_isolated(name, arch, COMPILE_OPTIONS, src)
+    kind, image, log = _compile_isolated(name, arch, options, src)
     if use_cache:
         try:
             cdir.mkdir(parents=True, exist_ok=True)
@@ -256,9 +307,11 @@ def _ensure_context(device_index: int) -> None:
     _check_cu(driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
 
-def get_function(source: str, kernel: str, device_index: int):
-    """``CUfunction`` of ``kernel`` from ``source`` on a CUDA device (compiled, cached and loaded once)."""
-    fkey = (source, kernel, device_index)
+def get_function(source: str, kernel: str, device_index: int, defines: tuple[str, ...] = ()):
+    """``CUfunction`` of ``kernel`` from ``source`` compiled with ``defines`` on a CUDA device (compiled, cached
+    and loaded once)."""
+    defines = tuple(defines)
+    fkey = (source, defines, kernel, device_index)
     fn = _functions.get(fkey)
     if fn is not None:
         return fn
@@ -268,10 +321,10 @@ def get_function(source: str, kernel: str, device_index: int):
             return fn
         driver = _driver()
         _ensure_context(device_index)
-        mkey = (source, device_index)
+        mkey = (source, defines, device_index)
         module = _modules.get(mkey)
         if module is None:
-            compiled = compile_kernel(source, device_arch(device_index))
+            compiled = compile_kernel(source, device_arch(device_index), defines=defines)
             image = compiled.image if compiled.kind == "cubin" else compiled.image.rstrip(b"\x00") + b"\x00"
             module = _check_cu(driver.cuModuleLoadData(image), f"cuModuleLoadData({source})")
             _modules[mkey] = module
@@ -289,16 +342,17 @@ def launch(
     *,
     device_index: int,
     shared_mem: int = 0,
+    defines: tuple[str, ...] = (),
 ) -> None:
     """Launch ``kernel`` on torch's current stream of ``device_index``.
 
     ``args`` is a list of ``(value, ctypes_type)``, e.g. ``(tensor.data_ptr(), ctypes.c_void_p)`` or
-    ``(n, ctypes.c_int)``.
+    ``(n, ctypes.c_int)``. ``defines``: the specialisation the kernel comes from (see :func:`get_function`).
     """
     import torch
 
     driver = _driver()
-    fn = get_function(source, kernel, device_index)
+    fn = get_function(source, kernel, device_index, tuple(defines))
     _ensure_context(device_index)
     stream = torch.cuda.current_stream(device_index).cuda_stream
     values = tuple(v for v, _ in args)

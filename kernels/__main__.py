@@ -1,4 +1,6 @@
-"""``python -m romav2_plugin.kernels --check``: compile every kernel source through NVRTC.
+"""``python -m romav2_plugin.kernels --check``: compile every kernel source through NVRTC, and every run-time
+specialisation of the local-correlation forward for the shipped architectures (channels and radius as
+compile-time constants, :func:`romav2_plugin.kernels.specialisations`).
 
 Works without a GPU (NVRTC only). For each source and architecture it prints the image kind and size and the
 entry points found in it; the exit status is non-zero on any failure.
@@ -20,21 +22,27 @@ def _check(archs: list[str], use_cache: bool) -> int:
         return 2
     print(f"NVRTC {ver[0]}.{ver[1]}; cache: {kernels.cache_dir() if use_cache else 'disabled'}")
     failures = 0
-    for source, entries in kernels.KERNELS.items():
+    jobs = [(source, (), entries) for source, entries in kernels.KERNELS.items()]
+    # the run-time specialisations of the local-correlation forward (channels, radius as constants)
+    jobs += [("local_corr.cu", kernels.spec_defines(c, r), kernels.spec_entries(c))
+             for c, r in kernels.specialisations()]
+    for source, defines, entries in jobs:
+        label = source + (f" {' '.join(defines)}" if defines else "")
         for arch in archs:
             try:
-                ck = kernels.compile_kernel(source, arch, use_cache=use_cache)
+                ck = kernels.compile_kernel(source, arch, use_cache=use_cache, defines=defines)
             except Exception as exc:  # noqa: BLE001 - report every failure, keep going
                 failures += 1
-                print(f"FAIL {source} [{arch}]: {exc}", file=sys.stderr)
+                print(f"FAIL {label} [{arch}]: {exc}", file=sys.stderr)
                 continue
             missing = [e for e in entries if e.encode() not in ck.image]
             status = "ok" if not missing else f"MISSING {missing}"
             failures += bool(missing)
             cached = " (cached)" if ck.from_cache else ""
-            print(f"{source} [{arch}] {ck.kind} {len(ck.image)} bytes{cached}: {status}")
-            for e in entries:
-                print(f"    {e}")
+            print(f"{label} [{arch}] {ck.kind} {len(ck.image)} bytes{cached}: {status}, {len(entries)} entry points")
+            if not defines:
+                for e in entries:
+                    print(f"    {e}")
             if ck.log:
                 print("    nvrtc log: " + ck.log.replace("\n", "\n    "))
     print("all kernels compiled" if not failures else f"{failures} failure(s)")

@@ -230,8 +230,118 @@ RV2_DEV void rv2_local_corr_bwd(const float* __restrict__ gout, const T* __restr
         rv2_local_corr_bwd<T>(gout, fA, fB, warp, gA, gB, B, H, W, C, r);                               \
     }
 
+#ifndef RV2_SPEC_C
 RV2_ENTRY_POINTS(f32, float)
 #ifndef RV2_NO_HALF
 RV2_ENTRY_POINTS(f16, rv2_half)
 RV2_ENTRY_POINTS(bf16, rv2_bf16)
 #endif
+#endif  // RV2_SPEC_C
+
+// ---------------------------------------------------------------------------------------------------
+// Specialised forward, compiled per (channels, radius) at run time: -DRV2_SPEC_C=<C> -DRV2_SPEC_R=<r>.
+// Channels, radius and element type are compile-time constants (the window loop has a fixed trip count,
+// the per-lane register vector a fixed size, the channel guard disappears when it is not needed); the tile
+// is a template parameter, one entry point per candidate, chosen by the autotuner (ops/local_corr_tune.py):
+//   LANES  threads per output pixel (4, 8, 16, 32: 32 / LANES pixels per warp, neighbours in a row),
+//   VEC    channels per vector load (4, 8 or 16 bytes: VEC = bytes / sizeof(T)).
+// Lane l holds the channels c = s * LANES * VEC + l * VEC + v (s < S, v < VEC) of its pixel's A-vector;
+// the K dot products are finished with a shuffle reduction inside the LANES-wide group. Any blockDim.x
+// that is a multiple of 32 (and at most 256) works: the launch's block size is the third tile parameter.
+// Entry points: rv2_lc_fwd_<sfx>_l<LANES>_v<VEC>, same arguments as rv2_local_corr_fwd_<sfx> minus C, r.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) rv2_vec {
+    T v[V];
+};
+
+template <typename T, int C, int R, int LANES, int VEC>
+RV2_DEV void rv2_lc_fwd_spec(const T* __restrict__ fA, const T* __restrict__ fB, const float* __restrict__ warp,
+                             float* __restrict__ out, int B, int H, int W) {
+    constexpr int D = 2 * R + 1, K = D * D;
+    constexpr int STEP = LANES * VEC, S = (C + STEP - 1) / STEP;
+    constexpr bool GUARD = (C % STEP) != 0;
+    static_assert(C % VEC == 0, "VEC must divide C");
+    const int lane = (int)(threadIdx.x % LANES);
+    const long long pix = (long long)blockIdx.x * (blockDim.x / LANES) + threadIdx.x / LANES;
+    const long long HW = (long long)H * W;
+    // sub-warp groups: a group past the end still joins the shuffles (reads pixel 0, writes nothing)
+    const bool valid = pix < (long long)B * HW;
+    const long long p = valid ? pix : 0;
+    const long long b = p / HW, rem = p - b * HW;
+    const float scale = 1.f / sqrtf((float)C);
+    const float wx = warp[2 * p], wy = warp[2 * p + 1];
+    const T* a_ptr = fA + p * C;
+    const T* b_base = fB + b * HW * C;
+    float a[S][VEC];
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+        const int c = s * STEP + lane * VEC;
+        if (!GUARD || c < C) {
+            const rv2_vec<T, VEC> x = *reinterpret_cast<const rv2_vec<T, VEC>*>(a_ptr + c);
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) a[s][v] = rv2_to_float(x.v[v]) * scale;
+        } else {
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) a[s][v] = 0.f;
+        }
+    }
+    float* o_ptr = out + b * (long long)K * HW + rem;
+    for (int k = 0; k < K; ++k) {
+        const int i = k / D, j = k - (k / D) * D;
+        rv2_taps t;
+        rv2_bilinear_taps(wx + (float)(j - R) * 2.f / (float)W, wy + (float)(i - R) * 2.f / (float)H, H, W, t);
+        float acc = 0.f;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            if (t.off[q] < 0) continue;
+            const T* row = b_base + t.off[q] * C;
+            float part = 0.f;
+#pragma unroll
+            for (int s = 0; s < S; ++s) {
+                const int c = s * STEP + lane * VEC;
+                if (!GUARD || c < C) {
+                    const rv2_vec<T, VEC> x = *reinterpret_cast<const rv2_vec<T, VEC>*>(row + c);
+#pragma unroll
+                    for (int v = 0; v < VEC; ++v) part += a[s][v] * rv2_to_float(x.v[v]);
+                }
+            }
+            acc += t.w[q] * part;
+        }
+#pragma unroll
+        for (int o = LANES / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (valid && lane == 0) o_ptr[k * HW] = acc;
+    }
+}
+
+#ifdef RV2_SPEC_C
+#ifndef RV2_SPEC_R
+#error "RV2_SPEC_R (the radius) must be defined with RV2_SPEC_C"
+#endif
+#define RV2_SPEC_ENTRY(SUFFIX, T, LANES, VEC)                                                            \
+    RV2_KERNEL rv2_lc_fwd_##SUFFIX##_l##LANES##_v##VEC(const T* fA, const T* fB, const float* warp,     \
+                                                       float* out, int B, int H, int W) {               \
+        rv2_lc_fwd_spec<T, RV2_SPEC_C, RV2_SPEC_R, LANES, VEC>(fA, fB, warp, out, B, H, W);             \
+    }
+// the vector widths valid for C: 4, 8 and 16 bytes; VEC must divide C (RV2_DIV(n) is 1 when n | C)
+#define RV2_DIV(n) ((RV2_SPEC_C % (n)) == 0)
+#define RV2_SPEC_LANES(SUFFIX, T, VEC) \
+    RV2_SPEC_ENTRY(SUFFIX, T, 4, VEC)  \
+    RV2_SPEC_ENTRY(SUFFIX, T, 8, VEC)  \
+    RV2_SPEC_ENTRY(SUFFIX, T, 16, VEC) \
+    RV2_SPEC_ENTRY(SUFFIX, T, 32, VEC)
+RV2_SPEC_LANES(f32, float, 1)
+#if RV2_DIV(2)
+RV2_SPEC_LANES(f32, float, 2)
+RV2_SPEC_LANES(f16, rv2_half, 2)
+RV2_SPEC_LANES(bf16, rv2_bf16, 2)
+#endif
+#if RV2_DIV(4)
+RV2_SPEC_LANES(f32, float, 4)
+RV2_SPEC_LANES(f16, rv2_half, 4)
+RV2_SPEC_LANES(bf16, rv2_bf16, 4)
+#endif
+#if RV2_DIV(8)
+RV2_SPEC_LANES(f16, rv2_half, 8)
+RV2_SPEC_LANES(bf16, rv2_bf16, 8)
+#endif
+#endif  // RV2_SPEC_C

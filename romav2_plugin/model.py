@@ -28,6 +28,7 @@ from romav2_plugin.nn.backbone import DINOv3Backbone
 from romav2_plugin.nn.fine_features import FineFeatures
 from romav2_plugin.nn.matcher import Matcher
 from romav2_plugin.nn.refiner import build_refiners
+from romav2_plugin.profiling import stage as profile_range
 
 __all__ = ["RoMaV2"]
 
@@ -87,6 +88,29 @@ class RoMaV2(nn.Module):
         if device is not None:
             self.to(device)
         self._hold_backbone(self.device)
+        if cfg.compile:
+            self._compile_fixed_shape_parts()
+
+    def _compile_fixed_shape_parts(self) -> None:
+        """``config.compile``: ``torch.compile`` in place (``nn.Module.compile``: state-dict keys unchanged)
+        of the parts whose input shapes a setting fixes: the backbone's blocks, the matcher's multi-view ViT and
+        DPT head, the fine-feature CNN and each refiner. Each compiles on its first call per shape (start-up
+        time, cached by torch's compile cache); the orchestrator, resizing and sampling stay eager."""
+        parts = [*self.f.vit.blocks, self.matcher.mv_vit, self.matcher.head, self.refiner_features,
+                 *self.refiners.values()]
+        for m in parts:
+            m.compile(dynamic=False)
+
+    def _channels_last_on(self, device: torch.device) -> bool:
+        """:func:`romav2_plugin.runtime.channels_last_cuda` on a CUDA device: the fine-feature CNN and the
+        refiners' weights are moved to channels-last once (their inputs follow in :meth:`_fine_features`)."""
+        if device.type != "cuda" or not runtime.channels_last_cuda():
+            return False
+        if not getattr(self, "_is_channels_last", False):
+            for m in (self.refiner_features, *self.refiners.values()):
+                m.to(memory_format=torch.channels_last)
+            self._is_channels_last = True
+        return True
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -204,6 +228,8 @@ class RoMaV2(nn.Module):
         return max(1, min(n, limit // max(1, h * w)))
 
     def _fine_features(self, imgs: torch.Tensor, *, amp: bool) -> dict[int, torch.Tensor]:
+        if self._channels_last_on(imgs.device):
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
         n = imgs.shape[0]
         step = self._chunk(n, *imgs.shape[-2:], imgs.device)
         if step >= n:
@@ -283,12 +309,15 @@ class RoMaV2(nn.Module):
         B = img_A_lr.shape[0]
         bidir = self.bidirectional
         # Both images through the backbone as one batch (per-sample network: same numbers).
-        feats = self.f(torch.cat((img_A_lr, img_B_lr)), amp=self._backbone_amp(amp))
-        if not amp:
-            feats = [x.float() for x in feats]  # no-op for an fp32 backbone
-        coarse = self.matcher(
-            [x[:B] for x in feats], [x[B:] for x in feats], bidirectional=bidir, amp=amp, return_attention=return_attention
-        )
+        with profile_range("romav2.backbone"):
+            feats = self.f(torch.cat((img_A_lr, img_B_lr)), amp=self._backbone_amp(amp))
+            if not amp:
+                feats = [x.float() for x in feats]  # no-op for an fp32 backbone
+        with profile_range("romav2.matcher"):
+            coarse = self.matcher(
+                [x[:B] for x in feats], [x[B:] for x in feats], bidirectional=bidir, amp=amp,
+                return_attention=return_attention,
+            )
         preds: dict[str, Any] = {"matcher": coarse}
         # Both directions through the refiners as one batch of 2B.
         if bidir:
@@ -302,16 +331,18 @@ class RoMaV2(nn.Module):
                 continue
             H, W = img_A.shape[-2:]
             scale_factor = torch.tensor((W / self.anchor_width, H / self.anchor_height), device=img_A.device)
-            fine = self._fine_features(torch.cat((img_A, img_B)), amp=amp)
+            with profile_range("romav2.fine_features"):
+                fine = self._fine_features(torch.cat((img_A, img_B)), amp=amp)
             for stride_key, refiner in self.refiners.items():
                 s = int(stride_key)
                 if stage == 1 and s == 4:
                     # The first hi-res pass starts from the lr overlap but not from the lr precision:
                     # precisions are absolute at their stride and must be re-estimated.
                     conf = torch.cat((conf[..., :1], torch.zeros_like(conf[..., 1:])), dim=-1)
-                warp = bhwc_interpolate(warp.detach(), (H // s, W // s), mode="bilinear", align_corners=False)
-                conf = bhwc_interpolate(conf.detach(), (H // s, W // s), mode="bilinear", align_corners=False)
-                warp, conf = self._refine(refiner, fine[s], warp, conf, scale_factor, amp=amp)
+                with profile_range(f"romav2.refiner.s{s}"):
+                    warp = bhwc_interpolate(warp.detach(), (H // s, W // s), mode="bilinear", align_corners=False)
+                    conf = bhwc_interpolate(conf.detach(), (H // s, W // s), mode="bilinear", align_corners=False)
+                    warp, conf = self._refine(refiner, fine[s], warp, conf, scale_factor, amp=amp)
                 preds[f"refiner_{s}_AB"] = {"warp": warp[:B], "confidence": conf[:B]}
                 preds[f"refiner_{s}_BA"] = {"warp": warp[B:], "confidence": conf[B:]} if bidir else None
             del fine  # free this pass's fine features before the next pass computes its own
@@ -413,11 +444,12 @@ class RoMaV2(nn.Module):
             ``(N, 2, 2)`` and B-side precision ``(N, 2, 2)`` (``None`` when unavailable; A-side entries are
             NaN in unidirectional settings, where only the B side is predicted).
         """
-        return postprocess.sample_matches(
-            preds, num_corresp, batch_index=batch_index, generator=generator, min_overlap=min_overlap,
-            balanced=self.balanced_sampling, half_precision_kde=self.half_precision_kde,
-            precise_fraction=self.precise_fraction,
-        )
+        with profile_range("romav2.sampling"):
+            return postprocess.sample_matches(
+                preds, num_corresp, batch_index=batch_index, generator=generator, min_overlap=min_overlap,
+                balanced=self.balanced_sampling, half_precision_kde=self.half_precision_kde,
+                precise_fraction=self.precise_fraction,
+            )
 
     def grid_matches(
         self, preds: Mapping[str, Any], threshold: float, *, batch_index: int = 0

@@ -15,6 +15,12 @@ knob                           effect
                                local correlation, forward and backward. Per call: ``chunk_bytes=``.
 ``$ROMAV2_LOCAL_CORR``         ``auto`` (default: the NVRTC kernel on CUDA after a self-check, else torch),
                                ``cuda`` (the kernel, unchecked) or ``torch``
+:data:`LOCAL_CORR_AUTOTUNE`   on CUDA, time the tiles of the specialised local-correlation kernel on first
+                               use per GPU, shape and dtype and cache the choice
+                               (:mod:`romav2_plugin.ops.local_corr_tune`); ``$ROMAV2_LOCAL_CORR_AUTOTUNE=0``
+                               (or the constant ``False``): a fixed default tile, still checked
+:data:`CHANNELS_LAST_CUDA`    on CUDA, run the fine-feature CNN and the refiners' convolutions channels-last;
+``$ROMAV2_CHANNELS_LAST``      opt-in (default off), to be measured: ``benchmarks/gpu_model.py levers``
 ``$ROMAV2_PLUGIN_CACHE``       cache folder (downloaded weights, compiled kernels); default
                                ``~/.cache/romav2_plugin`` (:func:`romav2_plugin.cache.cache_dir`)
 ``$ROMAV2_WEIGHTS``            default weights (path or URL) when none are given
@@ -45,7 +51,11 @@ __all__ = [
     "MAX_BATCH_PIXELS_CPU",
     "MAX_BATCH_PIXELS_GPU",
     "LOCAL_CORR_CHUNK_BYTES",
+    "CHANNELS_LAST_CUDA",
+    "LOCAL_CORR_AUTOTUNE",
+    "channels_last_cuda",
     "amp_default",
+    "local_corr_autotune",
     "check_device",
     "max_batch_pixels",
     "native_cpu_bf16",
@@ -57,6 +67,36 @@ MAX_BATCH_PIXELS_CPU: int = 2**17
 MAX_BATCH_PIXELS_GPU: int = 2**22
 #: bytes of temporaries per band of rows in the torch local correlation (about 64 MiB)
 LOCAL_CORR_CHUNK_BYTES: int = 64 * 2**20
+#: autotune the specialised local-correlation kernel's tiles on CUDA (``$ROMAV2_LOCAL_CORR_AUTOTUNE`` wins)
+LOCAL_CORR_AUTOTUNE: bool = True
+
+
+#: channels-last convolutions in the fine features and refiners on CUDA (``$ROMAV2_CHANNELS_LAST`` wins)
+CHANNELS_LAST_CUDA: bool = False
+
+
+def channels_last_cuda() -> bool:
+    """Whether CUDA models move their fine-feature CNN and refiners to channels-last: ``$ROMAV2_CHANNELS_LAST``
+    (``1`` / ``0``) if set and not empty, else :data:`CHANNELS_LAST_CUDA`. Read at each forward."""
+    raw = os.environ.get("ROMAV2_CHANNELS_LAST", "")
+    key = raw.strip().lower()
+    if not key:
+        return bool(CHANNELS_LAST_CUDA)
+    if key in _CPU_BF16_ON or key in _CPU_BF16_OFF:
+        return key in _CPU_BF16_ON
+    raise ValueError(f"$ROMAV2_CHANNELS_LAST={raw!r}: use 1 (channels-last on CUDA) or 0 (off, the default)")
+
+
+def local_corr_autotune() -> bool:
+    """Whether to autotune the specialised local-correlation kernel: ``$ROMAV2_LOCAL_CORR_AUTOTUNE`` (``1`` /
+    ``0``, also on/off/true/false) if set and not empty, else :data:`LOCAL_CORR_AUTOTUNE`. Read at each call."""
+    raw = os.environ.get("ROMAV2_LOCAL_CORR_AUTOTUNE", "")
+    key = raw.strip().lower()
+    if not key:
+        return bool(LOCAL_CORR_AUTOTUNE)
+    if key in _CPU_BF16_ON or key in _CPU_BF16_OFF:
+        return key in _CPU_BF16_ON
+    raise ValueError(f"$ROMAV2_LOCAL_CORR_AUTOTUNE={raw!r}: use 1 (autotune, the default) or 0 (a fixed default tile)")
 
 
 def max_batch_pixels(device: torch.device, override: int | None = None) -> int:

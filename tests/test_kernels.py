@@ -78,7 +78,7 @@ def test_nvrtc_compile_error_raises_with_log(monkeypatch):
         kernels.compile_kernel("broken.cu", "sm_80", use_cache=False)
 
 
-@pytest.mark.slow  # two subprocesses compiling every kernel
+@pytest.mark.slow  # compiles every kernel and specialisation (about 2 minutes on 2 contended cores)
 @needs_nvrtc
 def test_check_cli(tmp_path):
     env = {**os.environ, "ROMAV2_PLUGIN_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT)}
@@ -91,6 +91,11 @@ def test_check_cli(tmp_path):
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "local_corr.cu [sm_80] cubin" in res.stdout and "local_corr.cu [sm_90] cubin" in res.stdout
+    # every run-time specialisation of the shipped architectures, for both archs, all entry points present
+    for c, r in kernels.specialisations():
+        for arch in ("sm_80", "sm_90"):
+            line = f"local_corr.cu -DRV2_SPEC_C={c} -DRV2_SPEC_R={r} [{arch}] cubin"
+            assert line in res.stdout and f"ok, {len(kernels.spec_entries(c))} entry points" in res.stdout, line
     bad = subprocess.run(
         [sys.executable, "-m", "romav2_plugin.kernels", "--check", "--arch", "sm_1"],
         cwd=ROOT,

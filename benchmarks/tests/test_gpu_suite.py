@@ -158,3 +158,55 @@ def test_only_rejects_unknown_steps(capsys):
     with pytest.raises(SystemExit):
         gs.main(["--out", "/nonexistent", "--only", "kernels,trian"])
     assert "trian" in capsys.readouterr().err
+
+
+def test_gpu_run_plans_every_step_in_order_of_value_with_the_protocol(tmp_path, monkeypatch):
+    """Without running anything: the steps' order, their commands (the paper's protocol for the comparison:
+    640x640 batch 8 bf16, RoMa at 644, LoFTR at 640; batch 1 latency) and the skip of training without
+    pictures."""
+    seen = []
+
+    def fake_step(self, name, cmd, limit_s):
+        seen.append((name, cmd, limit_s))
+        rec = {"step": name, "command": " ".join(cmd), "limit_s": limit_s, "rc": 0, "seconds": 0.0, "log": None}
+        self.steps.append(rec)
+        return rec
+
+    monkeypatch.setattr(gs._Suite, "step", fake_step)
+    monkeypatch.setattr(gs, "_machine", lambda: {"gpu": "NVIDIA H100 80GB HBM3", "cpu": "x", "cpus": 16,
+                                                 "python": "3.12", "torch": "2.11", "host": "h", "platform": "p"})
+    rc = gs.run(tmp_path / "out", 540, False, pictures=tmp_path / "none", work=tmp_path / "work")
+    assert rc == 0
+    assert [n for n, _, _ in seen] == ["kernels", "profile", "throughput", "parity", "compare", "latency", "levers"]
+    cmds = {n: " ".join(c) for n, c, _ in seen}
+    assert "benchmarks.gpu_model profile" in cmds["profile"] and "--name gpu_profile_h100" in cmds["profile"]
+    assert "benchmarks.gpu_model parity" in cmds["parity"] and "benchmarks.gpu_model levers" in cmds["levers"]
+    for flag in ("--batch 8", "--dtype bf16", "--settings turbo,base,precise", "--input-size 640",
+                 "--matchers ours,official,roma,loftr", "--roma-coarse 644", "--roma-upsample 0", "--loftr-res 640"):
+        assert flag in cmds["compare"], flag
+    assert "--batch 1" in cmds["latency"] and "--tag h100_b1" in cmds["latency"]
+    summary = json.loads((tmp_path / "out" / "gpu_suite_h100.json").read_text())
+    assert summary["steps"][-1]["step"] == "train" and summary["steps"][-1]["rc"] == "skipped"
+
+
+@pytest.mark.slow  # every step on the CPU at token sizes: about 10-13 minutes on 2 contended cores
+def test_dry_run_of_the_whole_suite_runs_every_step_on_the_cpu(tmp_path):
+    """``python -m benchmarks.gpu_suite --dry-run --budget-s 780``: every step but training (no pictures:
+    recorded as skipped) exits 0 within the budget and writes its results file."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "ROMAV2_PLUGIN_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_suite", "--dry-run", "--budget-s", "780", "--out", str(out),
+         "--work", str(work), "--pictures", str(tmp_path / "no_pictures")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
+    summary = json.loads((out / "gpu_suite_dry.json").read_text())
+    rcs = {s["step"]: s["rc"] for s in summary["steps"]}
+    assert rcs == {**{s: 0 for s in gs.STEPS if s != "train"}, "train": "skipped"}, rcs
+    for f in ("gpu_profile_dry", "gpu_parity_dry", "gpu_levers_dry", "speed_dry", "speed_dry_compare", "speed_dry_b1"):
+        assert (out / f"{f}.md").is_file(), f
+    prof = (out / "gpu_profile_dry.md").read_text()
+    assert "romav2.backbone" in prof and "romav2.refiner.s4" in prof and "romav2.sampling" in prof
+    assert "| turbo | fp32 |" in (out / "gpu_parity_dry.md").read_text()  # (the dry run compares fp32 only)

@@ -21,6 +21,7 @@ from torch import nn
 from romav2_plugin.config import MatcherConfig
 from romav2_plugin.geometry import normalized_grid
 from romav2_plugin.nn.dpt import DPTHead
+from romav2_plugin.profiling import stage
 from romav2_plugin.nn.vit import MultiViewTransformer
 
 __all__ = ["Matcher"]
@@ -137,7 +138,8 @@ class Matcher(nn.Module):
                     t = t + f_mv_X + self.match_embedding(f_mv_X, f_mv_Y, pos_emb, lg)
                 parts.append(t)
             tokens.append(torch.cat(parts, dim=0))
-        out = self.head(tokens, amp=amp)
+        with stage("romav2.dpt"):
+            out = self.head(tokens, amp=amp)
         warp, conf = out[..., : self.cfg.warp_dim], out[..., self.cfg.warp_dim :]
         warp_AB, conf_AB = warp[:B], conf[:B]
         warp_BA = conf_BA = None

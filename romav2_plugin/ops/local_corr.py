@@ -12,7 +12,9 @@ official ``romav2.local_correlation.local_correlation`` (its ``scale_factor`` ar
 Implementations:
 
 * CUDA: the NVRTC kernel ``kernels/local_corr.cu`` (fp32 / fp16 / bf16 inputs, fp32 accumulation); it
-  never materialises the ``(B, C, H, W, K)`` window. Before its first use on a device it is run once on a
+  never materialises the ``(B, C, H, W, K)`` window. The forward runs specialised for the problem's
+  channels and radius with an autotuned tile (:mod:`romav2_plugin.ops.local_corr_tune`) where one passes its
+  check, else this generic kernel. Before its first use on a device it is run once on a
   small seeded problem against the torch path (:func:`self_check`: forward and both gradients, every input
   dtype). If it cannot be compiled, loaded or launched (no cuda-python, no driver, ...) or disagrees, one
   warning with the figures is emitted and that device uses the chunked torch path below.
@@ -39,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from romav2_plugin.ops import local_corr_tune as _tune
 from romav2_plugin.runtime import LOCAL_CORR_CHUNK_BYTES
 
 __all__ = [
@@ -304,15 +307,7 @@ def _kernel_backward(
     )
 
 
-def _rel_err(x: Tensor, ref: Tensor) -> float:
-    """``max|x - ref| / max|ref|`` in float64 on the CPU; ``inf`` for a shape mismatch or any NaN/inf."""
-    if x.shape != ref.shape:
-        return float("inf")
-    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
-    diff = (x - ref).abs()
-    if not bool(torch.isfinite(diff).all()):
-        return float("inf")
-    return float(diff.max()) / max(float(ref.abs().max()), 1e-30) if diff.numel() else 0.0
+_rel_err = _tune.rel_err  # max|x - ref| / max|ref| (inf for NaN/inf or a shape mismatch)
 
 
 def self_check(kernels, device: torch.device) -> list[str]:
@@ -345,6 +340,13 @@ def self_check(kernels, device: torch.device) -> list[str]:
             if not err <= tol:
                 failures.append(f"{what} {str(dt).removeprefix('torch.')}: max rel error {err:.2e} > {tol:.0e}")
     return failures
+
+
+def _reference(f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int) -> Tensor:
+    return _local_corr_torch(f_A, f_B, warp, radius, DEFAULT_CHUNK_BYTES)
+
+
+_SELF_CHECK = _tune.SelfCheck(_reference, SELF_CHECK_SHAPE, SELF_CHECK_TOL)
 
 
 def _kernels_for(device: torch.device):
@@ -399,6 +401,10 @@ def _local_corr_cuda(f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, chunk_
     kernels = _kernels_for(f_A.device) if kdt is not None else None
     if kernels is None:
         return _local_corr_torch(f_A, f_B, warp, radius, chunk_bytes)
+    if f_A.device.type == "cuda" and kernel_mode() == "auto":  # run-time specialisation, autotuned tile
+        out = _tune.specialised_forward(kernels, f_A, f_B, warp, radius, kdt, _SELF_CHECK)
+        if out is not None:
+            return out
     return _kernel_forward(kernels, f_A, f_B, warp, radius, kdt)
 
 

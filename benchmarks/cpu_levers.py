@@ -182,7 +182,8 @@ def lever_layout(setting, model, A, B, rows, extra, repeats, warmup):
         dn = d.contiguous()
         with torch.inference_mode():
             par = _maxdiff(_blocks(ref, d, amp), _blocks(ref, dn, amp))
-            t = _interleaved({"cl": lambda: _blocks(ref, d, amp), "nchw": lambda: _blocks(ref, dn, amp)}, repeats, warmup)
+            t = _interleaved({"cl": lambda ref=ref, d=d: _blocks(ref, d, amp), "nchw": lambda ref=ref, dn=dn: _blocks(ref, dn, amp)},
+                              repeats, warmup)
         res = f"stride {key}, {tuple(d.shape)}"
         rows.append(_row("layout", setting, f"refiner {key} blocks, channels-last (as is)", t["cl"], note=res))
         rows.append(_row("layout", setting, f"refiner {key} blocks, NCHW", t["nchw"], t["cl"], par, res))
@@ -258,7 +259,8 @@ def lever_compile(setting, model, A, B, rows, extra, repeats, warmup):
             c_out = cb(d)
             ctime = time.perf_counter() - t0
             par = _maxdiff(_blocks(ref, d, amp), c_out)
-            t = _interleaved({"eager": lambda: _blocks(ref, d, amp), "compiled": lambda: cb(d)}, repeats, warmup)
+            t = _interleaved({"eager": lambda ref=ref, d=d: _blocks(ref, d, amp), "compiled": lambda cb=cb, d=d: cb(d)},
+                              repeats, warmup)
         res = f"stride {key}, {tuple(d.shape)}; compile {ctime:.1f} s"
         rows.append(_row("compile", setting, f"refiner {key} blocks, eager (as is)", t["eager"], note=res))
         rows.append(_row("compile", setting, f"refiner {key} blocks, torch.compile", t["compiled"], t["eager"], par, res))

@@ -21,8 +21,8 @@ from torch import nn
 from romav2_plugin.config import MatcherConfig
 from romav2_plugin.geometry import normalized_grid
 from romav2_plugin.nn.dpt import DPTHead
-from romav2_plugin.profiling import stage
 from romav2_plugin.nn.vit import MultiViewTransformer
+from romav2_plugin.profiling import stage
 
 __all__ = ["Matcher"]
 

@@ -13,7 +13,7 @@ Per setting, after one untimed ``match()`` (whose predictions every ``sample()``
 ``sample()``: ``--runs`` turns of ``match()`` then ``sample(preds, NUM, generator=0)`` (``--heavy-runs`` at the
 800-px settings), then ``--before-runs`` of the sampler this project shipped before (the official settings:
 the official half-precision KDE operations in row chunks, ``N x N`` work; ``tiny``: the full float32 KDE,
-``kde_points=None``). For the official settings the draws of both samplers are compared (they must be the
+``grid_kde=False``). For the official settings the draws of both samplers are compared (they must be the
 official ones, bit for bit). Writes ``benchmarks/results/sampling_speed_cpu.{json,md}`` with machine, command,
 commit and date; the file is rewritten after every setting, so an interrupted run keeps what it measured.
 """
@@ -48,14 +48,14 @@ def _shipped_before(model):
     settings) or the full float32 KDE (``tiny``)."""
     from romav2_plugin import sampling
 
-    fast, kde_points = sampling._kde_density_half_cpu, model.kde_points
+    fast, grid_kde = sampling._kde_density_half_cpu, model.grid_kde
     sampling._kde_density_half_cpu = lambda x, std, chunk_size, **_: sampling._kde_density_half_official(
         x, std, chunk_size)
-    model.kde_points = None
+    model.grid_kde = False
     try:
         yield
     finally:
-        sampling._kde_density_half_cpu, model.kde_points = fast, kde_points
+        sampling._kde_density_half_cpu, model.grid_kde = fast, grid_kde
 
 
 def _timed(f):
@@ -78,7 +78,7 @@ def measure(model, A, B, *, num: int, runs: int, before_runs: int) -> dict:
         for _ in range(before_runs):
             t, old = _timed(lambda: model.sample(preds, num, generator=0))
             t_before.append(t)
-    if before_runs and model.half_precision_kde and model.kde_points is None:
+    if before_runs and model.half_precision_kde and not model.grid_kde:
         same = all(torch.equal(a, b) for a, b in zip(drawn[:2], old[:2]))
     med = {k: statistics.median(v) if v else None
            for k, v in (("match", t_match), ("sample", t_sample), ("sample_before", t_before))}
@@ -94,8 +94,8 @@ def measure(model, A, B, *, num: int, runs: int, before_runs: int) -> dict:
 
 
 def _sampler_name(model) -> str:
-    if model.kde_points is not None:
-        return f"float32 KDE from {model.kde_points} of the candidates"
+    if model.grid_kde:
+        return "grid density (float32)"
     return "official half-precision KDE (official draws)" if model.half_precision_kde else "float32 KDE"
 
 

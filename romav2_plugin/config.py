@@ -145,10 +145,10 @@ class MatchSetting:
             matches, those with the smallest predicted uncertainty (standard deviation along the least
             certain direction of their predicted precision, :func:`~romav2_plugin.geometry.largest_sigma`);
             ``1.0`` (the official sampler): from all of them.
-        kde_points: estimate the sampling density of the ``4 * num`` candidates from this many of them drawn
-            at random (float32, :func:`~romav2_plugin.sampling.kde_density_subsample`): ``4 * num x kde_points``
-            kernel values instead of ``(4 * num)^2``, other random draws than the official sampler;
-            ``None`` (every official setting): the full KDE chosen by ``half_precision_kde``.
+        grid_kde: approximate the sampling density of the ``4 * num`` candidates on a grid (float32,
+            :func:`~romav2_plugin.sampling.kde_density_grid`): ``O(num)`` instead of ``(4 * num)^2`` kernel
+            values, within a few percent of the float32 KDE, other random draws than the official sampler;
+            ``False`` (every official setting): the full KDE chosen by ``half_precision_kde``.
     """
 
     H_lr: int
@@ -160,12 +160,9 @@ class MatchSetting:
     balanced_sampling: bool = True
     half_precision_kde: bool = True
     precise_fraction: float = 1.0
-    kde_points: int | None = None
+    grid_kde: bool = False
 
     def __post_init__(self) -> None:
-        if self.kde_points is not None and (isinstance(self.kde_points, bool) or not isinstance(self.kde_points, int)
-                                            or self.kde_points <= 0):
-            raise ValueError(f"MatchSetting.kde_points must be a positive int or None, got {self.kde_points!r}")
         if not 0.0 < self.precise_fraction <= 1.0:
             raise ValueError(f"MatchSetting.precise_fraction must be in (0, 1], got {self.precise_fraction}")
 
@@ -177,12 +174,12 @@ _BENCH = MatchSetting(800, 800, 1024, 1024, bidirectional=True, threshold=0.05)
 #: benchmarks/results/tiny_settings_study*.md). It has no official draws to reproduce, so its sampling KDE
 #: runs in float32 (benchmarks/results/sampling_speed_cpu.md), and it draws only from the 30% of candidates with
 #: the smallest predicted uncertainty, which raised precision@3px on those validation pairs without lowering
-#: the RANSAC figures (benchmarks/results/tiny_sampling_study*.md); its density is estimated from 2048 of the
-#: candidates (``kde_points``), which keeps sampling a small part of matching without changing the held-out
-#: figures beyond their noise (benchmarks/results/sampling_speed_cpu.md).
+#: the RANSAC figures (benchmarks/results/tiny_sampling_study*.md); its sampling density is approximated on a
+#: grid (``grid_kde``), which keeps sampling a small part of matching (benchmarks/results/sampling_speed_cpu.md)
+#: with the held-out figures unchanged within their noise (docs/romav2_tiny.md).
 SETTINGS: Mapping[str, MatchSetting] = MappingProxyType(
     {
-        "tiny": MatchSetting(256, 256, 384, 384, half_precision_kde=False, precise_fraction=0.3, kde_points=2048),
+        "tiny": MatchSetting(256, 256, 384, 384, half_precision_kde=False, precise_fraction=0.3, grid_kde=True),
         "turbo": MatchSetting(320, 320),
         "fast": MatchSetting(512, 512),
         "base": MatchSetting(640, 640),

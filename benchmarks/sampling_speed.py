@@ -110,7 +110,7 @@ def _markdown(record: dict) -> str:
         "(medians), then the sampler shipped before (the official half-precision KDE as `N x N` row chunks; "
         "tiny: the full float32 KDE).",
         f"- {record['load_note']}",
-        *(f"- Rows {', '.join(r['settings'])} from an earlier run: `{r['command']}`, {r['date']}, commit {r['commit']}"
+        *(f"- Rows {', '.join(r['settings'])} from another run: `{r['command']}`, {r['date']}, commit {r['commit']}"
           for r in record.get("earlier_runs", []) if r["settings"]), "",
         "| setting | sampler | match() s | sample() s | sample/match | before: sample() s | before: sample/match "
         "| sample speed-up | same draws as before | runs |",

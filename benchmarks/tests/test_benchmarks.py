@@ -574,7 +574,7 @@ def test_sampling_speed_times_sample_against_match_in_turns(tmp_path):
                  "--out", str(tmp_path)]) == 0
     merged = json.loads((tmp_path / "sampling_speed_cpu.json").read_text())
     assert set(merged["settings"]) == {"tiny", "other"} and merged["earlier_runs"][0]["settings"] == ["other"]
-    assert "Rows other from an earlier run" in (tmp_path / "sampling_speed_cpu.md").read_text()
+    assert "Rows other from another run" in (tmp_path / "sampling_speed_cpu.md").read_text()
 
 
 @pytest.mark.slow  # timed model runs

@@ -175,8 +175,8 @@ _BENCH = MatchSetting(800, 800, 1024, 1024, bidirectional=True, threshold=0.05)
 #: runs in float32 (benchmarks/results/sampling_speed_cpu.md), and it draws only from the 30% of candidates with
 #: the smallest predicted uncertainty, which raised precision@3px on those validation pairs without lowering
 #: the RANSAC figures (benchmarks/results/tiny_sampling_study*.md); its sampling density is approximated on a
-#: grid (``grid_kde``), which keeps sampling a small part of matching (benchmarks/results/sampling_speed_cpu.md)
-#: with the held-out figures unchanged within their noise (docs/romav2_tiny.md).
+#: grid (``grid_kde``), which keeps sampling a small part of matching (benchmarks/results/sampling_speed_cpu.md);
+#: the held-out figures of docs/romav2_tiny.md were measured with the full float32 KDE.
 SETTINGS: Mapping[str, MatchSetting] = MappingProxyType(
     {
         "tiny": MatchSetting(256, 256, 384, 384, half_precision_kde=False, precise_fraction=0.3, grid_kde=True),

@@ -176,7 +176,7 @@ _BENCH = MatchSetting(800, 800, 1024, 1024, bidirectional=True, threshold=0.05)
 #: the smallest predicted uncertainty, which raised precision@3px on those validation pairs without lowering
 #: the RANSAC figures (benchmarks/results/tiny_sampling_study*.md); its sampling density is approximated on a
 #: grid (``grid_kde``), which keeps sampling a small part of matching (benchmarks/results/sampling_speed_cpu.md);
-#: the held-out figures of docs/romav2_tiny.md were measured with the full float32 KDE.
+#: the synthetic held-out figures did not change with it (docs/romav2_tiny.md).
 SETTINGS: Mapping[str, MatchSetting] = MappingProxyType(
     {
         "tiny": MatchSetting(256, 256, 384, 384, half_precision_kde=False, precise_fraction=0.3, grid_kde=True),

@@ -145,6 +145,10 @@ class MatchSetting:
             matches, those with the smallest predicted uncertainty (standard deviation along the least
             certain direction of their predicted precision, :func:`~romav2_plugin.geometry.largest_sigma`);
             ``1.0`` (the official sampler): from all of them.
+        grid_kde: approximate the sampling density of the ``4 * num`` candidates on a grid (float32,
+            :func:`~romav2_plugin.sampling.kde_density_grid`): ``O(num)`` instead of ``(4 * num)^2`` kernel
+            values, within a few percent of the float32 KDE, other random draws than the official sampler;
+            ``False`` (every official setting): the full KDE chosen by ``half_precision_kde``.
     """
 
     H_lr: int
@@ -156,6 +160,7 @@ class MatchSetting:
     balanced_sampling: bool = True
     half_precision_kde: bool = True
     precise_fraction: float = 1.0
+    grid_kde: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.precise_fraction <= 1.0:
@@ -169,10 +174,12 @@ _BENCH = MatchSetting(800, 800, 1024, 1024, bidirectional=True, threshold=0.05)
 #: benchmarks/results/tiny_settings_study*.md). It has no official draws to reproduce, so its sampling KDE
 #: runs in float32 (benchmarks/results/sampling_speed_cpu.md), and it draws only from the 30% of candidates with
 #: the smallest predicted uncertainty, which raised precision@3px on those validation pairs without lowering
-#: the RANSAC figures (benchmarks/results/tiny_sampling_study*.md).
+#: the RANSAC figures (benchmarks/results/tiny_sampling_study*.md); its sampling density is approximated on a
+#: grid (``grid_kde``), which keeps sampling a small part of matching (benchmarks/results/sampling_speed_cpu.md);
+#: the synthetic held-out figures did not change with it (docs/romav2_tiny.md).
 SETTINGS: Mapping[str, MatchSetting] = MappingProxyType(
     {
-        "tiny": MatchSetting(256, 256, 384, 384, half_precision_kde=False, precise_fraction=0.3),
+        "tiny": MatchSetting(256, 256, 384, 384, half_precision_kde=False, precise_fraction=0.3, grid_kde=True),
         "turbo": MatchSetting(320, 320),
         "fast": MatchSetting(512, 512),
         "base": MatchSetting(640, 640),

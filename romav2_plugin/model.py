@@ -3,7 +3,7 @@
 Public surface follows the official ``romav2.RoMaV2`` (2.0.1): ``forward``, ``match``, ``sample``,
 ``to_pixel_coordinates``, ``match_keypoints``, ``apply_setting`` and the settable attributes
 ``H_lr, W_lr, H_hr, W_hr, bidirectional, threshold, balanced_sampling, half_precision_kde,
-precise_fraction``.
+precise_fraction, grid_kde``.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class RoMaV2(nn.Module):
     balanced_sampling: bool
     half_precision_kde: bool
     precise_fraction: float
+    grid_kde: bool
 
     def __init__(
         self,
@@ -174,6 +175,7 @@ class RoMaV2(nn.Module):
         self.balanced_sampling = s.balanced_sampling
         self.half_precision_kde = s.half_precision_kde
         self.precise_fraction = s.precise_fraction
+        self.grid_kde = s.grid_kde
 
     @property
     def device(self) -> torch.device:
@@ -430,9 +432,10 @@ class RoMaV2(nn.Module):
         Same algorithm and random draws as the official sampler (with ``generator=None`` and the same
         ``torch.manual_seed``), but with bounded KDE memory, an explicit ``generator`` (or int seed), and
         no crash when fewer candidates exist than requested. Settings that differ from the official ones
-        (``tiny``: ``half_precision_kde=False``, ``precise_fraction < 1``) draw other matches: with
-        ``precise_fraction < 1`` only that fraction of the candidates with the smallest predicted
-        uncertainty can be drawn (:func:`romav2_plugin.postprocess.precise_candidates`).
+        (``tiny``: ``half_precision_kde=False``, ``precise_fraction < 1``, ``grid_kde``) draw other matches:
+        with ``precise_fraction < 1`` only that fraction of the candidates with the smallest predicted
+        uncertainty can be drawn (:func:`romav2_plugin.postprocess.precise_candidates`); with ``grid_kde``
+        the density is approximated on a grid (:func:`romav2_plugin.sampling.kde_density_grid`).
 
         Args:
             num_corresp: maximum number of matches.
@@ -448,7 +451,7 @@ class RoMaV2(nn.Module):
             return postprocess.sample_matches(
                 preds, num_corresp, batch_index=batch_index, generator=generator, min_overlap=min_overlap,
                 balanced=self.balanced_sampling, half_precision_kde=self.half_precision_kde,
-                precise_fraction=self.precise_fraction,
+                precise_fraction=self.precise_fraction, grid_kde=self.grid_kde,
             )
 
     def grid_matches(

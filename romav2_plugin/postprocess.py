@@ -90,11 +90,13 @@ def sample_matches(
     balanced: bool = True,
     half_precision_kde: bool = True,
     precise_fraction: float = 1.0,
+    grid_kde: bool = False,
 ):
     """Sample up to ``num`` matches (see :meth:`romav2_plugin.RoMaV2.sample`, which this implements).
 
     ``precise_fraction < 1`` draws only from that fraction of the grid's candidates with the smallest
-    predicted uncertainty (:func:`precise_candidates`).
+    predicted uncertainty (:func:`precise_candidates`); ``grid_kde`` approximates the density on a grid
+    (:func:`romav2_plugin.sampling.kde_density_grid`).
 
     Returns:
         matches ``(N, 4)``, overlap ``(N,)``, A-side and B-side precision ``(N, 2, 2)`` (``None`` when absent).
@@ -110,7 +112,7 @@ def sample_matches(
     g = resolve_generator(generator, confidence.device)
     m, c, p = balanced_sample(
         matches, confidence, num, extras=precision, balanced=balanced, half_precision_kde=half_precision_kde,
-        generator=g,
+        grid_kde=grid_kde, generator=g,
     )
     if p is None:
         return m, c, None, None

@@ -1,4 +1,5 @@
-"""Balanced sampling's KDE: the official half-precision one and the float32 one, against a float64 reference."""
+"""Balanced sampling's KDE: the official half-precision one (bit for bit against the official operations), the
+float32 one and the grid density, against a float64 reference."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from romav2_plugin import RoMaV2
 from romav2_plugin.config import SETTINGS, tiny_config
-from romav2_plugin.sampling import balanced_sample, kde_density
+from romav2_plugin.sampling import balanced_sample, kde_density, kde_density_grid
 
 
 def _reference(x: torch.Tensor, std: float = 0.1) -> torch.Tensor:
@@ -60,23 +61,30 @@ def test_float32_kde_sampling_is_reproducible_and_draws_candidates():
 
 def test_settings_choose_the_kde():
     assert all(s.half_precision_kde for name, s in SETTINGS.items() if name != "tiny")  # the official draws
+    assert not any(s.grid_kde for name, s in SETTINGS.items() if name != "tiny")
     assert SETTINGS["tiny"].half_precision_kde is False  # no official draws to reproduce
+    assert SETTINGS["tiny"].grid_kde is True  # sampling a small part of matching
     assert all(s.precise_fraction == 1.0 for name, s in SETTINGS.items() if name != "tiny")  # every candidate
     assert SETTINGS["tiny"].precise_fraction == 0.3  # chosen on training-photo validation pairs
 
 
-@pytest.mark.parametrize("setting, half", [("tiny", False), ("turbo", True)])
+@pytest.mark.parametrize("setting, half", [("tiny", "grid"), ("turbo", True)])
 def test_model_sample_uses_the_setting_kde(monkeypatch, setting, half):
     import romav2_plugin.sampling as sampling
 
     seen = []
-    real = sampling.kde_density
+    real, real_grid = sampling.kde_density, sampling.kde_density_grid
 
     def spy(x, *args, **kwargs):
         seen.append(kwargs.get("half"))
         return real(x, *args, **kwargs)
 
+    def spy_grid(x, *args, **kwargs):
+        seen.append("grid")
+        return real_grid(x, *args, **kwargs)
+
     monkeypatch.setattr(sampling, "kde_density", spy)
+    monkeypatch.setattr(sampling, "kde_density_grid", spy_grid)
     torch.manual_seed(0)
     model = RoMaV2(tiny_config(), setting=setting).eval()
     H = W = 16
@@ -85,6 +93,103 @@ def test_model_sample_uses_the_setting_kde(monkeypatch, setting, half):
              "precision_AB": torch.eye(2).expand(1, H, W, 2, 2)}  # tiny's precise_fraction needs precisions
     m = model.sample(preds, 50, generator=0)[0]
     assert seen == [half] and m.shape == (50, 4)
+
+
+# ---------------------------------------------------------------- the official half-precision KDE on a CPU
+def _official_half_kde(x: torch.Tensor, std: float = 0.1) -> torch.Tensor:
+    """The official ``kde`` of romav2 2.0.1 as written there (whole ``N x N`` matrix, half precision)."""
+    x = x.half()
+    return (-(torch.cdist(x, x) ** 2) / (2 * std**2)).exp().sum(dim=-1)
+
+
+@pytest.mark.parametrize("n, seed", [(1500, 4), (2600, 5)])
+def test_cpu_half_kde_is_the_official_one_bit_for_bit(n, seed):
+    x = _points(n, seed)
+    # exact duplicates and near-duplicates: squared distances that round below 0 in the expansion
+    x = torch.cat((x, x[:50], x[50:100] + 1e-4))
+    got = kde_density(x, half=True)
+    want = _official_half_kde(x)
+    assert got.dtype == torch.float16 and got.shape == want.shape
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def test_cpu_half_kde_resums_rows_near_a_rounding_boundary(monkeypatch):
+    """With a margin so wide that every row counts as near a boundary, every row is summed again the official
+    way (full rows, float32 accumulation) and the result is still the official one."""
+    import romav2_plugin.sampling as sampling
+
+    x = _points(900, seed=6)
+    monkeypatch.setattr(sampling, "_SUM_MARGIN", 1.0)
+    assert torch.equal(kde_density(x, half=True).view(torch.int16), _official_half_kde(x).view(torch.int16))
+
+
+def test_half_products_add_in_the_order_of_the_half_precision_product():
+    """``_half_products`` (a float32 product of six terms) rounds like the half-precision product that ``cdist``
+    runs in the official KDE (checked through ``cdist`` itself); adding the same terms exactly would not."""
+    from romav2_plugin.sampling import _cdist_operands, _half_products
+
+    x = _points(700, seed=7).half()
+    left, right = _cdist_operands(x)
+    want = torch.cdist(x, x)
+    got = _half_products(left, right).to(torch.int16).view(torch.float16)
+    assert torch.equal(got.clamp_min(0).sqrt(), want)
+    exact = (left.double() @ right.double()).half()
+    assert not torch.equal(exact.clamp_min(0).sqrt(), want)  # the order matters: the test can tell
+
+
+def test_half_kernel_table_is_the_official_elementwise_chain():
+    from romav2_plugin.sampling import _half_kernel_table
+
+    values, halves, zero_from = _half_kernel_table(0.1, torch.device("cpu"))
+    g = torch.rand(5000, generator=torch.Generator().manual_seed(8)).half() * 0.5
+    want = (-(g.clamp_min(0).sqrt() ** 2) / (2 * 0.1**2)).exp()
+    bits = g.view(torch.int16).long()
+    assert torch.equal(halves[bits], want) and torch.equal(values[bits], want.float())
+    # from zero_from on every value is 0, just below it one is not
+    finite = torch.arange(0, 0x7C00).to(torch.int16).view(torch.float16)
+    assert bool((halves[: 0x7C00][finite >= zero_from] == 0).all())
+    assert halves[int((finite < zero_from).nonzero()[-1])] > 0
+    assert halves[0x8001] == 1  # a negative squared distance is clamped to 0, as cdist does
+
+
+# ---------------------------------------------------------------- grid density (non-official settings)
+def test_grid_density_is_close_to_the_float32_kde():
+    x = _points(3000, seed=9)
+    ref = _reference(x)
+    got = kde_density_grid(x)
+    assert got.dtype == torch.float32 and got.shape == (3000,)
+    rel = (got.double() - ref).abs() / ref
+    assert rel.median() < 0.06 and rel.quantile(0.9) < 0.2  # measured 0.050 and 0.160
+    # an isolated point counts itself once
+    lone = torch.cat((torch.zeros(1, 4), torch.full((10, 4), 0.9)))
+    assert abs(float(kde_density_grid(lone)[0]) - 1.0) < 1e-6
+    assert kde_density_grid(torch.zeros(0, 4)).shape == (0,)
+
+
+def test_grid_sampler_balances_density_and_prefers_confident_matches():
+    """Seeded; drawn from the candidates; a tight blob holding half the candidates (density ~10x that of a wide
+    blob holding the other half) gets far less than half of the draws, about as with the float32 KDE sampler;
+    and within the wide blob the more confident matches are drawn more often."""
+    g = torch.Generator().manual_seed(10)
+    tight = 0.3 + 0.02 * torch.randn(4000, 4, generator=g)
+    wide = -0.2 + 0.15 * torch.randn(4000, 4, generator=g)
+    x = torch.cat((tight, wide))
+    conf = torch.cat((torch.full((4000,), 0.5), torch.where(torch.arange(4000) < 2000, 0.9, 0.3)))
+
+    def draw(grid, seed):
+        return balanced_sample(x, conf, 500, grid_kde=grid, half_precision_kde=False,
+                               generator=torch.Generator().manual_seed(seed))
+
+    a, b = draw(True, 11), draw(True, 11)
+    assert torch.equal(a[0], b[0]) and a[0].shape == (500, 4)
+    index = {tuple(r): i for i, r in enumerate(x.tolist())}
+    assert all(tuple(r) in index for r in a[0].tolist())
+    picked = torch.tensor([index[tuple(r)] for r in a[0].tolist()])
+    ref = torch.tensor([index[tuple(r)] for r in draw(False, 11)[0].tolist()])
+    in_tight, ref_in_tight = float((picked < 4000).float().mean()), float((ref < 4000).float().mean())
+    assert in_tight < 0.25 and abs(in_tight - ref_in_tight) < 0.08
+    wide_picked = picked[picked >= 4000] - 4000
+    assert float((wide_picked < 2000).float().mean()) > 0.6  # confidence 0.9 against 0.3
 
 
 # ---------------------------------------------------------------- precise_fraction: drawing the most precise

@@ -151,8 +151,9 @@ def _weights_line(args) -> str:
 
 
 def _kde_line(matchers) -> list[str]:
-    """Which KDE each RoMa v2 row's balanced sampling used (its setting's ``half_precision_kde``)."""
-    kinds = {name: ("half precision (official draws)" if m.model.half_precision_kde else "float32")
+    """Which KDE each RoMa v2 row's balanced sampling used (its setting's ``grid_kde``, ``half_precision_kde``)."""
+    kinds = {name: ("grid density" if getattr(m.model, "grid_kde", False)
+                    else "half precision (official draws)" if m.model.half_precision_kde else "float32")
              for name, m in matchers.items() if isinstance(getattr(getattr(m, "model", None), "half_precision_kde",
                                                                    None), bool)}
     if any(n.startswith("double") for n in matchers):

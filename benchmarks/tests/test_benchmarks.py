@@ -578,17 +578,27 @@ def test_validation_studies_write_provenance_and_the_table(tmp_path, capsys):
     assert "| keep0.3 | 0.500 |" in capsys.readouterr().out
 
 
-@pytest.mark.slow  # timed KDE runs
-def test_sampling_speed_times_both_kdes_in_turns(tmp_path):
-    """``benchmarks.sampling_speed``: both KDEs timed, each compared with float64, provenance written."""
+@pytest.mark.slow  # timed model runs
+def test_sampling_speed_times_sample_against_match_in_turns(tmp_path):
+    """``benchmarks.sampling_speed``: match() and sample() timed in turns, the sampler shipped before timed in
+    the same run, ratios and provenance written; ``--merge`` keeps another setting's row with its command."""
     from benchmarks.sampling_speed import main
 
-    assert main(["--runs", "2", "--num", "300", "--out", str(tmp_path)]) == 0
+    assert main(["--settings", "tiny", "--runs", "2", "--num", "300", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "sampling_speed_cpu.json").read_text())
-    assert res["candidates"] == 1200 and all(len(res["seconds"][k]) == 2 for k in ("half", "float32", "match"))
-    assert res["max_rel_error_vs_float64"]["float32"] < 1e-4 < res["max_rel_error_vs_float64"]["half"]
+    row = res["settings"]["tiny"]
+    assert len(row["seconds"]["match"]) == len(row["seconds"]["sample"]) == 2
+    assert len(row["seconds"]["sample_before"]) == 1 and row["sampler"] == "grid density (float32)"
+    assert row["ratio_sample_over_match"] == pytest.approx(row["median"]["sample"] / row["median"]["match"])
     md = (tmp_path / "sampling_speed_cpu.md").read_text()
-    assert "Command: `" in md and "| sample(), float32 KDE |" in md and "Ratio half / float32" in md
+    assert "Command: `" in md and "| tiny | grid density (float32) |" in md and "Contended" in md
+    res["settings"]["other"] = row
+    (tmp_path / "sampling_speed_cpu.json").write_text(json.dumps(res))
+    assert main(["--settings", "tiny", "--runs", "1", "--before-runs", "0", "--num", "300", "--merge",
+                 "--out", str(tmp_path)]) == 0
+    merged = json.loads((tmp_path / "sampling_speed_cpu.json").read_text())
+    assert set(merged["settings"]) == {"tiny", "other"} and merged["earlier_runs"][0]["settings"] == ["other"]
+    assert "Rows other from another run" in (tmp_path / "sampling_speed_cpu.md").read_text()
 
 
 @pytest.mark.slow  # timed model runs

@@ -70,7 +70,7 @@ def _to_tensor(img: np.ndarray):
 
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {img.shape} {img.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float().div(255)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float().div(255)  # a copy: inputs may be read-only
 
 
 def _np(x) -> np.ndarray:

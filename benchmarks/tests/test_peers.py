@@ -16,7 +16,6 @@ from benchmarks.accuracy.data import warp_image
 from benchmarks.accuracy.peers import PEERS, PeersMissingError, XFeatMatcher, build_peer
 
 
-
 def _scaled_pair(scale: float, size=(200, 264)):
     """scikit-image's coffee photo cropped to ``size`` (not multiples of 32) and its zoom by ``scale`` about
     the top-left pixel centre: ``H = diag(s, s, 1)`` in OpenCV pixels (centres at 0)."""
@@ -149,3 +148,20 @@ def test_merge_keeps_earlier_rows_of_the_same_pairs(tmp_path, photos):
     with pytest.raises(SystemExit, match="other pairs"):
         main([*common[:5], "3", *common[6:], "--matchers", "sift", "--seed", "1", "--merge"])
     assert json.loads((tmp_path / "accuracy_synthetic_t.json").read_text()) == body
+
+
+@pytest.mark.slow  # timed model runs
+def test_tiny_speed_against_peers_on_the_demo_pair(tmp_path):
+    """``benchmarks.tiny.speed --peers``: every method timed in turns with romav2-tiny, ratios to it, and each
+    method's matches checked against the demo pair's homography."""
+    pytest.importorskip("cv2")
+    from benchmarks.tiny.speed import main
+
+    assert main(["--runs", "1", "--peers", "sift", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "tiny_speed_peers_cpu.json").read_text())
+    assert set(res["seconds"]) == {"tiny", "sift"} and res["ratio_to_tiny"]["tiny"] == 1.0
+    for n in ("tiny", "sift"):  # both are accurate on the demo pair (a wrong convention would show here)
+        assert res["demo_pair_accuracy"][n]["median_px"] < 3 and res["demo_pair_accuracy"][n]["matches"] > 20
+    md = (tmp_path / "tiny_speed_peers_cpu.md").read_text()
+    assert "| romav2-tiny (match + sample 5000) |" in md and "| OpenCV SIFT + ratio 0.8 |" in md
+    assert not (tmp_path / "tiny_speed_cpu.json").exists()

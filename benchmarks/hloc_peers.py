@@ -127,7 +127,7 @@ def _match(method: str, image_dir: Path, names: list[str], renders, pair_file: P
 
         feats = extract_features.main(extract_features.confs["sift"], image_dir, export_dir=work, image_list=names)
         return feats, match_features.main(match_features.confs["NN-ratio"], pair_file, features=feats,
-                                          export_dir=work)
+                                          matches=work / "matches-sift.h5")
     from benchmarks.accuracy.peers import build_peer
 
     peer = build_peer(method)
@@ -172,6 +172,9 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tag", default="cpu")
+    ap.add_argument("--merge", type=Path, action="append", default=[], metavar="JSON",
+                    help="keep the rows of this earlier hloc_peers json (same --views) for the methods this run "
+                    "does not measure, with their run's command and date (repeatable; --methods '' only merges)")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -186,7 +189,15 @@ def main(argv=None) -> int:
 
     scene, cameras, renders = _scene(args.views)
     names = [f"view{i}.png" for i in range(args.views)]
-    rows = []
+    rows, earlier = [], []
+    for path in args.merge:
+        old = json.loads(path.read_text())
+        if old["views"] != args.views:
+            raise SystemExit(f"--merge {path}: {old['views']} views, this run {args.views}")
+        for r in old["rows"]:
+            if r["method"] not in methods and r["method"] not in [x["method"] for x in earlier]:
+                earlier.append({**r, "run": r.get("run") or {k: old["meta"][k] for k in ("command", "date")}})
+    meta = {"machine": machine_info("cpu"), "command": command_line(), "date": now_utc()}
     with tempfile.TemporaryDirectory() as tmp:
         image_dir = Path(tmp) / "images"
         image_dir.mkdir()
@@ -205,7 +216,15 @@ def main(argv=None) -> int:
                                       camera_mode=pycolmap.CameraMode.SINGLE)
             rows.append({"method": m, **_summary(rec, names, cameras), "match_seconds": t_match})
             print(f"[hloc_peers] {rows[-1]}", file=sys.stderr, flush=True)
-    meta = {"machine": machine_info("cpu"), "command": command_line(), "date": now_utc()}
+            _write(args, meta, earlier + rows)  # after every method: a long run loses nothing
+    if not methods:
+        _write(args, meta, earlier)
+    return 0
+
+
+def _write(args, meta: dict, rows: list[dict]) -> None:
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows = sorted(rows, key=lambda r: order[r["method"]])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"hloc_peers_{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "views": args.views, "rows": rows}, indent=1))
@@ -229,9 +248,12 @@ def main(argv=None) -> int:
         md.append(f"| {r['method']} | {r['registered']} / {args.views} | {r['points3D']} | "
                   f"{fmt(r['mean_track_length'], '.2f')} | {fmt(r['reprojection_px'], '.3f')} | "
                   f"{fmt(r['centre_error'], '.1e')} | {r['match_seconds']:.1f} |")
+    runs = [r for r in rows if "run" in r]
+    if runs:
+        md += ["", "Rows measured by earlier runs of the same scene (`--merge`):", *(
+            f"- {r['method']}: `{r['run']['command']}`, {r['run']['date']}" for r in runs)]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
-    return 0
 
 
 if __name__ == "__main__":

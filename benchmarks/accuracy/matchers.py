@@ -1,5 +1,5 @@
 """Matchers of the accuracy benchmarks: the :class:`Matcher` interface, adapters (ours, romav2-tiny, the
-official RoMa v2, RoMa, LoFTR, OpenCV SIFT), the ground-truth test doubles, and :func:`build_matcher`,
+official RoMa v2, RoMa, LoFTR, OpenCV SIFT; the learned sparse peers are in :mod:`benchmarks.accuracy.peers`), the ground-truth test doubles, and :func:`build_matcher`,
 which builds them from the command-line options."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from benchmarks.accuracy.data import WeightsMissingError
+from benchmarks.accuracy.peers import PEERS, build_peer
 
 __all__ = [
     "Matcher", "RoMaV2Matcher", "OfficialMatcher", "RomaMatcher", "LoFTRMatcher", "SIFTMatcher",
@@ -380,6 +381,8 @@ def build_matcher(name: str, args, *, random_ok: bool):
             sd = _load_state_dict(args.loftr_weights)
             model.load_state_dict(sd.get("state_dict", sd))
         return LoFTRMatcher(model.eval().to(device), device=device)
+    if name in PEERS:  # the learned sparse peers (the [peers] extra); PeersMissingError names it
+        return build_peer(name, device=device)
     m = re.fullmatch(r"double(?:-shift([0-9.]+))?", name)
     if m and getattr(args, "benchmark", "synthetic") == "synthetic":
         return ShiftedHomographyDouble(float(m.group(1) or 0), num=args.num_double, seed=args.seed)

@@ -31,18 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import REPO, RESULTS, command_line, machine_info, now_utc, provenance_markdown
+from romav2_plugin.geometry import similarity_fit
 
 GRID = [(1.0, 1.0), (2.0, 1.0), (2.0, 2.0), (4.0, 2.0), (4.0, 4.0), (8.0, 4.0)]
 
-
-def _umeyama(src: np.ndarray, dst: np.ndarray):
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    a, b = src - mu_s, dst - mu_d
-    U, S, Vt = np.linalg.svd(b.T @ a / len(src))
-    D = np.diag([1, 1, np.sign(np.linalg.det(U @ Vt))])
-    R = U @ D @ Vt
-    s = np.trace(np.diag(S) @ D) / (a**2).sum(1).mean()
-    return s, R, mu_d - s * R @ mu_s
 
 
 def camera_errors(rec, names: list[str], cameras) -> tuple[float, float]:
@@ -54,7 +46,7 @@ def camera_errors(rec, names: list[str], cameras) -> tuple[float, float]:
         return float("nan"), float("nan")
     est = np.stack([by_name[names[i]].projection_center() for i in idx])
     true = np.stack([cameras[i].C for i in idx])
-    s, R, t = _umeyama(est, true)
+    s, R, t = similarity_fit(est, true)
     extent = np.linalg.norm(true - true.mean(0), axis=1).max()
     centre = float(np.linalg.norm((s * (R @ est.T)).T + t - true, axis=1).max() / extent)
     rot = max(

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import REPO, RESULTS, command_line, machine_info, now_utc, provenance_markdown
+from romav2_plugin.geometry import similarity_fit
 
 METHODS = ("tiny", "sift", "aliked-lg", "disk-lg", "xfeat-lg", "xfeat-star")
 
@@ -137,16 +138,6 @@ def _match(method: str, image_dir: Path, names: list[str], renders, pair_file: P
     return _write_sparse(peer, images, pairs, work)
 
 
-def _umeyama(src: np.ndarray, dst: np.ndarray):
-    """Similarity ``dst ~ s R src + t`` (least squares) of ``(N, 3)`` point sets."""
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    a, b = src - mu_s, dst - mu_d
-    U, S, Vt = np.linalg.svd(b.T @ a / len(src))
-    D = np.diag([1, 1, np.sign(np.linalg.det(U @ Vt))])
-    R = U @ D @ Vt
-    s = np.trace(np.diag(S) @ D) / (a**2).sum(1).mean()
-    return s, R, mu_d - s * R @ mu_s
-
 
 def _summary(rec, names, cameras) -> dict:
     if rec is None:
@@ -158,7 +149,7 @@ def _summary(rec, names, cameras) -> dict:
     if len(reg) >= 3:
         est = np.stack([by_name[n].projection_center() for n in reg])
         true = np.stack([cameras[names.index(n)].C for n in reg])
-        s, R, t = _umeyama(est, true)
+        s, R, t = similarity_fit(est, true)
         spread = np.linalg.norm(true - true.mean(0), axis=1).max()
         centre = float(np.linalg.norm((s * (R @ est.T)).T + t - true, axis=1).max() / spread)
     return {"registered": len(reg), "points3D": rec.num_points3D(),

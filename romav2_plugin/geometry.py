@@ -106,3 +106,19 @@ def largest_sigma(precision: torch.Tensor) -> torch.Tensor:
     lam_min = (a + c) / 2 - torch.sqrt(((a - c) / 2) ** 2 + b * b)
     sigma = torch.where(lam_min > 0, lam_min.clamp_min(1e-300).rsqrt(), torch.full_like(lam_min, float("inf")))
     return sigma.where(~lam_min.isnan(), lam_min).to(precision.dtype)
+
+
+def similarity_fit(src, dst):
+    """Least-squares similarity ``dst ~ s R src + t`` of two ``(N, 3)`` point sets (Umeyama 1991): ``(s, R, t)``
+    as a float, a ``(3, 3)`` rotation and a ``(3,)`` translation, NumPy. Aligns a reconstruction, whose frame and
+    scale are arbitrary, to known camera centres before comparing them."""
+    import numpy as np
+
+    src, dst = np.asarray(src, dtype=np.float64), np.asarray(dst, dtype=np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    a, b = src - mu_s, dst - mu_d
+    U, S, Vt = np.linalg.svd(b.T @ a / len(src))
+    D = np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))])
+    R = U @ D @ Vt
+    s = float(np.trace(np.diag(S) @ D) / (a**2).sum(1).mean())
+    return s, R, mu_d - s * R @ mu_s

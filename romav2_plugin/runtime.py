@@ -78,25 +78,27 @@ CHANNELS_LAST_CUDA: bool = False
 def channels_last_cuda() -> bool:
     """Whether CUDA models move their fine-feature CNN and refiners to channels-last: ``$ROMAV2_CHANNELS_LAST``
     (``1`` / ``0``) if set and not empty, else :data:`CHANNELS_LAST_CUDA`. Read at each forward."""
-    raw = os.environ.get("ROMAV2_CHANNELS_LAST", "")
-    key = raw.strip().lower()
-    if not key:
-        return bool(CHANNELS_LAST_CUDA)
-    if key in _CPU_BF16_ON or key in _CPU_BF16_OFF:
-        return key in _CPU_BF16_ON
-    raise ValueError(f"$ROMAV2_CHANNELS_LAST={raw!r}: use 1 (channels-last on CUDA) or 0 (off, the default)")
+    return _env_switch("ROMAV2_CHANNELS_LAST", CHANNELS_LAST_CUDA, "1 (channels-last on CUDA) or 0 (off, the default)")
 
 
 def local_corr_autotune() -> bool:
     """Whether to autotune the specialised local-correlation kernel: ``$ROMAV2_LOCAL_CORR_AUTOTUNE`` (``1`` /
     ``0``, also on/off/true/false) if set and not empty, else :data:`LOCAL_CORR_AUTOTUNE`. Read at each call."""
-    raw = os.environ.get("ROMAV2_LOCAL_CORR_AUTOTUNE", "")
+    return _env_switch(
+        "ROMAV2_LOCAL_CORR_AUTOTUNE", LOCAL_CORR_AUTOTUNE, "1 (autotune, the default) or 0 (a fixed default tile)"
+    )
+
+
+def _env_switch(name: str, default: bool, choices: str) -> bool:
+    """An on/off environment variable: ``1``/``on``/``true`` or ``0``/``off``/``false`` (any case); unset or
+    empty gives ``default``; anything else is a ``ValueError`` naming the variable and ``choices``."""
+    raw = os.environ.get(name, "")
     key = raw.strip().lower()
     if not key:
-        return bool(LOCAL_CORR_AUTOTUNE)
+        return bool(default)
     if key in _CPU_BF16_ON or key in _CPU_BF16_OFF:
         return key in _CPU_BF16_ON
-    raise ValueError(f"$ROMAV2_LOCAL_CORR_AUTOTUNE={raw!r}: use 1 (autotune, the default) or 0 (a fixed default tile)")
+    raise ValueError(f"${name}={raw!r}: use {choices}")
 
 
 def max_batch_pixels(device: torch.device, override: int | None = None) -> int:

@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 
 from romav2_plugin.geometry import normalized_grid, precision_matrix, to_normalized, to_pixel
@@ -29,3 +30,16 @@ def test_pixel_conventions():
 def test_precision_matrix():
     p = torch.tensor([[2.0, 0.5, 3.0]])
     assert torch.equal(precision_matrix(p), torch.tensor([[[2.0, 0.5], [0.5, 3.0]]]))
+
+
+def test_similarity_fit_recovers_a_known_similarity_float64():
+    from romav2_plugin.geometry import similarity_fit
+
+    rng = np.random.default_rng(0)
+    src = rng.normal(size=(12, 3))
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    R_true = q * np.sign(np.linalg.det(q))  # a rotation, not a reflection
+    s_true, t_true = 2.5, np.array([0.3, -1.0, 4.0])
+    s, R, t = similarity_fit(src, s_true * src @ R_true.T + t_true)
+    assert abs(s - s_true) < 1e-12 and np.abs(R - R_true).max() < 1e-12 and np.abs(t - t_true).max() < 1e-12
+    assert abs(np.linalg.det(R) - 1.0) < 1e-12

@@ -16,6 +16,7 @@ import torch
 from synthetic_scene import SceneWarpDouble, default_cameras, default_scene
 
 from romav2_plugin.adapters import hloc as adapter
+from romav2_plugin.geometry import similarity_fit
 
 pytestmark = pytest.mark.slow
 
@@ -93,16 +94,6 @@ def test_raw_matches_follow_the_scene_geometry(matched, world):
     assert n > 10 * 4000, n  # 10 pairs, up to 5000 matches each
 
 
-def _umeyama(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """Similarity ``dst ~ s R src + t`` (least squares) of ``(N, 3)`` point sets."""
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    a, b = src - mu_s, dst - mu_d
-    U, S, Vt = np.linalg.svd(b.T @ a / len(src))
-    D = np.diag([1, 1, np.sign(np.linalg.det(U @ Vt))])
-    R = U @ D @ Vt
-    s = np.trace(np.diag(S) @ D) / (a**2).sum(1).mean()
-    return s, R, mu_d - s * R @ mu_s
-
 
 def _rotation_angle_deg(R: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip((np.trace(R) - 1) / 2, -1, 1))))
@@ -125,7 +116,7 @@ def test_reconstruction_recovers_the_cameras(matched, world):
     by_name = {im.name: im for im in rec.images.values()}
     est_C = np.stack([by_name[n].projection_center() for n in names])
     true_C = np.stack([c.C for c in cameras])
-    s, R, t = _umeyama(est_C, true_C)  # the reconstruction's frame and scale are arbitrary
+    s, R, t = similarity_fit(est_C, true_C)  # the reconstruction's frame and scale are arbitrary
     extent = np.linalg.norm(true_C - true_C.mean(0), axis=1).max()
     centre_err = np.linalg.norm((s * (R @ est_C.T)).T + t - true_C, axis=1).max() / extent
     rot_err = max(
@@ -197,7 +188,7 @@ def _camera_errors(rec, names, cameras) -> tuple[float, float]:
     by_name = {im.name: im for im in rec.images.values()}
     est_C = np.stack([by_name[n].projection_center() for n in names])
     true_C = np.stack([c.C for c in cameras])
-    s, R, t = _umeyama(est_C, true_C)  # the reconstruction's frame and scale are arbitrary
+    s, R, t = similarity_fit(est_C, true_C)  # the reconstruction's frame and scale are arbitrary
     extent = np.linalg.norm(true_C - true_C.mean(0), axis=1).max()
     centre_err = np.linalg.norm((s * (R @ est_C.T)).T + t - true_C, axis=1).max() / extent
     rot_err = max(

@@ -42,7 +42,7 @@ __all__ = [
 #: split of ``benchmarks/geometry_check.py`` by a rule stated before the run (the largest threshold flagging at
 #: most 5% of the validation pairs whose matches are right), then measured once on a held-out test split;
 #: see ``docs/cli.md`` ("Unreliable pairs") and ``benchmarks/results/geometry_check_cpu.md``.
-MIN_INLIER_RATIO = 0.66
+MIN_INLIER_RATIO = 0.58
 #: A pair whose confident share of the grid is below this is reported as unreliable (0: not used; the rule
 #: of ``benchmarks/geometry_check.py`` records the share but decides on the inlier ratio alone).
 MIN_CONFIDENT_SHARE = 0.0

@@ -173,16 +173,18 @@ def _ransac(kind: str, na: np.ndarray, nb: np.ndarray, Ta: np.ndarray, Tb: np.nd
         best_inl = np.zeros(n, dtype=bool)
         # local optimisation of the best few: refit on the inliers (at twice the threshold), rescore, repeat
         for k in np.argsort(-counts, kind="stable")[:LO_STARTS]:
-            inl = dist(models[k], pa, pb) < thr
-            for _ in range(LO_STEPS):
-                wide = dist(models[k], pa, pb) < 2 * thr if _ else inl
+            d = dist(models[k], pa, pb)  # the current model's distances, reused for its wider inlier set
+            inl = d < thr
+            for step in range(LO_STEPS):
+                wide = d < 2 * thr if step else inl
                 if wide.sum() < m:
                     break
                 ref = to_px(fit(na[wide], nb[wide]))
-                inl2 = dist(ref, pa, pb) < thr
+                d_ref = dist(ref, pa, pb)
+                inl2 = d_ref < thr
                 if inl2.sum() <= inl.sum():
                     break
-                models[k], inl = ref, inl2
+                models[k], inl, d = ref, inl2, d_ref
             if inl.sum() > best_inl.sum():
                 best_inl = inl
     return best_inl

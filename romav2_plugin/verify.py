@@ -11,7 +11,7 @@ seeded subset of at most :data:`FIT_POINTS` matches: :data:`ITERATIONS` minimal-
 solved all at once in numpy, each scored on :data:`PRESCORE_POINTS` matches, the best :data:`PRESCORE_KEEP`
 rescored on :data:`SCORE_POINTS`, the best :data:`LO_STARTS` refined by least-squares fits on their inliers
 (LO-RANSAC); the inlier ratio of each final model is then counted on all the matches, and the better of the
-two is returned (:class:`GeometryCheck`). About 10-15 ms for 5000 matches on one CPU core.
+two is returned (:class:`GeometryCheck`). About 12 ms for 5000 matches on this project's 2-core CPU.
 :func:`confident_share` is the share of the network's grid whose overlap exceeds a threshold.
 :func:`unreliable_reason` turns both into a warning with the thresholds :data:`MIN_INLIER_RATIO` and
 :data:`MIN_CONFIDENT_SHARE`, chosen on validation pairs by ``benchmarks/geometry_check.py`` (see
@@ -52,17 +52,18 @@ MIN_INLIER_RATIO = 0.58
 #: A pair whose confident share of the grid is below this is reported as unreliable (0: not used; the rule
 #: of ``benchmarks/geometry_check.py`` records the share but decides on the inlier ratio alone).
 MIN_CONFIDENT_SHARE = 0.0
-#: RANSAC hypotheses per model (fundamental matrix, homography).
+#: RANSAC hypotheses of the fundamental matrix (the homography, whose 4-point samples are all-inlier far more
+#: often, draws a third as many).
 ITERATIONS = 768
 #: Local optimisation: the best hypotheses refined, and the refinement steps of each.
 LO_STARTS, LO_STEPS = 5, 4
 #: Every hypothesis is first scored on at most this many matches (a fixed seeded subset), and the best
 #: ``PRESCORE_KEEP`` of them on at most ``SCORE_POINTS``.
 PRESCORE_POINTS, PRESCORE_KEEP = 100, 64
-SCORE_POINTS = 500
+SCORE_POINTS = 300
 #: Models are fitted (sampled, scored and refined) on a fixed seeded subset of at most this many matches;
 #: the inlier ratio reported is that of the final model on all the matches.
-FIT_POINTS = 1000
+FIT_POINTS = 600
 
 
 @dataclass(frozen=True)
@@ -134,15 +135,21 @@ def _null_vectors(A: np.ndarray) -> np.ndarray:
     return V[..., :, 0]
 
 
-def _fit_F(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Normalised 8-point (``a``, ``b``: ``(..., m, 2)`` normalised points, m >= 8): ``(..., 3, 3)`` rank 2."""
+def _rank2(F: np.ndarray) -> np.ndarray:
+    """The nearest rank-2 matrices (Frobenius) of ``(..., 3, 3)``."""
+    U, S, Vt = np.linalg.svd(F)
+    S[..., 2] = 0.0
+    return U @ (S[..., :, None] * Vt)
+
+
+def _fit_F(a: np.ndarray, b: np.ndarray, rank2: bool = True) -> np.ndarray:
+    """Normalised 8-point (``a``, ``b``: ``(..., m, 2)`` normalised points, m >= 8): ``(..., 3, 3)``, rank 2
+    unless ``rank2`` is false."""
     x1, y1, x2, y2 = a[..., 0], a[..., 1], b[..., 0], b[..., 1]
     one = np.ones_like(x1)
     A = np.stack((x2 * x1, x2 * y1, x2, y2 * x1, y2 * y1, y2, x1, y1, one), axis=-1)
     F = _null_vectors(A).reshape(*A.shape[:-2], 3, 3)
-    U, S, Vt = np.linalg.svd(F)
-    S[..., 2] = 0.0
-    return U @ (S[..., :, None] * Vt)
+    return _rank2(F) if rank2 else F
 
 
 def _fit_H(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -156,13 +163,21 @@ def _fit_H(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _rows_times(p: np.ndarray, M: np.ndarray) -> np.ndarray:
-    """``p @ M`` for points ``p`` ``(N, 3)`` and one ``(3, 3)`` or ``K`` ``(K, 3, 3)`` matrices: ``(N, 3)`` or
-    ``(K, N, 3)`` (a view); the batched case as one ``(N, 3) @ (3, 3K)`` product, much faster in numpy than
-    ``K`` small ones."""
+    """``p @ M`` for homogeneous points ``p`` ``(N, 3)`` (last column 1) and one ``(3, 3)`` or ``K``
+    ``(K, 3, 3)`` matrices: ``(N, 3)`` or ``(K, N, 3)`` (a view).
+
+    The batched case is written as broadcast multiply-adds over ``(N, 3K)``, not as a BLAS product: OpenBLAS
+    runs a product that large on all its threads, whose idle spinning afterwards takes a core from the
+    network's next forward pass (measured: ~15% of a romav2-tiny pair). One matrix stays a BLAS product
+    (small enough for one thread)."""
     if M.ndim == 2:
         return p @ M
     K = M.shape[0]
-    return (p @ M.transpose(1, 0, 2).reshape(3, 3 * K)).reshape(len(p), K, 3).transpose(1, 0, 2)
+    cols = M.transpose(1, 0, 2).reshape(3, 3 * K)
+    out = p[:, 0:1] * cols[0]
+    out += p[:, 1:2] * cols[1]
+    out += cols[2]  # p[:, 2] == 1
+    return out.reshape(len(p), K, 3).transpose(1, 0, 2)
 
 
 def _sampson_sq(F: np.ndarray, pa: np.ndarray, pb: np.ndarray) -> np.ndarray:
@@ -206,13 +221,17 @@ def _ransac(kind: str, na: np.ndarray, nb: np.ndarray, Ta: np.ndarray, Tb: np.nd
     def to_px(M):  # a model of normalised points -> pixels
         return np.swapaxes(Tb, -1, -2) @ M @ Ta if kind == "F" else np.linalg.inv(Tb) @ M @ Ta
 
+    if kind == "H":  # 4-point samples are all-inlier far more often than 8-point ones: fewer suffice
+        iterations = max(1, iterations // 3)
     idx = _distinct_samples(rng, n, m, iterations)
     with np.errstate(all="ignore"):
-        models = to_px(fit(na[idx], nb[idx]))
-        # preemptive scoring: every hypothesis on a few matches, the most promising on more
+        # preemptive scoring: every hypothesis on a few matches, the most promising on more (F hypotheses
+        # are scored before their rank-2 projection, which is applied to the ones kept)
+        models_n = _fit_F(na[idx], nb[idx], rank2=False) if kind == "F" else fit(na[idx], nb[idx])
         pre = rng.choice(n, size=PRESCORE_POINTS, replace=False) if n > PRESCORE_POINTS else slice(None)
-        top = np.argsort(-(dist(models, pa[pre], pb[pre]) < thr2).sum(axis=1), kind="stable")[:PRESCORE_KEEP]
-        models = models[top]
+        counts = (dist(to_px(models_n), pa[pre], pb[pre]) < thr2).sum(axis=1)
+        models_n = models_n[np.argsort(-counts, kind="stable")[:PRESCORE_KEEP]]
+        models = to_px(_rank2(models_n) if kind == "F" else models_n)
         sub = rng.choice(n, size=SCORE_POINTS, replace=False) if n > SCORE_POINTS else slice(None)
         counts = (dist(models, pa[sub], pb[sub]) < thr2).sum(axis=1)
         best_inl, best = np.zeros(n, dtype=bool), None

@@ -172,3 +172,33 @@ def test_thresholds_are_those_the_validation_benchmark_chose():
     rec = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "geometry_check_cpu.json").read_text())
     assert verify.MIN_INLIER_RATIO == rec["threshold_inlier_ratio"]
     assert verify.MIN_CONFIDENT_SHARE == rec["threshold_confident_share"]
+
+
+def test_batched_products_equal_the_matmul():
+    from romav2_plugin.verify import _rows_times
+
+    rng = np.random.default_rng(11)
+    p = np.concatenate((rng.normal(size=(37, 2)), np.ones((37, 1))), axis=1)
+    M = rng.normal(size=(5, 3, 3))
+    np.testing.assert_allclose(_rows_times(p, M), p @ M, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(_rows_times(p, M[2]), p @ M[2], rtol=0, atol=1e-12)
+
+
+def test_minimal_samples_are_distinct_and_solved_like_the_eigenvector():
+    from romav2_plugin.verify import _distinct_samples, _null_vectors
+
+    rng = np.random.default_rng(12)
+    for n in (9, 300, 5000):  # the argsort path and the redraw path
+        idx = _distinct_samples(rng, n, 8, 400)
+        assert idx.shape == (400, 8) and idx.min() >= 0 and idx.max() < n
+        assert all(len(set(r)) == 8 for r in idx.tolist())
+    A = rng.normal(size=(50, 8, 9))
+    v = _null_vectors(A)  # solved with the last entry fixed
+    _, V = np.linalg.eigh(np.swapaxes(A, -1, -2) @ A)
+    ref = V[..., :, 0]
+    np.testing.assert_allclose(np.abs((v * ref).sum(-1)), 1.0, atol=1e-8)  # the same line, up to sign
+    np.testing.assert_allclose(np.abs(A @ v[..., None]).max(), 0.0, atol=1e-9)
+    A[3, 1] = A[3, 0]  # a singular system: the whole batch falls back to eigh, still null vectors
+    v = _null_vectors(A)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=-1), 1.0, atol=1e-12)
+    assert np.abs(A[4] @ v[4]).max() < 1e-9

@@ -162,10 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         if "settings" in prev:  # rows of settings this run does not measure, with the run that measured them
             kept = {k: v for k, v in prev["settings"].items() if k not in settings}
             record["settings"].update(kept)
-            record["earlier_runs"] = [r for r in prev.get("earlier_runs", [])
+            # each kept row stays with the run that measured it: an earlier run's, or the previous run's own
+            older = prev.get("earlier_runs", [])
+            prev_own = set(prev["settings"]) - set().union(*(set(r["settings"]) for r in older))
+            runs = [*older, {"command": prev["command"], "date": prev["date"],
+                             "commit": prev["machine"].get("commit"), "settings": sorted(prev_own)}]
+            record["earlier_runs"] = [{**r, "settings": sorted(set(r["settings"]) & set(kept))} for r in runs
                                       if set(r["settings"]) & set(kept)]
-            record["earlier_runs"].append({"command": prev["command"], "date": prev["date"],
-                                           "commit": prev["machine"].get("commit"), "settings": sorted(kept)})
     official = None
     args.out.mkdir(parents=True, exist_ok=True)
     for name in settings:

@@ -647,3 +647,35 @@ def test_gpu_labels_name_the_model():
     assert gpu_label("NVIDIA H100 80GB HBM3") == "h100"
     assert gpu_label("NVIDIA GeForce RTX 4090") == "rtx4090"
     assert gpu_label("NVIDIA A100-SXM4-80GB") == "a100"
+
+
+def test_sampling_speed_merge_keeps_each_row_with_the_run_that_measured_it(tmp_path, monkeypatch):
+    """Three ``--merge`` runs: each kept row names the command that measured it, not the last one's."""
+    import benchmarks.sampling_speed as ss
+    import romav2_plugin
+
+    class _Model:
+        grid_kde, half_precision_kde = False, True
+
+        def apply_setting(self, name):
+            pass
+
+    def fake_measure(model, A, B, *, num, runs, before_runs):
+        return {"median": {"match": 1.0, "sample": 0.1, "sample_before": 0.5}, "ratio_sample_over_match": 0.1,
+                "seconds": {"match": [1.0], "sample": [0.1], "sample_before": [0.5]}, "sampler": "x",
+                "same_draws_as_before": True, "ratio_before_over_match": 0.5, "speedup_sample": 5.0}
+
+    monkeypatch.setattr(ss, "measure", fake_measure)
+    monkeypatch.setattr(ss, "benchmark_pair", lambda pair: (None, None, "a pair"))
+    monkeypatch.setattr(ss, "tiny_on_demo_pair", lambda: (_Model(), None, None))
+    monkeypatch.setattr(romav2_plugin.RoMaV2, "from_pretrained", classmethod(lambda cls, *a, **k: _Model()))
+    monkeypatch.setattr("benchmarks.speed._load_weights", lambda w: None)
+    for settings in ("turbo,fast", "base", "tiny,turbo"):
+        monkeypatch.setattr(sys, "argv", ["sampling_speed", "--settings", settings, "--merge"])  # the command
+        ss.main(["--settings", settings, "--merge", "--out", str(tmp_path)])
+    rec = json.loads((tmp_path / "sampling_speed_cpu.json").read_text())
+    assert sorted(rec["settings"]) == ["base", "fast", "tiny", "turbo"]
+    owners = {s: r["command"] for r in rec["earlier_runs"] for s in r["settings"]}
+    assert "--settings turbo,fast" in owners["fast"] and "--settings base" in owners["base"]
+    assert "turbo" not in owners and "tiny" not in owners  # measured by the last run (its own command)
+    assert sum(len(r["settings"]) for r in rec["earlier_runs"]) == 2

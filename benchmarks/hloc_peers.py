@@ -27,6 +27,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -188,7 +189,8 @@ def main(argv=None) -> int:
         for r in old["rows"]:
             if r["method"] not in methods and r["method"] not in [x["method"] for x in earlier]:
                 earlier.append({**r, "run": r.get("run") or {k: old["meta"][k] for k in ("command", "date")}})
-    meta = {"machine": machine_info("cpu"), "command": command_line(), "date": now_utc()}
+    meta = {"machine": machine_info("cpu"), "command": command_line(), "date": now_utc(),
+            "load": f"1-min load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores at the start"}
     with tempfile.TemporaryDirectory() as tmp:
         image_dir = Path(tmp) / "images"
         image_dir.mkdir()
@@ -232,7 +234,9 @@ def _write(args, meta: dict, rows: list[dict]) -> None:
           "hloc's own SIFT + NN-ratio; the peers' features and matches written in hloc's h5 layout; XFeat* "
           "merged per image on a 1-pixel grid).",
           "- centre error: largest camera-centre error after a similarity fit to the true centres, as a "
-          "fraction of the cameras' spread. Matching time is wall clock on a shared (contended) machine.", "",
+          "fraction of the cameras' spread. Matching time is wall clock ("
+          + (meta["load"] + ")." if meta.get("load") else "a shared, contended machine).") + " Rows of earlier runs "
+          "(`--merge`, below) carry their own run's conditions.", "",
           "| method | registered | 3D points | mean track length | reprojection (px) | centre error | "
           "matching (s) |", "|---|---|---|---|---|---|---|"]
     for r in rows:

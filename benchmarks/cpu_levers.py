@@ -14,6 +14,8 @@ Levers (``--levers``):
   inputs; parity: largest absolute difference of the outputs;
 * ``threads``  -- ``match()`` with ``torch.set_num_threads(1)`` against the default (all cores), interleaved
   in one process; parity: the warps are compared;
+* ``bnfold``   -- ``match()`` with the eval-mode batch norms folded into the convolutions before them (the code as
+  it is) against the convolution and the batch norm run apart (before), interleaved; parity: the warps;
 * ``checks``   -- the input check of a float image (``romav2_plugin.io._check_values``, one ``aminmax`` pass) against
   the four passes it replaced (``isfinite().all()``, ``min``, ``max``), on both images of the pair at their
   full size; parity: both accept the pair and both reject it with one NaN / inf;
@@ -205,6 +207,31 @@ def lever_threads(setting, model, A, B, rows, extra, repeats, warmup):
     t = _interleaved({n: run(n), 1: run(1)}, repeats, warmup)
     rows.append(_row("threads", setting, f"match(), {n} threads (default)", t[n]))
     rows.append(_row("threads", setting, "match(), 1 thread", t[1], t[n], _maxdiff(outs[n], outs[1])))
+
+
+def lever_bnfold(setting, model, A, B, rows, extra, repeats, warmup):
+    """Batch norms folded into the convolutions before them (the code as it is: ``romav2_plugin.nn.conv_bn``)
+    against the two modules run one after the other, in the fine features and the refiners' blocks."""
+    import romav2_plugin.nn.fine_features as ff
+    import romav2_plugin.nn.refiner as ref
+
+    folded = ref.conv_bn
+    outs = {}
+
+    def run(name, fn):
+        def f():
+            ff.conv_bn = ref.conv_bn = fn
+            try:
+                outs[name] = model.match(A, B)["warp_AB"]
+            finally:
+                ff.conv_bn = ref.conv_bn = folded
+        return f
+
+    t = _interleaved({"folded": run("folded", folded), "apart": run("apart", lambda x, c, b: b(c(x)))},
+                     repeats, warmup)
+    rows.append(_row("bnfold", setting, "match(), batch norms apart (before)", t["apart"]))
+    rows.append(_row("bnfold", setting, "match(), batch norms folded (now)", t["folded"], t["apart"],
+                     _maxdiff(outs["folded"], outs["apart"])))
 
 
 def _old_check(x):

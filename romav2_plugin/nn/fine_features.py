@@ -20,6 +20,7 @@ from torch import nn
 
 from romav2_plugin.config import FineFeaturesConfig
 from romav2_plugin.nn.backbone import imagenet_normalize
+from romav2_plugin.nn.conv_bn import conv_bn
 
 __all__ = ["FineFeatures"]
 
@@ -55,10 +56,17 @@ class FineFeatures(nn.Module):
         # Under amp we autocast on the input's device, so a CPU with native bf16 gets the CUDA placement.
         ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
         with ctx:
-            for layer in self.layers:
+            i = 0
+            while i < len(self.layers):
+                layer = self.layers[i]
                 if isinstance(layer, nn.MaxPool2d):
                     feats[stride] = x.permute(0, 2, 3, 1)
                     stride *= 2
+                if isinstance(layer, nn.Conv2d) and isinstance(self.layers[i + 1], nn.BatchNorm2d):
+                    x = conv_bn(x, layer, self.layers[i + 1])  # folded at inference
+                    i += 2
+                    continue
                 x = layer(x)
+                i += 1
             feats[stride] = x.permute(0, 2, 3, 1)
         return feats

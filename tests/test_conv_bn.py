@@ -1,0 +1,56 @@
+"""conv_bn: a convolution + batch norm folded at inference equals the two modules (float64 reference), keeps
+gradients, and leaves training mode to the modules as they are."""
+
+import pytest
+import torch
+from torch import nn
+
+from romav2_plugin.nn.conv_bn import conv_bn
+
+
+def _pair(groups: int, bias: bool, affine: bool, dtype=torch.float64):
+    g = torch.Generator().manual_seed(groups + 2 * bias + 4 * affine)
+    conv = nn.Conv2d(8, 8, 5, padding=2, groups=groups, bias=bias).to(dtype)
+    bn = nn.BatchNorm2d(8, affine=affine).to(dtype)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(8, generator=g, dtype=dtype))
+        bn.running_var.copy_(torch.rand(8, generator=g, dtype=dtype) + 0.1)
+        if affine:
+            bn.weight.copy_(torch.randn(8, generator=g, dtype=dtype))
+            bn.bias.copy_(torch.randn(8, generator=g, dtype=dtype))
+    x = torch.randn(2, 8, 11, 13, generator=g, dtype=dtype)
+    return conv, bn, x
+
+
+@pytest.mark.parametrize("groups, bias, affine", [(1, True, True), (8, True, True), (8, False, True), (1, True, False)])
+def test_folded_equals_the_two_modules_in_eval(groups, bias, affine):
+    conv, bn, x = _pair(groups, bias, affine)
+    bn.eval()
+    torch.testing.assert_close(conv_bn(x, conv, bn), bn(conv(x)), atol=1e-12, rtol=1e-12)
+
+
+def test_float32_tolerance_and_channels_last():
+    conv, bn, x = _pair(8, True, True, dtype=torch.float32)
+    bn.eval()
+    x = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(conv_bn(x, conv, bn), bn(conv(x)), atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_the_conv_and_the_norm_parameters():
+    conv, bn, x = _pair(8, True, True)
+    bn.eval()
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: conv_bn(t, conv, bn), (x,))
+    conv_bn(x, conv, bn).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (conv.weight, conv.bias, bn.weight, bn.bias))
+
+
+def test_training_mode_uses_batch_statistics_and_updates_the_running_ones():
+    conv, bn, x = _pair(1, True, True)
+    bn.train()
+    before = bn.running_mean.clone()
+    out = conv_bn(x, conv, bn)
+    assert not torch.equal(bn.running_mean, before)  # running statistics updated, as bn(conv(x)) does
+    y = conv(x)
+    torch.testing.assert_close(out.mean(dim=(0, 2, 3)), bn.bias.detach(), atol=1e-9, rtol=0)  # batch-normalised
+    assert y.shape == out.shape

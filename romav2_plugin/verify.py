@@ -167,9 +167,9 @@ def _rows_times(p: np.ndarray, M: np.ndarray) -> np.ndarray:
     ``(K, 3, 3)`` matrices: ``(N, 3)`` or ``(K, N, 3)`` (a view).
 
     The batched case is written as broadcast multiply-adds over ``(N, 3K)``, not as a BLAS product: OpenBLAS
-    runs a product that large on all its threads, whose idle spinning afterwards takes a core from the
-    network's next forward pass (measured: ~15% of a romav2-tiny pair). One matrix stays a BLAS product
-    (small enough for one thread)."""
+    runs a product that large on all its threads, whose idle spinning competes with torch's threads (in the
+    matching pipeline the check took 13 ms with one BLAS thread against 15-32 ms with two). One matrix stays
+    a BLAS product (small enough for one thread)."""
     if M.ndim == 2:
         return p @ M
     K = M.shape[0]

@@ -198,7 +198,9 @@ def test_minimal_samples_are_distinct_and_solved_like_the_eigenvector():
     ref = V[..., :, 0]
     np.testing.assert_allclose(np.abs((v * ref).sum(-1)), 1.0, atol=1e-8)  # the same line, up to sign
     np.testing.assert_allclose(np.abs(A @ v[..., None]).max(), 0.0, atol=1e-9)
-    A[3, 1] = A[3, 0]  # a singular system: the whole batch falls back to eigh, still null vectors
+    A[3, 1, :8] = 0.0  # an exactly singular 8x8 block: solve raises, the whole batch falls back to eigh
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.solve(A[..., :8], -A[..., 8:9])
     v = _null_vectors(A)
     np.testing.assert_allclose(np.linalg.norm(v, axis=-1), 1.0, atol=1e-12)
     assert np.abs(A[4] @ v[4]).max() < 1e-9

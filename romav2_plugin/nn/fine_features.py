@@ -62,8 +62,9 @@ class FineFeatures(nn.Module):
                 if isinstance(layer, nn.MaxPool2d):
                     feats[stride] = x.permute(0, 2, 3, 1)
                     stride *= 2
-                if isinstance(layer, nn.Conv2d) and isinstance(self.layers[i + 1], nn.BatchNorm2d):
-                    x = conv_bn(x, layer, self.layers[i + 1])  # folded at inference
+                nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+                if isinstance(layer, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d):
+                    x = conv_bn(x, layer, nxt)  # folded at inference
                     i += 2
                     continue
                 x = layer(x)

@@ -16,6 +16,10 @@ Levers (``--levers``):
   in one process; parity: the warps are compared;
 * ``bnfold``   -- ``match()`` with the eval-mode batch norms folded into the convolutions before them (the code as
   it is) against the convolution and the batch norm run apart (before), interleaved; parity: the warps;
+* ``gathercorr`` -- ``match()`` with the refiners' local correlation by whole-pixel gathers (the code as it is:
+  ``romav2_plugin.ops.local_corr``, radius >= 2) against the ``grid_sample`` formulation (before: 4 interpolated
+  corners per window offset and channel), interleaved; then each such call alone, on the inputs ``match()`` gave
+  it and with a smooth warp (random weights scatter the warp; trained weights do not); parity: largest difference;
 * ``checks``   -- the input check of a float image (``romav2_plugin.io._check_values``, one ``aminmax`` pass) against
   the four passes it replaced (``isfinite().all()``, ``min``, ``max``), on both images of the pair at their
   full size; parity: both accept the pair and both reject it with one NaN / inf;
@@ -232,6 +236,58 @@ def lever_bnfold(setting, model, A, B, rows, extra, repeats, warmup):
     rows.append(_row("bnfold", setting, "match(), batch norms apart (before)", t["apart"]))
     rows.append(_row("bnfold", setting, "match(), batch norms folded (now)", t["folded"], t["apart"],
                      _maxdiff(outs["folded"], outs["apart"])))
+
+
+def lever_gathercorr(setting, model, A, B, rows, extra, repeats, warmup):
+    """The CPU local correlation by whole-pixel gathers (now, radius >= 2) against the chunked ``grid_sample``
+    formulation it replaced, end to end (``match()``, interleaved) and per call on the inputs ``match()`` gives
+    it. A gather's cost depends on where the warp points: random weights give scattered warps (cache-unfriendly),
+    trained ones smooth warps; so each call is also timed with the same features and a smooth warp (identity
+    scaled by 0.8, shifted by 0.1, plus 0.02 noise) -- what real weights give."""
+    import importlib
+
+    lcm = importlib.import_module("romav2_plugin.ops.local_corr")  # the package attribute is the function
+    now = lcm._local_corr_torch
+    outs, calls = {}, {}
+
+    def record(f_A, f_B, warp, radius, chunk_bytes):
+        calls.setdefault((tuple(f_A.shape), radius), (f_A, f_B, warp, chunk_bytes))
+        return now(f_A, f_B, warp, radius, chunk_bytes)
+
+    def run(name, fn):
+        def f():
+            lcm._local_corr_torch = fn
+            try:
+                outs[name] = model.match(A, B)["warp_AB"]
+            finally:
+                lcm._local_corr_torch = now
+        return f
+
+    run("record", record)()
+    t = _interleaved({"gather": run("gather", now), "grid": run("grid", lcm._local_corr_grid)}, repeats, warmup)
+    rows.append(_row("gathercorr", setting, "match(), local corr by grid_sample (before)", t["grid"]))
+    rows.append(_row("gathercorr", setting, "match(), local corr by whole-pixel gathers (now)", t["gather"],
+                     t["grid"], _maxdiff(outs["gather"], outs["grid"])))
+    for (shape, r), (f_A, f_B, warp, cb) in sorted(calls.items()):
+        if r < lcm.GATHER_MIN_RADIUS:
+            continue
+        Bn, _, H, W = shape
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
+        g = torch.Generator().manual_seed(0)
+        smooth = (torch.stack((xs, ys), -1) * 0.8 + 0.1 + 0.02 * torch.randn(Bn, H, W, 2, generator=g)).contiguous()
+        for label, w in (("match()'s warp", warp), ("smooth warp", smooth)):
+            res = {}
+
+            def op(fn, key, args=(f_A, f_B, w, r, cb), res=res):
+                def f():
+                    res[key] = fn(*args)
+                return f
+            tt = _interleaved({"gather": op(lcm._local_corr_gather, "gather"),
+                               "grid": op(lcm._local_corr_grid, "grid")}, repeats, warmup)
+            what = f"local_corr {tuple(shape)} r={r}, {label}"
+            rows.append(_row("gathercorr", setting, f"{what}: grid_sample", tt["grid"]))
+            rows.append(_row("gathercorr", setting, f"{what}: gathers", tt["gather"], tt["grid"],
+                             _maxdiff(res["gather"], res["grid"])))
 
 
 def _old_check(x):

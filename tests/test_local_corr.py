@@ -456,10 +456,30 @@ def test_cpu_peak_memory_precise_stride4_under_10_percent_of_native():
         assert hwm - rss0 < 0.10 * native_window_bytes, msg
     print(msg)
     assert ratio < 0.10, msg
-    # spot-check the numbers on a few rows against the official formulation on a row subset
+    # spot-check the numbers on a few rows against the official formulation in float64 (in float32 its
+    # per-offset pixel positions round by ~3e-5 px at this width: the gather path is closer to float64)
     rows = slice(100, 102)
-    window = lcm._window(r, H, W, "cpu", torch.float32)
-    coords = (warp[0, rows, :, None] + window).reshape(1, 2, W * K, 2)
-    wf = F.grid_sample(f_B, coords, mode="bilinear", padding_mode="zeros", align_corners=False)
-    expect = (f_A[0, :, rows, :, None] / C**0.5 * wf.reshape(C, 2, W, K)).sum(0).permute(2, 0, 1)
-    torch.testing.assert_close(out[0, :, rows], expect, rtol=1e-5, atol=1e-5)
+    window = lcm._window(r, H, W, "cpu", torch.float64)
+    coords = (warp[0, rows, :, None].double() + window).reshape(1, 2, W * K, 2)
+    wf = F.grid_sample(f_B.double(), coords, mode="bilinear", padding_mode="zeros", align_corners=False)
+    expect = (f_A[0, :, rows, :, None].double() / C**0.5 * wf.reshape(C, 2, W, K)).sum(0).permute(2, 0, 1)
+    torch.testing.assert_close(out[0, :, rows].double(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_far_outside_and_wide_images_against_float64():
+    # warps up to 3x the image (blocks wholly outside by many pixels) and a 320-px width where the official
+    # float32 per-offset pixel positions round by ~3e-5 px: the whole-pixel gather is compared with the
+    # grid_sample formulation computed in float64, and must be closer to it than that formulation in float32
+    for (B, C, H, W, r, spread) in [(1, 16, 12, 320, 3, 1.05), (2, 8, 9, 11, 3, 3.0), (1, 4, 5, 7, 2, 8.0)]:
+        f_A, f_B, warp = _inputs(B, C, H, W, spread=spread, seed=3)
+        window = lcm._window(r, H, W, "cpu", torch.float64)
+        ref = lcm._corr_rows(f_A.double(), f_B.double(), warp.double(), window, torch.float64)
+        out = lc_fn(f_A, f_B, warp, r)
+        official_way = lcm._corr_rows(f_A, f_B, warp, lcm._window(r, H, W, "cpu", torch.float32), torch.float32)
+        err = (out.double() - ref).abs().max().item()
+        assert err <= 2e-6 * max(1.0, ref.abs().max().item()), (B, C, H, W, r, spread, err)
+        assert err <= (official_way.double() - ref).abs().max().item() + 1e-6
+        if spread > 2:  # some pixels' whole window is outside: exactly zero there
+            far = (warp.abs() > 1 + 2 * (r + 2) / min(H, W)).any(-1)  # (B, H, W)
+            assert far.any()
+            assert (out.permute(0, 2, 3, 1)[far] == 0).all()

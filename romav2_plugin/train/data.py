@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from romav2_plugin.geometry import normalized_grid, to_normalized, to_pixel
-from romav2_plugin.train.augment import photometric, random_homography, uniform
+from romav2_plugin.train.augment import photometric, random_homography, shading, uniform
 from romav2_plugin.train.ground_truth import warp_from_depth, warp_from_homography
 from romav2_plugin.train.scenes import Scene, random_camera_pair, random_scene, relative_pose
 
@@ -180,11 +180,13 @@ class HomographyPairs(PairDataset):
         max_translation: float = 0.15,
         max_perspective: float = 0.15,
         photometric_strength: float = 1.0,
+        illumination: float = 0.0,
     ) -> None:
         self.images, self.size, self.seed = images, tuple(size), seed
         self.geo = dict(max_rotation_deg=max_rotation_deg, scale_range=scale_range, max_translation=max_translation,
                         max_perspective=max_perspective)
         self.photometric_strength = photometric_strength
+        self.illumination = illumination
 
     def __len__(self) -> int:
         return len(self.images) * 100
@@ -210,12 +212,22 @@ class HomographyPairs(PairDataset):
         # a pixel is co-visible only if its match also shows the photo
         covis_AB &= F.grid_sample(in_B[None, None].float(), warp_AB, mode="nearest", align_corners=False)[0, 0] > 0
         covis_BA &= F.grid_sample(in_A[None, None].float(), warp_BA, mode="nearest", align_corners=False)[0, 0] > 0
-        k = self.photometric_strength
+        image_A, image_B = _appearance(image_A, image_B, g, self.photometric_strength, self.illumination)
         return {
-            "image_A": photometric(image_A, g, k) if k > 0 else image_A,
-            "image_B": photometric(image_B, g, k) if k > 0 else image_B,
+            "image_A": image_A, "image_B": image_B,
             "warp_AB": warp_AB[0], "covis_AB": covis_AB, "warp_BA": warp_BA[0], "covis_BA": covis_BA,
         }
+
+
+def _appearance(image_A: torch.Tensor, image_B: torch.Tensor, g: torch.Generator, strength: float,
+                illumination: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each view's colour jitter (``strength`` > 0), then its shading field (``illumination`` > 0); with
+    ``illumination`` 0 the generator is drawn exactly as before that option existed."""
+    if strength > 0:
+        image_A, image_B = photometric(image_A, g, strength), photometric(image_B, g, strength)
+    if illumination > 0:
+        image_A, image_B = shading(image_A, g, illumination), shading(image_B, g, illumination)
+    return image_A, image_B
 
 
 class RenderedPairs(PairDataset):
@@ -227,10 +239,11 @@ class RenderedPairs(PairDataset):
     def __init__(
         self, images: ImageFolder, size: tuple[int, int] = (256, 256), *, seed: int = 0,
         max_angle_deg: float = 35.0, photometric_strength: float = 0.5, min_covisible: float = 0.2,
-        texture_size: int = 192,
+        texture_size: int = 192, illumination: float = 0.0,
     ) -> None:
         self.images, self.size, self.seed = images, tuple(size), seed
         self.max_angle_deg, self.photometric_strength = max_angle_deg, photometric_strength
+        self.illumination = illumination
         self.min_covisible, self.texture_size = min_covisible, texture_size
 
     def __len__(self) -> int:
@@ -268,10 +281,9 @@ class RenderedPairs(PairDataset):
             )
             if covis_AB.float().mean() >= self.min_covisible:
                 break
-        k = self.photometric_strength
+        image_A, image_B = _appearance(image_A, image_B, g, self.photometric_strength, self.illumination)
         return {
-            "image_A": photometric(image_A, g, k) if k > 0 else image_A,
-            "image_B": photometric(image_B, g, k) if k > 0 else image_B,
+            "image_A": image_A, "image_B": image_B,
             "warp_AB": warp_AB[0], "covis_AB": covis_AB[0], "warp_BA": warp_BA[0], "covis_BA": covis_BA[0],
         }
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from romav2_plugin.config import config_to_dict, get_architecture
+from romav2_plugin.config import config_from_dict, config_to_dict, get_architecture
 from romav2_plugin.runtime import check_device
 from romav2_plugin.signals import Terminated, deferred_interrupts
 from romav2_plugin.train.checkpoint import (
@@ -88,10 +88,11 @@ def build_dataset(cfg: TrainConfig) -> PairDataset:
                 images, size, seed=seed, photometric_strength=src.photometric_strength,
                 max_rotation_deg=src.max_rotation_deg, scale_range=src.scale_range,
                 max_translation=src.max_translation, max_perspective=src.max_perspective,
+                illumination=src.illumination,
             ))
         else:
             parts.append(RenderedPairs(images, size, seed=seed, photometric_strength=src.photometric_strength,
-                                       max_angle_deg=src.max_angle_deg))
+                                       max_angle_deg=src.max_angle_deg, illumination=src.illumination))
     if len(parts) == 1:
         return parts[0]
     return MixedPairs(parts, [s.weight for s in cfg.data.sources], seed=cfg.seed)
@@ -207,12 +208,32 @@ class Trainer:
             self.model.amp = self.amp  # a trained backbone keeps fp32 weights under autocast
         else:
             self.model.set_amp(self.amp, self.device)  # a frozen one is held in bf16 under amp
+        self.teacher, self.distill_head = self._distillation(cfg)
         self.ema = EMA(self.model, cfg.ema_decay)
         self.stage_index = 0
         self.step = 0  # within the stage
         self.global_step = 0
         self.history: list[dict[str, float]] = []
         self._setup_stage()
+
+    def _distillation(self, cfg: TrainConfig):
+        """The teacher and the head of ``cfg.distill`` (``(None, None)`` without a teacher); checked first."""
+        if cfg.distill.teacher is None:
+            return None, None
+        if not self.train_backbone:
+            raise ValueError(
+                f"distill.teacher = {cfg.distill.teacher!r} trains the backbone towards the teacher, but the backbone "
+                "is frozen here (a model started from weights freezes it by default): set model.train_backbone = true"
+            )
+        if not any(st.name == "matcher" for st in cfg.stages):
+            raise ValueError("distill.teacher acts in the matcher stage, and no stage is named 'matcher'")
+        from romav2_plugin.train.distill import DistillHead, build_teacher
+
+        teacher = build_teacher(cfg.distill.teacher, self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 7919)
+            head = DistillHead(self.model.cfg.backbone.embed_dim, teacher.channels).to(self.device)
+        return teacher, head
 
     @staticmethod
     def _source_state(weights: str) -> dict[str, torch.Tensor] | None:
@@ -235,6 +256,8 @@ class Trainer:
         mods = trainable_modules(self.model, st.name, self.train_backbone)
         for m in mods:
             m.requires_grad_(True)
+        if st.name == "matcher" and self.distill_head is not None:
+            mods = [*mods, self.distill_head]
         params = [p for m in mods for p in m.parameters()]
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
@@ -242,7 +265,7 @@ class Trainer:
             [{"params": decay, "weight_decay": st.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=st.lr
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _schedule(st))
-        self.trainable = mods
+        self.trainable = mods  # the distillation head is not part of the model: no EMA, never exported
         ids = {id(m) for m in mods}
         prefixes = tuple(name + "." for name, m in self.model.named_modules() if id(m) in ids)
         self.ema_keys = {k for k in self.model.state_dict() if k.startswith(prefixes)}
@@ -265,13 +288,28 @@ class Trainer:
         hw = tuple(a.shape[-2:])
         dirs = ("AB", "BA") if st.bidirectional else ("AB",)
         if st.name == "matcher":
-            preds = m(a, b, refine=False, return_attention=True)
+            captured: list[torch.Tensor] = []
+            hook = (m.f.register_forward_hook(lambda _m, _i, out: captured.append(out[-1]))
+                    if self.distill_head is not None else None)
+            try:
+                preds = m(a, b, refine=False, return_attention=True)
+            finally:
+                if hook is not None:
+                    hook.remove()
             parts = [matcher_loss(preds["matcher"], batch[f"warp_{d}"], batch[f"covis_{d}"], hw, self.cfg.loss, d)
                      for d in dirs]
         else:
             preds = m(a, b, refine=True)
             parts = [refiner_loss(preds, batch[f"warp_{d}"], batch[f"covis_{d}"], hw, self.cfg.loss, d) for d in dirs]
-        return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+        out = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+        if st.name == "matcher" and self.distill_head is not None:
+            from romav2_plugin.train.distill import distill_loss
+
+            # captured[0]: the backbone's last features of A and B as one batch, (2B, h, w, D)
+            target = self.teacher(torch.cat((a, b)))
+            out["distill"] = distill_loss(self.distill_head(captured[0].float()), target)
+            out["total"] = out["total"] + self.cfg.distill.weight * out["distill"]
+        return out
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self._set_modes()
@@ -311,11 +349,14 @@ class Trainer:
             "step": self.step,
             "global_step": self.global_step,
             "history": self.history,
+            **({"distill_head": self.distill_head.state_dict()} if self.distill_head is not None else {}),
         })
 
     def resume(self) -> None:
         state = load_training_state(self.checkpoint_path)
-        old, new = _identity(state["config"]), _identity(config_to_dict(self.cfg))
+        # the checkpoint's config read through today's classes (keys added since take their defaults)
+        old = _identity(config_to_dict(config_from_dict(TrainConfig, state["config"])))
+        new = _identity(config_to_dict(self.cfg))
         if old != new:
             changed = sorted(k for k in old if old.get(k) != new.get(k))
             raise ValueError(
@@ -328,6 +369,8 @@ class Trainer:
             self._setup_stage()
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
+        if self.distill_head is not None:
+            self.distill_head.load_state_dict(state["distill_head"])
         self.ema.load_state_dict(state["ema"])
         self.step, self.global_step = state["step"], state["global_step"]
         self.history = list(state["history"])
@@ -362,8 +405,9 @@ class Trainer:
     @property
     def log_columns(self) -> list[str]:
         strides = [f"warp_{r.stride}" for r in self.model.cfg.refiners]
+        distill = ["distill"] if self.distill_head is not None else []
         return ["global_step", "stage", "step", "lr", "pairs_per_s", "total", "nll", "warp", "overlap",
-                "precision", *strides, "grad_norm"]
+                "precision", *strides, *distill, "grad_norm"]
 
     def _log(self, row: dict[str, float]) -> None:
         path = self.out / "log.csv"

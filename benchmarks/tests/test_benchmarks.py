@@ -618,12 +618,18 @@ def test_tiny_recipe_reproduces_every_shipped_part_and_chains():
     """The recipe (two files + --set overrides, benchmarks/tiny/recipe.py): each part's command parses to the
     config the shipped card records for that part; each part starts from the previous part's exported weights
     (or from the shipped model, ``"tiny"``, when that is the previous part as the card records it), no part
-    reads the held-out pictures, seeds differ; the tiny folder holds just the two files."""
+    reads the held-out pictures, seeds differ; besides the recipe's two files the tiny folder holds only the v2
+    candidate's config (no per-part files), which does not read the held-out pictures either."""
     from benchmarks.tiny import recipe
+    from romav2_plugin.train.config import load_config
 
     assert recipe.check() == []
     tiny = REPO / "benchmarks" / "tiny"
-    assert sorted(p.name for p in tiny.glob("*.toml")) == ["romav2_tiny.toml", "romav2_tiny_continue.toml"]
+    assert sorted(p.name for p in tiny.glob("*.toml")) == ["romav2_tiny.toml", "romav2_tiny_continue.toml",
+                                                           "romav2_tiny_v2.toml"]
+    heldout = (REPO / ".tiny-data" / "heldout").resolve()
+    for src in load_config(tiny / "romav2_tiny_v2.toml").data.sources:
+        assert all(heldout not in Path(d).resolve().parents and Path(d).resolve() != heldout for d in src.path)
     cfgs = [recipe.load(i) for i in sorted(recipe.PARTS)]
     runs = REPO / "runs"
     assert Path(cfgs[0].out_dir) == runs / "romav2_tiny" and cfgs[0].model.weights is None

@@ -1,0 +1,58 @@
+"""benchmarks.tiny.compare: training time from a run's log, the table, the per-pair differences."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.tiny import compare
+
+
+def _run(tmp_path, name, rows, batch=(4, 2)):
+    run = tmp_path / name
+    run.mkdir()
+    lines = ["global_step,stage,step,lr,pairs_per_s,total"] + [",".join(map(str, r)) for r in rows]
+    (run / "log.csv").write_text("\n".join(lines) + "\n")
+    stages = [{"name": "matcher", "batch_size": batch[0]}, {"name": "refiners", "batch_size": batch[1]}]
+    (run / "model.json").write_text(json.dumps({"train_config": {"stages": stages}}))
+    return run
+
+
+def test_training_time_sums_each_logged_interval(tmp_path):
+    # matcher: 10 steps at 2 pairs/s (batch 4: 20 s) then 10 at 4 pairs/s (10 s); refiners: 5 steps at 1 pair/s
+    # (batch 2: 10 s); the refiner stage's steps restart at 0
+    run = _run(tmp_path, "r", [(10, "matcher", 10, 0, 2.0, 1), (20, "matcher", 20, 0, 4.0, 1),
+                                (25, "refiners", 5, 0, 1.0, 1)])
+    t = compare.training_time(run)
+    assert t == {"matcher": {"steps": 20, "seconds": pytest.approx(30.0)},
+                 "refiners": {"steps": 5, "seconds": pytest.approx(10.0)}}
+    assert compare.training_time(tmp_path / "missing") == {}
+
+
+def _row(label, corner, pose, run=None):
+    synth = {"median_corner_error_px": corner[0], "precision@3px": 0.8, "auc@3px": 0.6, "auc@10px": 0.8,
+             "per_pair": [{"corner_error_px": c} for c in corner]}
+    r3d = {"auc@5": 0.5, "auc@10": 0.6, "auc@20": 0.7, "median_pose_error_deg": pose[0], "failures": 1,
+           "per_pair": [{"pose_error_deg": p} for p in pose]}
+    return {"label": label, "weights": str(run or "tiny"), "training": compare.training_time(run) if run else {},
+            "synthetic": synth, "rendered3d": r3d}
+
+
+def test_table_and_per_pair_differences(tmp_path):
+    run = _run(tmp_path, "a", [(10, "matcher", 10, 0, 2.0, 1)])
+    rows = [_row("v1", [1.0, 2.0, 3.0], [1.0, 5.0], run), _row("v2", [0.5, 2.5, 3.0], [0.5, 4.0], run)]
+    md = compare.write(rows, {"machine": "m", "command": "c", "note": "equal time"}, tmp_path / "out").read_text()
+    assert "| v1 | " in md and "| v2 | " in md and "equal time" in md
+    assert "0.01" in md  # 20 s of training, in hours
+    # corner error differences -0.5, +0.5, 0: median 0, one worse, one better; pose -0.5, -1.0: both better
+    assert "median +0.000 px, 1 pairs worse, 1 better" in md
+    assert "median -0.75 deg, 0 pairs worse, 2 better" in md
+    data = json.loads((tmp_path / "out" / "tiny_candidates_cpu.json").read_text())
+    assert [r["label"] for r in data["rows"]] == ["v1", "v2"]
+
+
+def test_a_candidate_without_weights_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        compare.main(["--candidate", f"x={tmp_path}"])
+    assert "RUN/model.pt" in capsys.readouterr().err

@@ -1,0 +1,157 @@
+"""Candidate romav2-tiny weights against each other on the held-out sets: ``tiny_candidates_cpu.{md,json}``.
+
+    python -m benchmarks.tiny.compare --candidate "v1 recipe=runs/cmp_v1" --candidate "v2 recipe=runs/cmp_v2" \\
+        [--shipped] [--limit N]
+
+Each ``--candidate LABEL=RUN`` is a training run's folder (its ``model.pt``, ``model.json`` and ``log.csv``).
+For each, ``python -m benchmarks.accuracy`` runs the synthetic homographies (28 held-out pairs) and the
+rendered 3D pairs (50) with ``--matchers tiny --tiny-weights RUN/model.pt`` (fp32), into a scratch folder (the
+accuracy results files are not touched), and the figures are set side by side with the run's training
+time and steps (from ``log.csv``: the sum over logged intervals of steps / pairs-per-second x batch). With
+``--shipped``, the package's ``tiny`` weights are measured in the same way as a row of their own. Per pair
+differences between the first two rows are given too (pairs are the same draws for every row).
+
+Nothing here trains or ships; the held-out sets are only measured. ``--limit`` evaluates the first N pairs
+(smoke tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks._common import RESULTS, command_line, git_commit, machine_info, now_utc
+
+BENCHMARKS = ("synthetic", "rendered3d")
+
+
+def training_time(run: Path) -> dict:
+    """Steps and seconds per stage from ``run/log.csv`` (logged intervals: ``n`` steps at ``pairs_per_s``)."""
+    out: dict[str, dict[str, float]] = {}
+    log = run / "log.csv"
+    if not log.is_file():
+        return out
+    with log.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    batch = _batch_sizes(run)
+    last: dict[str, int] = {}
+    for r in rows:
+        st, step = r["stage"], int(r["step"])
+        n = step - last.get(st, 0)
+        last[st] = step
+        pps = float(r["pairs_per_s"])
+        d = out.setdefault(st, {"steps": 0, "seconds": 0.0})
+        d["steps"] = step
+        if pps > 0:
+            d["seconds"] += n * batch.get(st, 1) / pps
+    return out
+
+
+def _batch_sizes(run: Path) -> dict[str, int]:
+    card = run / "model.json"
+    if not card.is_file():
+        return {}
+    cfg = json.loads(card.read_text()).get("train_config", {})
+    return {s["name"]: int(s["batch_size"]) for s in cfg.get("stages", [])}
+
+
+def measure(weights: str, benchmark: str, scratch: Path, limit: int | None) -> dict:
+    out = scratch / f"{benchmark}"
+    cmd = [sys.executable, "-m", "benchmarks.accuracy", "--benchmark", benchmark, "--matchers", "tiny",
+           "--tiny-weights", weights, "--dtype", "fp32", "--out", str(out)]
+    if limit:
+        cmd += ["--limit", str(limit)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    data = json.loads((out / f"accuracy_{benchmark}_cpu.json").read_text())
+    return next(r for r in data["rows"] if r["matcher"] == "tiny")
+
+
+SUMMARY = {
+    "synthetic": (("median_corner_error_px", "median corner error px", 3), ("precision@3px", "precision@3px", 3),
+                  ("auc@3px", "AUC@3px", 3), ("auc@10px", "AUC@10px", 3)),
+    "rendered3d": (("auc@5", "AUC@5", 3), ("auc@10", "AUC@10", 3), ("auc@20", "AUC@20", 3),
+                   ("median_pose_error_deg", "median pose error deg", 2), ("failures", "draws without a pose", 0)),
+}
+
+
+def per_pair(a: dict, b: dict, key: str) -> dict:
+    d = [y[key] - x[key] for x, y in zip(a["per_pair"], b["per_pair"]) if x[key] is not None and y[key] is not None]
+    return {"median": statistics.median(d) if d else None, "worse": sum(v > 0 for v in d),
+            "better": sum(v < 0 for v in d)}
+
+
+def write(rows: list[dict], meta: dict, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tiny_candidates_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = ["# romav2-tiny candidates on the held-out sets", ""]
+    md += [f"- {k.capitalize()}: {v}" for k, v in meta.items() if k != "note"]
+    md += ["", meta.get("note", ""), ""]
+    head = ["candidate", "weights", "matcher steps", "refiner steps", "training h"]
+    cols = [(b, k, label, nd) for b in BENCHMARKS for k, label, nd in SUMMARY[b]]
+    md.append("| " + " | ".join(head + [f"{b}: {label}" for b, _, label, _ in cols]) + " |")
+    md.append("|" + "---|" * (len(head) + len(cols)))
+    for r in rows:
+        tt = r["training"]
+        hours = sum(v["seconds"] for v in tt.values()) / 3600 if tt else None
+        cells = [r["label"], r["weights"], str(tt.get("matcher", {}).get("steps", "-")),
+                 str(tt.get("refiners", {}).get("steps", "-")), f"{hours:.2f}" if hours else "-"]
+        for b, k, _, nd in cols:
+            v = r[b][k]
+            cells.append(f"{v:.{nd}f}" if nd else str(v))
+        md.append("| " + " | ".join(cells) + " |")
+    if len(rows) >= 2:
+        a, b = rows[0], rows[1]
+        md += ["", f"Per pair, {b['label']} against {a['label']} (positive = worse):", ""]
+        s = per_pair(a["synthetic"], b["synthetic"], "corner_error_px")
+        md.append(f"- synthetic corner error: median {s['median']:+.3f} px, {s['worse']} pairs worse, "
+                  f"{s['better']} better")
+        p = per_pair(a["rendered3d"], b["rendered3d"], "pose_error_deg")
+        md.append(f"- rendered 3D pose error: median {p['median']:+.2f} deg, {p['worse']} pairs worse, "
+                  f"{p['better']} better")
+    (out / "tiny_candidates_cpu.md").write_text("\n".join(md) + "\n")
+    return out / "tiny_candidates_cpu.md"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--candidate", action="append", default=[], metavar="LABEL=RUN",
+                    help="a training run's folder (model.pt, model.json, log.csv), with a label")
+    ap.add_argument("--shipped", action="store_true", help="also measure the package's tiny weights")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--note", default="")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    cands = []
+    for c in args.candidate:
+        label, sep, run = c.partition("=")
+        if not sep or not (Path(run) / "model.pt").is_file():
+            ap.error(f"--candidate {c!r}: give LABEL=RUN with RUN/model.pt present")
+        cands.append((label, Path(run)))
+    if args.shipped:
+        cands.append(("shipped (v1, parts 1-12)", None))
+    if not cands:
+        ap.error("give at least one --candidate (or --shipped)")
+    meta = {"machine": machine_info("cpu"), "command": command_line(), "commit": git_commit(), "date": now_utc(),
+            "note": args.note}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (label, run) in enumerate(cands):
+            weights = "tiny" if run is None else str(run / "model.pt")
+            row = {"label": label, "weights": "tiny" if run is None else str(run),
+                   "training": {} if run is None else training_time(run)}
+            for b in BENCHMARKS:
+                print(f"[compare] {label}: {b}", file=sys.stderr, flush=True)
+                row[b] = measure(weights, b, Path(tmp) / str(i), args.limit)
+            rows.append(row)
+    print(write(rows, meta, args.out).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

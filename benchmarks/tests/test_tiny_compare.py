@@ -56,3 +56,15 @@ def test_a_candidate_without_weights_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare.main(["--candidate", f"x={tmp_path}"])
     assert "RUN/model.pt" in capsys.readouterr().err
+
+
+def test_render_rewrites_the_markdown_from_the_json(tmp_path):
+    run = _run(tmp_path, "a", [(10, "matcher", 10, 0, 2.0, 1)])
+    rows = [_row("v1", [1.0], [1.0], run)]
+    from benchmarks._common import machine_info
+
+    meta = {"machine": machine_info("cpu"), "command": "cmd", "commit": "abc1234", "date": "d", "note": "n"}
+    md = compare.write(rows, meta, tmp_path / "out").read_text()
+    assert "- Machine: " in md and "cores" in md and "- Commit: abc1234" in md
+    (tmp_path / "out" / "tiny_candidates_cpu.md").unlink()
+    assert compare.render(tmp_path / "out").read_text() == md

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks._common import RESULTS, command_line, git_commit, machine_info, now_utc
+from benchmarks._common import RESULTS, command_line, git_commit, machine_info, now_utc, provenance_markdown
 
 BENCHMARKS = ("synthetic", "rendered3d")
 
@@ -90,7 +90,11 @@ def write(rows: list[dict], meta: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "tiny_candidates_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = ["# romav2-tiny candidates on the held-out sets", ""]
-    md += [f"- {k.capitalize()}: {v}" for k, v in meta.items() if k != "note"]
+    if isinstance(meta.get("machine"), dict):
+        info = {**meta["machine"], "commit": meta.get("commit")}
+        md.append(provenance_markdown(info, meta.get("command", ""), meta.get("date", "")))
+    else:
+        md += [f"- {k.capitalize()}: {v}" for k, v in meta.items() if k != "note"]
     md += ["", meta.get("note", ""), ""]
     head = ["candidate", "weights", "matcher steps", "refiner steps", "training h"]
     cols = [(b, k, label, nd) for b in BENCHMARKS for k, label, nd in SUMMARY[b]]
@@ -118,6 +122,12 @@ def write(rows: list[dict], meta: dict, out: Path) -> Path:
     return out / "tiny_candidates_cpu.md"
 
 
+def render(out: Path) -> Path:
+    """Rewrite the markdown of ``out/tiny_candidates_cpu.json`` (nothing measured)."""
+    data = json.loads((out / "tiny_candidates_cpu.json").read_text())
+    return write(data["rows"], data["meta"], out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--candidate", action="append", default=[], metavar="LABEL=RUN",
@@ -126,7 +136,11 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--note", default="")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--render", action="store_true", help="only rewrite the markdown from the JSON in --out")
     args = ap.parse_args(argv)
+    if args.render:
+        print(render(args.out).read_text())
+        return 0
     cands = []
     for c in args.candidate:
         label, sep, run = c.partition("=")

@@ -41,6 +41,7 @@ from romav2_plugin.train.data import (
     RenderedPairs,
     collate,
 )
+from romav2_plugin.train.distill import DistillHead, build_teacher, distill_loss
 from romav2_plugin.train.losses import matcher_loss, refiner_loss
 
 __all__ = ["Trainer", "build_dataset", "trainable_modules", "EMA"]
@@ -227,8 +228,6 @@ class Trainer:
             )
         if not any(st.name == "matcher" for st in cfg.stages):
             raise ValueError("distill.teacher acts in the matcher stage, and no stage is named 'matcher'")
-        from romav2_plugin.train.distill import DistillHead, build_teacher
-
         teacher = build_teacher(cfg.distill.teacher, self.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 7919)
@@ -303,8 +302,6 @@ class Trainer:
             parts = [refiner_loss(preds, batch[f"warp_{d}"], batch[f"covis_{d}"], hw, self.cfg.loss, d) for d in dirs]
         out = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
         if st.name == "matcher" and self.distill_head is not None:
-            from romav2_plugin.train.distill import distill_loss
-
             # captured[0]: the backbone's last features of A and B as one batch, (2B, h, w, D)
             target = self.teacher(torch.cat((a, b)))
             out["distill"] = distill_loss(self.distill_head(captured[0].float()), target)

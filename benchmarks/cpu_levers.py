@@ -20,6 +20,11 @@ Levers (``--levers``):
   ``romav2_plugin.ops.local_corr``, radius >= 2) against the ``grid_sample`` formulation (before: 4 interpolated
   corners per window offset and channel), interleaved; then each such call alone, on the inputs ``match()`` gave
   it and with a smooth warp (random weights scatter the warp; trained weights do not); parity: largest difference;
+* ``corrblock`` -- ``match()`` with the local correlation as it is (whole-pixel gathers at radius >= 1, the
+  neighbours of 64 pixels at a time: cache-sized) against before (a band's neighbours at once and a batched
+  matrix-vector product at radius >= 2; ``grid_sample`` at radius 1), interleaved, then per call as ``gathercorr``;
+* ``convrelu`` -- ``match()`` with convolution + batch norm + ReLU as one oneDNN convolution (the code as it is:
+  ``romav2_plugin.nn.conv_bn.conv_bn_relu``) against the convolution followed by a separate ReLU; parity: the warps;
 * ``checks``   -- the input check of a float image (``romav2_plugin.io._check_values``, one ``aminmax`` pass) against
   the four passes it replaced (``isfinite().all()``, ``min``, ``max``), on both images of the pair at their
   full size; parity: both accept the pair and both reject it with one NaN / inf;
@@ -288,6 +293,121 @@ def lever_gathercorr(setting, model, A, B, rows, extra, repeats, warmup):
             rows.append(_row("gathercorr", setting, f"{what}: grid_sample", tt["grid"]))
             rows.append(_row("gathercorr", setting, f"{what}: gathers", tt["gather"], tt["grid"],
                              _maxdiff(res["gather"], res["grid"])))
+
+
+def _before_gather_torch(f_A, f_B, warp, radius, chunk_bytes):
+    """The CPU local correlation as it was before the cache-sized blocks (kept here to measure against):
+    radius >= 2 by whole-pixel gathers of a whole band of rows at once (2-D fancy indexing) and one batched
+    matrix-vector product; radius 1 by the chunked ``grid_sample`` formulation."""
+    import importlib
+
+    lcm = importlib.import_module("romav2_plugin.ops.local_corr")
+    if radius < 2:
+        return lcm._local_corr_grid(f_A, f_B, warp, radius, chunk_bytes)
+    B, C, H, W = f_A.shape
+    dt = lcm._compute_dtype(f_A, f_B, warp)
+    m = 2 * radius + 2
+    out = torch.empty((B, (2 * radius + 1) ** 2, H, W), dtype=dt)
+    rows = max(1, int(chunk_bytes) // ((m * m * C * (torch.finfo(dt).bits // 8) + m * m * 8) * W))
+    steps = torch.arange(-radius, radius + 2)
+    for b in range(B):
+        fb = f_B[b].permute(1, 2, 0).reshape(H * W, C).to(dt)
+        fa_all = f_A[b].permute(1, 2, 0).to(dt)
+        for y0 in range(0, H, rows):
+            fa, w = fa_all[y0:y0 + rows], warp[b, y0:y0 + rows]
+            n = fa.shape[0] * W
+            w = w.reshape(n, 2).double()
+            px, py = ((w[:, 0] + 1) * W - 1) / 2, ((w[:, 1] + 1) * H - 1) / 2
+            x0, yy0 = px.floor(), py.floor()
+            tx, ty = (px - x0).to(dt)[:, None, None], (py - yy0).to(dt)[:, None, None]
+            xs = x0.clamp(-radius - 2, W + radius).long()[:, None] + steps
+            ys = yy0.clamp(-radius - 2, H + radius).long()[:, None] + steps
+            inside = ((ys >= 0) & (ys < H))[:, :, None] & ((xs >= 0) & (xs < W))[:, None, :]
+            idx = (ys.clamp(0, H - 1)[:, :, None] * W + xs.clamp(0, W - 1)[:, None, :]).reshape(n, m * m)
+            dots = torch.bmm(fb[idx], fa.reshape(n, C, 1)).reshape(n, m, m)
+            dots = torch.where(inside, dots / C**0.5, 0.0)
+            top = dots[:, :-1, :-1] + tx * (dots[:, :-1, 1:] - dots[:, :-1, :-1])
+            bottom = dots[:, 1:, :-1] + tx * (dots[:, 1:, 1:] - dots[:, 1:, :-1])
+            out[b, :, y0:y0 + rows] = (top + ty * (bottom - top)).reshape(-1, W, (m - 1) ** 2).permute(2, 0, 1)
+    return out
+
+
+def lever_corrblock(setting, model, A, B, rows, extra, repeats, warmup):
+    """The CPU local correlation now (whole-pixel gathers at radius >= 1, the neighbours of 64 pixels at a
+    time: index_select + multiply + sum, cache-sized) against before (radius >= 2: a band's neighbours gathered
+    at once and a batched matrix-vector product; radius 1: ``grid_sample``), end to end (``match()``,
+    interleaved) and per call on the inputs ``match()`` gives it and with a smooth warp."""
+    import importlib
+
+    lcm = importlib.import_module("romav2_plugin.ops.local_corr")
+    now = lcm._local_corr_torch
+    outs, calls = {}, {}
+
+    def record(f_A, f_B, warp, radius, chunk_bytes):
+        calls.setdefault((tuple(f_A.shape), radius), (f_A, f_B, warp, chunk_bytes))
+        return now(f_A, f_B, warp, radius, chunk_bytes)
+
+    def run(name, fn):
+        def f():
+            lcm._local_corr_torch = fn
+            try:
+                outs[name] = model.match(A, B)["warp_AB"]
+            finally:
+                lcm._local_corr_torch = now
+        return f
+
+    run("record", record)()
+    t = _interleaved({"now": run("now", now), "before": run("before", _before_gather_torch)}, repeats, warmup)
+    rows.append(_row("corrblock", setting, "match(), local corr before (band gathers r>=2, grid_sample r=1)",
+                     t["before"]))
+    rows.append(_row("corrblock", setting, "match(), local corr now (cache-sized gathers, r>=1)", t["now"],
+                     t["before"], _maxdiff(outs["now"], outs["before"])))
+    for (shape, r), (f_A, f_B, warp, cb) in sorted(calls.items()):
+        Bn, _, H, W = shape
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
+        g = torch.Generator().manual_seed(0)
+        smooth = (torch.stack((xs, ys), -1) * 0.8 + 0.1 + 0.02 * torch.randn(Bn, H, W, 2, generator=g)).contiguous()
+        for label, w in (("match()'s warp", warp), ("smooth warp", smooth)):
+            res = {}
+
+            def op(fn, key, args=(f_A, f_B, w, r, cb), res=res):
+                def f():
+                    res[key] = fn(*args)
+                return f
+            tt = _interleaved({"now": op(now, "now"), "before": op(_before_gather_torch, "before")}, repeats, warmup)
+            what = f"local_corr {tuple(shape)} r={r}, {label}"
+            rows.append(_row("corrblock", setting, f"{what}: before", tt["before"]))
+            rows.append(_row("corrblock", setting, f"{what}: now", tt["now"], tt["before"],
+                             _maxdiff(res["now"], res["before"])))
+
+
+def lever_convrelu(setting, model, A, B, rows, extra, repeats, warmup):
+    """Convolution + folded batch norm + ReLU as one oneDNN convolution (now: the refiners' depthwise blocks
+    and the VGG fine features) against the convolution followed by a separate ReLU, ``match()`` interleaved."""
+    import torch.nn.functional as F
+
+    from romav2_plugin.nn import fine_features, refiner
+    from romav2_plugin.nn.conv_bn import conv_bn
+
+    fused = refiner.conv_bn_relu
+    outs = {}
+
+    def unfused(x, conv, bn):
+        return F.relu(conv_bn(x, conv, bn))
+
+    def run(name, fn):
+        def f():
+            refiner.conv_bn_relu = fine_features.conv_bn_relu = fn
+            try:
+                outs[name] = model.match(A, B)["warp_AB"]
+            finally:
+                refiner.conv_bn_relu = fine_features.conv_bn_relu = fused
+        return f
+
+    t = _interleaved({"fused": run("fused", fused), "unfused": run("unfused", unfused)}, repeats, warmup)
+    rows.append(_row("convrelu", setting, "match(), convolution then ReLU (before)", t["unfused"]))
+    rows.append(_row("convrelu", setting, "match(), convolution + ReLU fused (now)", t["fused"], t["unfused"],
+                     _maxdiff(outs["fused"], outs["unfused"])))
 
 
 def _old_check(x):

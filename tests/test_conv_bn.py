@@ -1,13 +1,17 @@
 """conv_bn: a convolution + batch norm folded at inference equals the two modules (float64 reference), keeps
-gradients, and leaves training mode to the modules as they are."""
+gradients, and leaves training mode to the modules as they are; conv_bn_relu: fused by oneDNN at CPU inference
+(the same result as the unfused path), unfused everywhere else."""
 
+import contextlib
 import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from romav2_plugin.nn.conv_bn import conv_bn
+from romav2_plugin.nn.conv_bn import conv_bn, conv_bn_relu
 
 
 def _pair(groups: int, bias: bool, affine: bool, dtype=torch.float64):
@@ -57,3 +61,64 @@ def test_training_mode_uses_batch_statistics_and_updates_the_running_ones():
     torch.testing.assert_close(out.mean(dim=(0, 2, 3)), bn.bias.detach(), atol=1e-9, rtol=0)  # batch-normalised
     torch.testing.assert_close(out, ref_bn(conv(x)), atol=0, rtol=0)  # the two modules as they are
     torch.testing.assert_close(bn.running_mean, ref_bn.running_mean, atol=0, rtol=0)
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _cl(conv, bn, x, dtype=torch.float32):
+    conv, bn = conv.to(dtype), bn.to(dtype)
+    bn.eval()
+    return conv, bn, x.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_conv_bn_relu_fused_at_cpu_inference_equals_the_unfused_path(groups):
+    conv, bn, x = _cl(*_pair(groups, True, True))
+    with torch.inference_mode():
+        with _OpNames() as ops:
+            fused = conv_bn_relu(x, conv, bn)
+        unfused = F.relu(conv_bn(x, conv, bn))
+    assert "_convolution_pointwise" in ops.names  # the fused oneDNN convolution ran
+    assert fused.is_contiguous(memory_format=torch.channels_last)
+    ref = F.relu(bn.double()(conv.double()(x.double())))
+    torch.testing.assert_close(fused, unfused, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_conv_bn_relu_fused_under_cpu_autocast_matches_the_autocast_convolution():
+    conv, bn, x = _cl(*_pair(8, True, True))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with _OpNames() as ops:
+            fused = conv_bn_relu(x, conv, bn)
+        unfused = F.relu(conv_bn(x, conv, bn))
+    assert "_convolution_pointwise" in ops.names
+    assert fused.dtype == unfused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), unfused.float(), atol=1e-2, rtol=1e-2)  # bf16 rounding
+
+
+@pytest.mark.parametrize("case", ["grad", "float64", "nchw", "train"])
+def test_conv_bn_relu_falls_back_where_the_fused_op_must_not_run(case):
+    conv, bn, x = _cl(*_pair(8, True, True))
+    if case == "float64":
+        conv, bn, x = _cl(conv, bn, x, torch.float64)
+    if case == "nchw":
+        x = x.contiguous()
+    if case == "train":
+        bn.train()
+    ctx = contextlib.nullcontext() if case in ("grad", "train") else torch.inference_mode()
+    with ctx, _OpNames() as ops:
+        out = conv_bn_relu(x, conv, bn)
+    assert "_convolution_pointwise" not in ops.names
+    if case == "grad":
+        assert out.requires_grad  # gradients reach the parameters through the unfused path
+        out.sum().backward()
+        assert conv.weight.grad is not None and bn.weight.grad is not None
+    assert (out >= 0).all()

@@ -470,7 +470,9 @@ def test_forward_far_outside_and_wide_images_against_float64():
     # warps up to 3x the image (blocks wholly outside by many pixels) and a 320-px width where the official
     # float32 per-offset pixel positions round by ~3e-5 px: the whole-pixel gather is compared with the
     # grid_sample formulation computed in float64, and must be closer to it than that formulation in float32
-    for (B, C, H, W, r, spread) in [(1, 16, 12, 320, 3, 1.05), (2, 8, 9, 11, 3, 3.0), (1, 4, 5, 7, 2, 8.0)]:
+    # (several blocks of gathered pixels per band, the last one partial: 99 pixels at 9x11)
+    for (B, C, H, W, r, spread) in [(1, 16, 12, 320, 3, 1.05), (2, 8, 9, 11, 3, 3.0), (1, 4, 5, 7, 2, 8.0),
+                                    (1, 32, 12, 320, 1, 1.05), (2, 48, 9, 11, 1, 3.0)]:
         f_A, f_B, warp = _inputs(B, C, H, W, spread=spread, seed=3)
         window = lcm._window(r, H, W, "cpu", torch.float64)
         ref = lcm._corr_rows(f_A.double(), f_B.double(), warp.double(), window, torch.float64)
@@ -483,3 +485,19 @@ def test_forward_far_outside_and_wide_images_against_float64():
             far = (warp.abs() > 1 + 2 * (r + 2) / min(H, W)).any(-1)  # (B, H, W)
             assert far.any()
             assert (out.permute(0, 2, 3, 1)[far] == 0).all()
+
+
+def test_radius_one_with_few_channels_keeps_the_official_grid_sample_formulation():
+    # romav2-tiny's stride-2 refiner (r = 1, 16 channels): grid_sample is faster there, so the CPU forward is
+    # exactly the official float32 computation; from GATHER_R1_MIN_CHANNELS channels on, the gathers (closer
+    # to float64 than the official's float32 pixel positions at this 320-px width)
+    for C, gathers in ((16, False), (lcm.GATHER_R1_MIN_CHANNELS, True)):
+        f_A, f_B, warp = _inputs(1, C, 6, 320, spread=1.05, seed=5)
+        out = lc_fn(f_A, f_B, warp, 1)
+        official_way = lcm._corr_rows(f_A, f_B, warp, lcm._window(1, 6, 320, "cpu", torch.float32), torch.float32)
+        ref = lcm._corr_rows(f_A.double(), f_B.double(), warp.double(), lcm._window(1, 6, 320, "cpu",
+                             torch.float64), torch.float64)
+        if gathers:
+            assert (out.double() - ref).abs().max() < (official_way.double() - ref).abs().max()
+        else:
+            assert torch.equal(out, official_way)

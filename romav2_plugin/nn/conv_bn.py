@@ -1,11 +1,26 @@
-"""A convolution followed by a batch norm, folded into one convolution at inference."""
+"""A convolution followed by a batch norm (and a ReLU), folded into one convolution at inference."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["conv_bn"]
+__all__ = ["conv_bn", "conv_bn_relu"]
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The folded ``(weight, bias)`` of ``bn(conv(.))`` when ``bn`` normalises with its running statistics,
+    else ``None`` (training mode: batch statistics, running statistics updated)."""
+    if bn.training or bn.running_mean is None or bn.running_var is None:
+        return None
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale if conv.bias is None else (conv.bias - bn.running_mean) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1))), shift
 
 
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
@@ -17,13 +32,52 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tenso
 
     Shapes: ``x (B, C_in, H, W)`` -> ``(B, C_out, H', W')``.
     """
-    if bn.training or bn.running_mean is None or bn.running_var is None:
+    folded = _folded(conv, bn)
+    if folded is None:
         return bn(conv(x))
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale if conv.bias is None else (conv.bias - bn.running_mean) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    weight = conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1)))
-    return conv._conv_forward(x, weight, shift)
+    return conv._conv_forward(x, *folded)
+
+
+def _fused_dtype(x: torch.Tensor, conv: nn.Conv2d) -> torch.dtype | None:
+    """The dtype the fused oneDNN convolution + ReLU runs in, or ``None`` where it must not be used: it is
+    for CPU inference on channels-last float32 / bf16 activations (what the refiners and the fine features
+    feed it), with no autograd, compiler or exporter watching and zero padding given as numbers."""
+    if (
+        x.device.type != "cpu"
+        or x.dim() != 4
+        or not torch.backends.mkldnn.is_available()
+        or (torch.is_grad_enabled() and not torch.is_inference_mode_enabled())
+        or torch.compiler.is_compiling()
+        or conv.padding_mode != "zeros"
+        or isinstance(conv.padding, str)
+        or not x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return None
+    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if dt not in (torch.float32, torch.bfloat16) or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if not torch.is_autocast_enabled("cpu") and conv.weight.dtype != dt:
+        return None  # F.conv2d would refuse the mixed dtypes: keep its error
+    return dt
+
+
+def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``relu(bn(conv(x)))`` (:func:`conv_bn` and a ReLU). For CPU inference on channels-last activations the
+    three run as one oneDNN convolution with the ReLU applied as it writes its output (the same convolution
+    algorithm as ``F.conv2d`` there, and a ReLU commutes with the output's rounding, so the result is the
+    unfused one bit for bit), saving one pass over the activations: 0.10 against 0.15 s for the 5x5 depthwise
+    convolution of 512 channels at 320x320, bf16, one thread of a 2-core AMD EPYC. Under a CPU autocast the
+    inputs are cast as autocast casts them for a convolution. Elsewhere (training, gradients, other devices,
+    float64, exporting) it is :func:`conv_bn` followed by ``F.relu``.
+
+    Shapes: ``x (B, C_in, H, W)`` -> ``(B, C_out, H', W')``.
+    """
+    dt = _fused_dtype(x, conv)
+    folded = _folded(conv, bn) if dt is not None else None
+    if folded is None:
+        return F.relu(conv_bn(x, conv, bn))
+    weight, bias = folded
+    return torch.ops.mkldnn._convolution_pointwise(
+        x.to(dt), weight.to(dt), bias.to(dt), list(conv.padding), list(conv.stride), list(conv.dilation),
+        conv.groups, "relu", [], "",
+    )

@@ -20,7 +20,7 @@ from torch import nn
 
 from romav2_plugin.config import FineFeaturesConfig
 from romav2_plugin.nn.backbone import imagenet_normalize
-from romav2_plugin.nn.conv_bn import conv_bn
+from romav2_plugin.nn.conv_bn import conv_bn, conv_bn_relu
 
 __all__ = ["FineFeatures"]
 
@@ -64,8 +64,13 @@ class FineFeatures(nn.Module):
                     stride *= 2
                 nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
                 if isinstance(layer, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d):
-                    x = conv_bn(x, layer, nxt)  # folded at inference
-                    i += 2
+                    after = self.layers[i + 2] if i + 2 < len(self.layers) else None
+                    if isinstance(after, nn.ReLU):
+                        x = conv_bn_relu(x, layer, nxt)  # folded, and fused with the ReLU on a CPU at inference
+                        i += 3
+                    else:
+                        x = conv_bn(x, layer, nxt)  # folded at inference
+                        i += 2
                     continue
                 x = layer(x)
                 i += 1

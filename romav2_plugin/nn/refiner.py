@@ -23,7 +23,7 @@ from torch import nn
 
 from romav2_plugin.config import RefinerConfig
 from romav2_plugin.geometry import bhwc_grid_sample, normalized_grid
-from romav2_plugin.nn.conv_bn import conv_bn
+from romav2_plugin.nn.conv_bn import conv_bn_relu
 from romav2_plugin.ops import local_corr
 
 __all__ = ["ConvRefiner", "build_refiners"]
@@ -37,7 +37,7 @@ class SeparableBlock(nn.Module):
         self.conv_pointwise = nn.Conv2d(dim, dim, 1, 1, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_pointwise(F.relu(conv_bn(x, self.conv_depthwise, self.norm)))
+        return self.conv_pointwise(conv_bn_relu(x, self.conv_depthwise, self.norm))
 
 
 class ConvRefiner(nn.Module):

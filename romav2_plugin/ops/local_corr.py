@@ -19,20 +19,22 @@ Implementations:
   dtype). If it cannot be compiled, loaded or launched (no cuda-python, no driver, ...) or disagrees, one
   warning with the figures is emitted and that device uses the chunked torch path below.
   ``$ROMAV2_LOCAL_CORR`` = ``auto`` (default) | ``cuda`` (the kernel, unchecked) | ``torch`` forces a path.
-* every other device (CPU), radius >= :data:`GATHER_MIN_RADIUS` (the stride-4 refiner's 3): the window
-  offsets are whole pixels, so all ``K`` samples of a pixel share one pair of bilinear weights. The forward takes the dot products of ``f_A`` with the ``(2r + 2)^2`` whole-pixel
-  neighbours of B around ``floor(warp)`` (one gather of channel vectors, one batched product) and blends
-  them with those weights: the same function as the official ``grid_sample`` formulation, with
+* every other device (CPU), radius >= :data:`GATHER_MIN_RADIUS` (the stride-4 refiner's 3), and radius 1
+  from :data:`GATHER_R1_MIN_CHANNELS` channels on (the official stride-2 refiner's 48): the window offsets
+  are whole pixels, so all ``K`` samples of a pixel share one pair of bilinear weights. The forward takes
+  the dot products of ``f_A`` with the ``(2r + 2)^2`` whole-pixel neighbours of B around ``floor(warp)``
+  and blends them with those weights: the same function as the official ``grid_sample`` formulation, with
   ``(2r + 2)^2`` channel vectors read per pixel instead of its ``4 (2r + 1)^2`` corners (64 against 196 at
-  r = 3). Per call at the ``precise`` shapes: 0.53-0.61x the time of the ``grid_sample`` formulation
-  (benchmarks/results/cpu_levers_cpu.md, ``gathercorr``). The pixel position is
-  computed once, in float64, where the official rounds it in float32 per offset: against a float64
-  reference the result is more exact (~3e-6 against ~1e-4 at 320x240, C=192), and it differs from the
-  official by that rounding of the official's. Rows are processed in chunks so the temporaries stay under a
-  memory budget (:data:`DEFAULT_CHUNK_BYTES`, or the ``chunk_bytes`` keyword). The backward is the
-  ``grid_sample`` formulation's exact adjoint (:func:`torch.ops.aten.grid_sampler_2d_backward`), chunked too.
-  Smaller radii (the stride-2 refiner's 1) use that formulation forward too, where it is faster: per chunk
-  exactly the official native computation.
+  r = 3). The neighbours are gathered for 64 pixels at a time (``index_select``, multiply, sum), so they
+  stay in the cache. The pixel position is computed once, in float64, where the official rounds it in
+  float32 per offset: against a float64 reference the result is more exact (~1e-6 against ~1e-4 at 320x240,
+  C=192), and it differs from the official by that rounding of the official's. Timings:
+  benchmarks/results/cpu_levers_cpu.md (``gathercorr``, ``corrblock``). Rows are processed in chunks so the
+  temporaries stay under a memory budget (:data:`DEFAULT_CHUNK_BYTES`, or the ``chunk_bytes`` keyword). The
+  backward is the ``grid_sample`` formulation's exact adjoint
+  (:func:`torch.ops.aten.grid_sampler_2d_backward`), chunked too. Radius 1 with fewer channels (romav2-tiny's
+  stride-2 refiner: 16) uses that formulation forward too, where it is faster: per chunk exactly the official
+  native computation.
 
 Autograd: gradients flow to ``f_A`` and ``f_B``; ``warp`` gets none (the official refiner detaches it).
 A fake (meta) implementation makes the op traceable by ``torch.compile``. While exporting (``torch.export``,
@@ -54,6 +56,7 @@ from torch import Tensor
 from romav2_plugin.ops import local_corr_tune as _tune
 from romav2_plugin.ops.local_corr_torch import (  # noqa: F401 (re-exported for the tests and benchmarks)
     GATHER_MIN_RADIUS,
+    GATHER_R1_MIN_CHANNELS,
     _compute_dtype,
     _corr_rows,
     _corr_rows_gather,

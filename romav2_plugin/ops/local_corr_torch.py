@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GATHER_MIN_RADIUS"]
+__all__ = ["GATHER_MIN_RADIUS", "GATHER_R1_MIN_CHANNELS"]
 
 
 def _window(radius: int, H: int, W: int, device, dtype) -> Tensor:
@@ -32,14 +32,25 @@ def _rows_per_chunk(C: int, W: int, K: int, elem: int, chunk_bytes: int) -> int:
     return max(1, int(chunk_bytes) // per_row)
 
 
-#: smallest radius whose CPU forward uses whole-pixel gathers (below it, grid_sample is faster: measured on
-#: a 2-core AMD EPYC, 640x640 C=48 r=1 with a smooth warp: 0.70 s gathers vs 0.53 s grid_sample; 320x320
-#: C=192 r=3: 1.12 s vs 2.49 s)
+#: smallest radius whose CPU forward always uses whole-pixel gathers (the stride-4 refiner's 3)
 GATHER_MIN_RADIUS = 2
+#: at radius 1 the gathers are used from this many channels on (the official stride-2 refiner's 48; tiny's 16
+#: keeps grid_sample). Measured on a 2-core AMD EPYC, one thread, gathers / grid_sample at 192-400 px: C = 8
+#: 1.4-1.8x, 16 0.8-1.4x, 24 0.9-1.1x, 32 0.74x, 48 0.52-0.54x (640x640 C=48: 0.42 s vs 1.45 s); at radius 3
+#: 0.3-0.9x for every C
+GATHER_R1_MIN_CHANNELS = 32
+
+
+def _use_gathers(radius: int, C: int) -> bool:
+    return radius >= GATHER_MIN_RADIUS or (radius == 1 and C >= GATHER_R1_MIN_CHANNELS)
+
+#: pixels whose gathered neighbours are held at once on a CPU (cache-sized: 64 x 64 x 192 x 4 bytes = 3 MiB;
+#: measured on a 2-core AMD EPYC, 320x320 C=192 r=3: 32 -> 0.71 s, 64 -> 0.56 s, 128 -> 0.60 s)
+_GATHER_BLOCK = 64
 
 
 def _local_corr_torch(f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, chunk_bytes: int) -> Tensor:
-    if radius >= GATHER_MIN_RADIUS:
+    if _use_gathers(radius, f_A.shape[1]):
         return _local_corr_gather(f_A, f_B, warp, radius, chunk_bytes)
     return _local_corr_grid(f_A, f_B, warp, radius, chunk_bytes)
 
@@ -68,8 +79,10 @@ def _local_corr_gather(f_A: Tensor, f_B: Tensor, warp: Tensor, radius: int, chun
     dt = _compute_dtype(f_A, f_B, warp)
     out = torch.empty((B, K, H, W), device=f_A.device, dtype=dt)
     M = (2 * radius + 2) ** 2
-    # per pixel: the gathered neighbours (M, C), their products (M) and the indices (M, int64)
-    per_row = (M * C * (torch.finfo(dt).bits // 8) + M * 8) * W
+    # per pixel: the indices (M, int64), the products (M) and the blend's temporaries (~3 M), and on a GPU the
+    # gathered neighbours (M, C) (a CPU holds those only for a block of pixels, :data:`_GATHER_BLOCK`)
+    elem = torch.finfo(dt).bits // 8
+    per_row = (M * 8 + 4 * M * elem + (0 if f_A.device.type == "cpu" else M * C * elem)) * W
     rows = max(1, int(chunk_bytes) // per_row)
     steps = torch.arange(-radius, radius + 2, device=f_A.device)
     for b in range(B):
@@ -107,7 +120,17 @@ def _corr_rows_gather(fa: Tensor, fb: Tensor, warp: Tensor, H: int, W: int, radi
     ys = y0.clamp(-radius - 2, H + radius).long()[:, None] + steps
     inside = ((ys >= 0) & (ys < H))[:, :, None] & ((xs >= 0) & (xs < W))[:, None, :]
     idx = (ys.clamp(0, H - 1)[:, :, None] * W + xs.clamp(0, W - 1)[:, None, :]).reshape(n, m * m)
-    dots = torch.bmm(fb[idx], fa.reshape(n, C, 1)).reshape(n, m, m)
+    fa = fa.reshape(n, C)
+    dots = torch.empty((n, m * m), device=fa.device, dtype=dt)
+    # the dot products with the neighbours, a few pixels at a time: on a CPU a block's gathered rows stay in
+    # the cache (index_select + multiply + sum; a batched matrix-vector product and 2-D fancy indexing were
+    # 3-7x slower); on a GPU the whole band at once
+    block = _GATHER_BLOCK if fa.device.type == "cpu" else n
+    for i in range(0, n, block):
+        j = min(n, i + block)
+        g = fb.index_select(0, idx[i:j].reshape(-1)).reshape(j - i, m * m, C)
+        torch.sum(g.mul_(fa[i:j, None]), dim=-1, out=dots[i:j])
+    dots = dots.reshape(n, m, m)
     dots = torch.where(inside, dots / C**0.5, 0.0)  # neighbours outside the image read zeros
     tx, ty = tx[:, None, None], ty[:, None, None]
     top = dots[:, :-1, :-1] + tx * (dots[:, :-1, 1:] - dots[:, :-1, :-1])

@@ -108,9 +108,9 @@ def _finest_inputs(model, A, B):
     caught: dict = {"fine": [], "blocks": {}}
     ff = model.refiner_features.forward
 
-    def ff_hook(imgs, *, amp=False):
+    def ff_hook(imgs, *, amp=False, **kw):
         caught["fine"].append((imgs, amp))
-        return ff(imgs, amp=amp)
+        return ff(imgs, amp=amp, **kw)
 
     handles = []
     for key, ref in model.refiners.items():

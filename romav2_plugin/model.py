@@ -230,15 +230,19 @@ class RoMaV2(nn.Module):
         return max(1, min(n, limit // max(1, h * w)))
 
     def _fine_features(self, imgs: torch.Tensor, *, amp: bool) -> dict[int, torch.Tensor]:
+        """Per stride, the refiner's fp32 input projection of the fine features ``(n, h, w, proj_dim)``: each
+        map is projected as soon as the CNN makes it, so the full-width maps (64-256 channels, the largest
+        tensors at high resolution) never outlive their layer."""
         if self._channels_last_on(imgs.device):
             imgs = imgs.contiguous(memory_format=torch.channels_last)
+        project = {int(k): r.project for k, r in self.refiners.items()}
         n = imgs.shape[0]
         step = self._chunk(n, *imgs.shape[-2:], imgs.device)
         if step >= n:
-            return self.refiner_features(imgs, amp=amp)
+            return self.refiner_features(imgs, amp=amp, project=project)
         out: dict[int, torch.Tensor] = {}
         for i in range(0, n, step):  # chunks written into preallocated outputs: no concatenated copy
-            part = self.refiner_features(imgs[i : i + step], amp=amp)
+            part = self.refiner_features(imgs[i : i + step], amp=amp, project=project)
             for s, x in part.items():
                 if s not in out:
                     out[s] = x.new_empty((n, *x.shape[1:]))
@@ -248,7 +252,7 @@ class RoMaV2(nn.Module):
     def _refine(self, refiner, fine: torch.Tensor, warp, conf, scale_factor, *, amp: bool):
         """Run ``refiner`` on every direction.
 
-        ``fine (2B, h, w, C)`` holds A's then B's features; ``warp``/``conf`` hold the ``n = B`` (A->B) or
+        ``fine (2B, h, w, C)`` holds A's then B's projected features; ``warp``/``conf`` hold the ``n = B`` (A->B) or
         ``n = 2B`` (A->B then B->A) directions. Row ``i`` refines ``fine[i]`` against ``fine[(i + B) % 2B]``.
         Above ``max_batch_pixels`` the rows run in chunks within each direction, on views of ``fine``
         (no copy of the high-resolution feature maps).
@@ -258,13 +262,14 @@ class RoMaV2(nn.Module):
         step = self._chunk(n, h, w, fine.device)
         if step >= n:
             f_B = fine[B:] if n == B else torch.cat((fine[B:], fine[:B]))
-            return refiner(fine[:n], f_B, warp, conf, scale_factor, amp=amp)
+            return refiner(fine[:n], f_B, warp, conf, scale_factor, amp=amp, projected=True)
         outs = []
         for lo in range(0, n, B):  # per direction, so every chunk's features are views, not copies
             for i in range(lo, lo + B, step):
                 j = min(i + step, lo + B)
                 ib = (i + B) % (2 * B)
-                outs.append(refiner(fine[i:j], fine[ib : ib + j - i], warp[i:j], conf[i:j], scale_factor, amp=amp))
+                outs.append(refiner(fine[i:j], fine[ib : ib + j - i], warp[i:j], conf[i:j], scale_factor, amp=amp,
+                                    projected=True))
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
     def _check_pair(self, img_A: torch.Tensor, img_B: torch.Tensor, stage: str) -> None:

@@ -14,6 +14,7 @@ placement on every device (on a CPU with native bf16 this halves the time of thi
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -47,11 +48,23 @@ class FineFeatures(nn.Module):
                 c_in = v
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, img: torch.Tensor, *, amp: bool = False) -> dict[int, torch.Tensor]:
+    def forward(
+        self, img: torch.Tensor, *, amp: bool = False, project: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] | None = None
+    ) -> dict[int, torch.Tensor]:
+        """``project``: per stride, a function applied to that stride's ``(B, h, w, C)`` map as soon as it is
+        computed, outside any autocast (the refiners' fp32 input projections), so only its (narrower) result
+        is kept: the full-width maps are freed while the deeper layers run."""
         # channels-last input: faster convolutions, and the NHWC feature views below are contiguous
         x = imagenet_normalize(img).contiguous(memory_format=torch.channels_last)
         feats: dict[int, torch.Tensor] = {}
         stride = 1
+
+        def keep(s: int, f: torch.Tensor) -> None:
+            if project is not None and s in project:
+                with torch.autocast(f.device.type, enabled=False):
+                    f = project[s](f)
+            feats[s] = f
+
         # The official code autocasts here with device_type="cuda" (bf16 on CUDA; its CPU runs stay fp32).
         # Under amp we autocast on the input's device, so a CPU with native bf16 gets the CUDA placement.
         ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
@@ -60,7 +73,7 @@ class FineFeatures(nn.Module):
             while i < len(self.layers):
                 layer = self.layers[i]
                 if isinstance(layer, nn.MaxPool2d):
-                    feats[stride] = x.permute(0, 2, 3, 1)
+                    keep(stride, x.permute(0, 2, 3, 1))
                     stride *= 2
                 nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
                 if isinstance(layer, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d):
@@ -74,5 +87,5 @@ class FineFeatures(nn.Module):
                     continue
                 x = layer(x)
                 i += 1
-            feats[stride] = x.permute(0, 2, 3, 1)
+            keep(stride, x.permute(0, 2, 3, 1))
         return feats

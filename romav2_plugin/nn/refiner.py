@@ -54,6 +54,10 @@ class ConvRefiner(nn.Module):
         self.warp_head = nn.Conv2d(hidden, cfg.warp_dim, 1, 1, 0)
         self.confidence_head = nn.Conv2d(hidden, cfg.confidence_dim, 1, 1, 0)
 
+    def project(self, f: torch.Tensor) -> torch.Tensor:
+        """The input projection, in fp32: ``(..., feat_dim)`` -> ``(..., proj_dim)``."""
+        return self.proj(f.float())
+
     def forward(
         self,
         f_A: torch.Tensor,
@@ -63,11 +67,13 @@ class ConvRefiner(nn.Module):
         scale_factor: torch.Tensor,
         *,
         amp: bool = False,
+        projected: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One refinement step.
 
         Args:
-            f_A, f_B: fine features ``(B, h, w, feat_dim)`` (channels-last).
+            f_A, f_B: fine features ``(B, h, w, feat_dim)`` (channels-last), or with ``projected=True`` their
+                projections :meth:`project` ``(B, h, w, proj_dim)`` (computed as the features are made).
             prev_warp: ``(B, h, w, 2)`` normalized ``[-1, 1]``.
             prev_confidence: ``(B, h, w, 1)`` (overlap logit from the matcher) or ``(B, h, w, 4)``
                 (overlap logit + precision parameters from a previous refiner), or ``None``.
@@ -86,8 +92,8 @@ class ConvRefiner(nn.Module):
         prev_warp = prev_warp.detach()
         if prev_confidence is not None:
             prev_confidence = prev_confidence.detach()
-        f_A = self.proj(f_A.float())
-        f_B = self.proj(f_B.float())
+        if not projected:
+            f_A, f_B = self.project(f_A), self.project(f_B)
         with torch.no_grad():
             f_BA = bhwc_grid_sample(f_B, prev_warp, mode="bilinear", align_corners=False)
         grid = normalized_grid(B, h, w, device=prev_warp.device)

@@ -25,6 +25,9 @@ Levers (``--levers``):
   matrix-vector product at radius >= 2; ``grid_sample`` at radius 1), interleaved, then per call as ``gathercorr``;
 * ``convrelu`` -- ``match()`` with convolution + batch norm + ReLU as one oneDNN convolution (the code as it is:
   ``romav2_plugin.nn.conv_bn.conv_bn_relu``) against the convolution followed by a separate ReLU; parity: the warps;
+* ``earlyproj`` -- ``match()`` with the refiners' input projections applied as the CNN makes each fine-feature map
+  (the code as it is) against the full-width maps kept until each refiner projects them; time and peak resident
+  memory per run; parity: the warps;
 * ``checks``   -- the input check of a float image (``romav2_plugin.io._check_values``, one ``aminmax`` pass) against
   the four passes it replaced (``isfinite().all()``, ``min``, ``max``), on both images of the pair at their
   full size; parity: both accept the pair and both reject it with one NaN / inf;
@@ -408,6 +411,56 @@ def lever_convrelu(setting, model, A, B, rows, extra, repeats, warmup):
     rows.append(_row("convrelu", setting, "match(), convolution then ReLU (before)", t["unfused"]))
     rows.append(_row("convrelu", setting, "match(), convolution + ReLU fused (now)", t["fused"], t["unfused"],
                      _maxdiff(outs["fused"], outs["unfused"])))
+
+
+def lever_earlyproj(setting, model, A, B, rows, extra, repeats, warmup):
+    """The refiners' input projections applied as the fine-feature CNN makes each map (now: only the projected
+    maps are kept) against the CNN's full-width maps kept and projected inside each refiner (before),
+    ``match()`` interleaved; besides the time, the peak resident memory above the live memory before each run
+    (``VmHWM`` reset; the largest over the runs); parity: the warps."""
+    from benchmarks._common import hwm_mb, release_memory, reset_peak_rss, rss_mb
+
+    ff = model.refiner_features
+    outs, peaks = {}, {"now": [], "before": []}
+
+    def raw_features(imgs, *, amp=False, project=None, _f=ff.forward):
+        return _f(imgs, amp=amp)
+
+    def before_mode(on):
+        if on:
+            ff.forward = raw_features
+            for r in model.refiners.values():
+                r.forward = lambda *a, projected=False, _f=r.forward, **kw: _f(*a, projected=False, **kw)
+        else:
+            del ff.forward
+            for r in model.refiners.values():
+                del r.forward
+
+    def run(name):
+        def f():
+            if name == "before":
+                before_mode(True)
+            try:
+                release_memory()
+                base = rss_mb()
+                exact = reset_peak_rss()
+                outs[name] = model.match(A, B)["warp_AB"]
+                if base is not None and exact:
+                    peaks[name].append(hwm_mb() - base)
+            finally:
+                if name == "before":
+                    before_mode(False)
+        return f
+
+    t = _interleaved({"now": run("now"), "before": run("before")}, repeats, warmup)
+
+    def mem(name):
+        return f"peak memory +{max(peaks[name]):.0f} MiB" if peaks[name] else "peak memory not measurable here"
+
+    rows.append(_row("earlyproj", setting, "match(), full-width fine features kept (before)", t["before"],
+                     note=mem("before")))
+    rows.append(_row("earlyproj", setting, "match(), projected as the CNN makes them (now)", t["now"], t["before"],
+                     _maxdiff(outs["now"], outs["before"]), note=mem("now")))
 
 
 def _old_check(x):

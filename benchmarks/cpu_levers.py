@@ -246,12 +246,13 @@ def lever_bnfold(setting, model, A, B, rows, extra, repeats, warmup):
                      _maxdiff(outs["folded"], outs["apart"])))
 
 
-def lever_gathercorr(setting, model, A, B, rows, extra, repeats, warmup):
-    """The CPU local correlation by whole-pixel gathers (now, radius >= 2) against the chunked ``grid_sample``
-    formulation it replaced, end to end (``match()``, interleaved) and per call on the inputs ``match()`` gives
-    it. A gather's cost depends on where the warp points: random weights give scattered warps (cache-unfriendly),
-    trained ones smooth warps; so each call is also timed with the same features and a smooth warp (identity
-    scaled by 0.8, shifted by 0.1, plus 0.02 noise) -- what real weights give."""
+def _local_corr_ab(lever, setting, model, A, B, rows, repeats, warmup, before, labels, radius_ok=None):
+    """A/B of the CPU local correlation: ``match()`` with ``romav2_plugin.ops.local_corr._local_corr_torch`` as
+    it is ("now") against ``before(f_A, f_B, warp, radius, chunk_bytes)``, interleaved; then each call ``match()``
+    made (one per shape and radius; ``radius_ok`` filters them) alone, on the inputs ``match()`` gave it and
+    with a smooth warp. A gather's cost depends on where the warp points: random weights give scattered warps
+    (cache-unfriendly), trained ones smooth warps (identity scaled by 0.8, shifted by 0.1, plus 0.02 noise).
+    ``labels``: (match() before, match() now, per call before, per call now)."""
     import importlib
 
     lcm = importlib.import_module("romav2_plugin.ops.local_corr")  # the package attribute is the function
@@ -272,12 +273,11 @@ def lever_gathercorr(setting, model, A, B, rows, extra, repeats, warmup):
         return f
 
     run("record", record)()
-    t = _interleaved({"gather": run("gather", now), "grid": run("grid", lcm._local_corr_grid)}, repeats, warmup)
-    rows.append(_row("gathercorr", setting, "match(), local corr by grid_sample (before)", t["grid"]))
-    rows.append(_row("gathercorr", setting, "match(), local corr by whole-pixel gathers (now)", t["gather"],
-                     t["grid"], _maxdiff(outs["gather"], outs["grid"])))
+    t = _interleaved({"now": run("now", now), "before": run("before", before)}, repeats, warmup)
+    rows.append(_row(lever, setting, labels[0], t["before"]))
+    rows.append(_row(lever, setting, labels[1], t["now"], t["before"], _maxdiff(outs["now"], outs["before"])))
     for (shape, r), (f_A, f_B, warp, cb) in sorted(calls.items()):
-        if r < lcm.GATHER_MIN_RADIUS:
+        if radius_ok is not None and not radius_ok(r):
             continue
         Bn, _, H, W = shape
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
@@ -290,12 +290,22 @@ def lever_gathercorr(setting, model, A, B, rows, extra, repeats, warmup):
                 def f():
                     res[key] = fn(*args)
                 return f
-            tt = _interleaved({"gather": op(lcm._local_corr_gather, "gather"),
-                               "grid": op(lcm._local_corr_grid, "grid")}, repeats, warmup)
+            tt = _interleaved({"now": op(now, "now"), "before": op(before, "before")}, repeats, warmup)
             what = f"local_corr {tuple(shape)} r={r}, {label}"
-            rows.append(_row("gathercorr", setting, f"{what}: grid_sample", tt["grid"]))
-            rows.append(_row("gathercorr", setting, f"{what}: gathers", tt["gather"], tt["grid"],
-                             _maxdiff(res["gather"], res["grid"])))
+            rows.append(_row(lever, setting, f"{what}: {labels[2]}", tt["before"]))
+            rows.append(_row(lever, setting, f"{what}: {labels[3]}", tt["now"], tt["before"],
+                             _maxdiff(res["now"], res["before"])))
+
+
+def lever_gathercorr(setting, model, A, B, rows, extra, repeats, warmup):
+    """The CPU local correlation by whole-pixel gathers (now) against the chunked ``grid_sample`` formulation
+    it replaced (before), end to end and per call at radius >= 2 (:func:`_local_corr_ab`)."""
+    import importlib
+
+    lcm = importlib.import_module("romav2_plugin.ops.local_corr")
+    _local_corr_ab("gathercorr", setting, model, A, B, rows, repeats, warmup, lcm._local_corr_grid,
+                   ("match(), local corr by grid_sample (before)", "match(), local corr by whole-pixel gathers (now)",
+                    "grid_sample", "gathers"), radius_ok=lambda r: r >= lcm.GATHER_MIN_RADIUS)
 
 
 def _before_gather_torch(f_A, f_B, warp, radius, chunk_bytes):
@@ -338,50 +348,11 @@ def _before_gather_torch(f_A, f_B, warp, radius, chunk_bytes):
 def lever_corrblock(setting, model, A, B, rows, extra, repeats, warmup):
     """The CPU local correlation now (whole-pixel gathers at radius >= 1, the neighbours of 64 pixels at a
     time: index_select + multiply + sum, cache-sized) against before (radius >= 2: a band's neighbours gathered
-    at once and a batched matrix-vector product; radius 1: ``grid_sample``), end to end (``match()``,
-    interleaved) and per call on the inputs ``match()`` gives it and with a smooth warp."""
-    import importlib
-
-    lcm = importlib.import_module("romav2_plugin.ops.local_corr")
-    now = lcm._local_corr_torch
-    outs, calls = {}, {}
-
-    def record(f_A, f_B, warp, radius, chunk_bytes):
-        calls.setdefault((tuple(f_A.shape), radius), (f_A, f_B, warp, chunk_bytes))
-        return now(f_A, f_B, warp, radius, chunk_bytes)
-
-    def run(name, fn):
-        def f():
-            lcm._local_corr_torch = fn
-            try:
-                outs[name] = model.match(A, B)["warp_AB"]
-            finally:
-                lcm._local_corr_torch = now
-        return f
-
-    run("record", record)()
-    t = _interleaved({"now": run("now", now), "before": run("before", _before_gather_torch)}, repeats, warmup)
-    rows.append(_row("corrblock", setting, "match(), local corr before (band gathers r>=2, grid_sample r=1)",
-                     t["before"]))
-    rows.append(_row("corrblock", setting, "match(), local corr now (cache-sized gathers, r>=1)", t["now"],
-                     t["before"], _maxdiff(outs["now"], outs["before"])))
-    for (shape, r), (f_A, f_B, warp, cb) in sorted(calls.items()):
-        Bn, _, H, W = shape
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
-        g = torch.Generator().manual_seed(0)
-        smooth = (torch.stack((xs, ys), -1) * 0.8 + 0.1 + 0.02 * torch.randn(Bn, H, W, 2, generator=g)).contiguous()
-        for label, w in (("match()'s warp", warp), ("smooth warp", smooth)):
-            res = {}
-
-            def op(fn, key, args=(f_A, f_B, w, r, cb), res=res):
-                def f():
-                    res[key] = fn(*args)
-                return f
-            tt = _interleaved({"now": op(now, "now"), "before": op(_before_gather_torch, "before")}, repeats, warmup)
-            what = f"local_corr {tuple(shape)} r={r}, {label}"
-            rows.append(_row("corrblock", setting, f"{what}: before", tt["before"]))
-            rows.append(_row("corrblock", setting, f"{what}: now", tt["now"], tt["before"],
-                             _maxdiff(res["now"], res["before"])))
+    at once and a batched matrix-vector product; radius 1: ``grid_sample``), end to end and per call
+    (:func:`_local_corr_ab`)."""
+    _local_corr_ab("corrblock", setting, model, A, B, rows, repeats, warmup, _before_gather_torch,
+                   ("match(), local corr before (band gathers r>=2, grid_sample r=1)",
+                    "match(), local corr now (cache-sized gathers, r>=1)", "before", "now"))
 
 
 def lever_convrelu(setting, model, A, B, rows, extra, repeats, warmup):

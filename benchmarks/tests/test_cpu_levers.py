@@ -35,7 +35,7 @@ def micro(tmp_path_factory):
     return model, torch.rand(1, 3, 70, 90, generator=g), torch.rand(1, 3, 80, 60, generator=g)
 
 
-@pytest.mark.parametrize("lever", ["corrblock", "convrelu", "earlyproj"])
+@pytest.mark.parametrize("lever", ["gathercorr", "corrblock", "convrelu", "earlyproj"])
 def test_levers_run_and_leave_the_model_as_it_was(micro, lever):
     model, A, B = micro
     ref = model.match(A, B)["warp_AB"]

@@ -46,7 +46,7 @@ def _fused_dtype(x: torch.Tensor, conv: nn.Conv2d) -> torch.dtype | None:
         x.device.type != "cpu"
         or x.dim() != 4
         or not torch.backends.mkldnn.is_available()
-        or (torch.is_grad_enabled() and not torch.is_inference_mode_enabled())
+        or torch.is_grad_enabled()  # off under no_grad and inference_mode
         or torch.compiler.is_compiling()
         or conv.padding_mode != "zeros"
         or isinstance(conv.padding, str)
@@ -64,9 +64,9 @@ def _fused_dtype(x: torch.Tensor, conv: nn.Conv2d) -> torch.dtype | None:
 def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """``relu(bn(conv(x)))`` (:func:`conv_bn` and a ReLU). For CPU inference on channels-last activations the
     three run as one oneDNN convolution with the ReLU applied as it writes its output (the same convolution
-    algorithm as ``F.conv2d`` there, and a ReLU commutes with the output's rounding, so the result is the
-    unfused one bit for bit), saving one pass over the activations: 0.10 against 0.15 s for the 5x5 depthwise
-    convolution of 512 channels at 320x320, bf16, one thread of a 2-core AMD EPYC. Under a CPU autocast the
+    algorithm as ``F.conv2d`` there, and a ReLU commutes with the output's rounding: ``match()``'s warps were
+    bit for bit the unfused ones at ``base`` and ``precise``, benchmarks/results/cpu_levers_cpu.md), saving one pass over the activations: 0.10 against 0.15 s for the 5x5 depthwise
+    convolution of 512 channels at 320x320, bf16, one thread of a 2-core AMD EPYC (beside a training run). Under a CPU autocast the
     inputs are cast as autocast casts them for a convolution. Elsewhere (training, gradients, other devices,
     float64, exporting) it is :func:`conv_bn` followed by ``F.relu``.
 

@@ -1,5 +1,5 @@
 """The torch implementations of the local correlation (CPU, and the CUDA fallback): forward by whole-pixel
-gathers (radius >= :data:`GATHER_MIN_RADIUS`) or by ``grid_sample``, backward by the ``grid_sample`` adjoint,
+gathers (:func:`_use_gathers`) or by ``grid_sample``, backward by the ``grid_sample`` adjoint,
 rows in chunks under a temporaries budget. The maths and the public API: :mod:`romav2_plugin.ops.local_corr`.
 """
 
@@ -35,9 +35,9 @@ def _rows_per_chunk(C: int, W: int, K: int, elem: int, chunk_bytes: int) -> int:
 #: smallest radius whose CPU forward always uses whole-pixel gathers (the stride-4 refiner's 3)
 GATHER_MIN_RADIUS = 2
 #: at radius 1 the gathers are used from this many channels on (the official stride-2 refiner's 48; tiny's 16
-#: keeps grid_sample). Measured on a 2-core AMD EPYC, one thread, gathers / grid_sample at 192-400 px: C = 8
-#: 1.4-1.8x, 16 0.8-1.4x, 24 0.9-1.1x, 32 0.74x, 48 0.52-0.54x (640x640 C=48: 0.42 s vs 1.45 s); at radius 3
-#: 0.3-0.9x for every C
+#: keeps grid_sample). Measured on a 2-core AMD EPYC, one thread beside a training run, gathers / grid_sample
+#: at 192-400 px: C = 8 1.4-1.8x, 16 0.8-1.4x, 24 0.9-1.1x, 32 0.74x, 48 0.52-0.54x (640x640 C=48: 0.42 s vs
+#: 1.45 s); at radius 3 0.3-0.9x for every C
 GATHER_R1_MIN_CHANNELS = 32
 
 
@@ -45,7 +45,8 @@ def _use_gathers(radius: int, C: int) -> bool:
     return radius >= GATHER_MIN_RADIUS or (radius == 1 and C >= GATHER_R1_MIN_CHANNELS)
 
 #: pixels whose gathered neighbours are held at once on a CPU (cache-sized: 64 x 64 x 192 x 4 bytes = 3 MiB;
-#: measured on a 2-core AMD EPYC, 320x320 C=192 r=3: 32 -> 0.71 s, 64 -> 0.56 s, 128 -> 0.60 s)
+#: measured on a 2-core AMD EPYC, one thread beside a training run, 320x320 C=192 r=3: 32 -> 0.71 s,
+#: 64 -> 0.56 s, 128 -> 0.60 s)
 _GATHER_BLOCK = 64
 
 

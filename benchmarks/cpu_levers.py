@@ -28,6 +28,9 @@ Levers (``--levers``):
 * ``earlyproj`` -- ``match()`` with the refiners' input projections applied as the CNN makes each fine-feature map
   (the code as it is) against the full-width maps kept until each refiner projects them; time and peak resident
   memory per run; parity: the warps;
+* ``fusedlinear`` -- ``match()`` with linear layers as one oneDNN inner product, bias and exact GELU applied as it
+  writes (the code as it is: ``romav2_plugin.nn.linear``; the backbone's MLPs and attention projections, the
+  matcher transformer) against ``F.linear`` then a separate GELU; parity: the warps;
 * ``checks``   -- the input check of a float image (``romav2_plugin.io._check_values``, one ``aminmax`` pass) against
   the four passes it replaced (``isfinite().all()``, ``min``, ``max``), on both images of the pair at their
   full size; parity: both accept the pair and both reject it with one NaN / inf;
@@ -382,6 +385,32 @@ def lever_convrelu(setting, model, A, B, rows, extra, repeats, warmup):
     rows.append(_row("convrelu", setting, "match(), convolution then ReLU (before)", t["unfused"]))
     rows.append(_row("convrelu", setting, "match(), convolution + ReLU fused (now)", t["fused"], t["unfused"],
                      _maxdiff(outs["fused"], outs["unfused"])))
+
+
+def lever_fusedlinear(setting, model, A, B, rows, extra, repeats, warmup):
+    """Linear layers as one oneDNN inner product with the bias and the exact GELU applied as it writes (now:
+    the backbone's MLPs and attention output projections, the matcher transformer's linear layers; see
+    ``romav2_plugin.nn.linear``) against ``F.linear`` (``addmm``: the bias broadcast into the output first)
+    followed by a separate GELU (before), ``match()`` interleaved; parity: the warps."""
+    from romav2_plugin.nn import linear as lin
+
+    gate = lin.cpu_fused_dtype
+    outs = {}
+
+    def run(name):
+        def f():
+            if name == "before":
+                lin.cpu_fused_dtype = lambda x, w: None
+            try:
+                outs[name] = model.match(A, B)["warp_AB"]
+            finally:
+                lin.cpu_fused_dtype = gate
+        return f
+
+    t = _interleaved({"now": run("now"), "before": run("before")}, repeats, warmup)
+    rows.append(_row("fusedlinear", setting, "match(), F.linear then GELU (before)", t["before"]))
+    rows.append(_row("fusedlinear", setting, "match(), linear + bias + GELU fused (now)", t["now"], t["before"],
+                     _maxdiff(outs["now"], outs["before"])))
 
 
 def lever_earlyproj(setting, model, A, B, rows, extra, repeats, warmup):

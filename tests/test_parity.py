@@ -127,7 +127,7 @@ def test_sampler_draws_the_official_matches(pair, toronto_preds):
 class _DtypeLog(TorchDispatchMode):
     """Records the input dtypes of every convolution, linear layer, matrix product and attention.
 
-    Layers are keyed by ``(op, weight shape)`` (oneDNN's fused convolution + ReLU counts as ``conv2d``); products of two activations (``bmm``, ``einsum``, ...:
+    Layers are keyed by ``(op, weight shape)`` (oneDNN's fused convolution + ReLU counts as ``conv2d``, its fused linear + GELU as ``linear``); products of two activations (``bmm``, ``einsum``, ...:
     implementations may pick either) by ``("product",)``, attention by ``("attention",)``. The value is the
     set of input dtypes seen. Recorded below autocast, so it shows where autocast really cast. (Under
     inference mode composite ops such as ``linear`` arrive undecomposed; both spellings are covered.)
@@ -144,6 +144,8 @@ class _DtypeLog(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name == "_convolution_pointwise":  # our CPU convolution + ReLU fused by oneDNN: a convolution
             name = "conv2d"
+        elif name == "_linear_pointwise":  # our CPU linear (+ GELU) fused by oneDNN: a linear layer
+            name = "linear"
         if name in self.WEIGHTED:
             i, w = self.WEIGHTED[name]
             self.seen.setdefault((name, tuple(args[w].shape)), set()).add(args[i].dtype)

@@ -35,7 +35,7 @@ def micro(tmp_path_factory):
     return model, torch.rand(1, 3, 70, 90, generator=g), torch.rand(1, 3, 80, 60, generator=g)
 
 
-@pytest.mark.parametrize("lever", ["gathercorr", "corrblock", "convrelu", "earlyproj"])
+@pytest.mark.parametrize("lever", ["gathercorr", "corrblock", "convrelu", "earlyproj", "fusedlinear"])
 def test_levers_run_and_leave_the_model_as_it_was(micro, lever):
     model, A, B = micro
     ref = model.match(A, B)["warp_AB"]
@@ -44,4 +44,7 @@ def test_levers_run_and_leave_the_model_as_it_was(micro, lever):
     assert rows[0]["ratio"] == 1.0 and rows[1]["ratio"] > 0
     assert rows[1]["parity"] is not None and rows[1]["parity"] < 1e-5  # the same warps either way
     assert not any("forward" in vars(m) for m in (model.refiner_features, *model.refiners.values()))  # restored
+    from romav2_plugin.nn import conv_bn, linear
+
+    assert linear.cpu_fused_dtype is conv_bn.cpu_fused_dtype  # restored
     torch.testing.assert_close(model.match(A, B)["warp_AB"], ref, atol=0, rtol=0)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from romav2_plugin.config import BackboneConfig
+from romav2_plugin.nn.linear import FusedLinear, FusedMlp
 
 __all__ = ["DINOv3Backbone", "imagenet_normalize"]
 
@@ -43,6 +44,11 @@ def _create_timm_vit(cfg: BackboneConfig, num_blocks: int | None = None) -> nn.M
     )
     if num_blocks is not None:
         model.prune_intermediate_layers(indices=list(range(num_blocks)), prune_norm=False, prune_head=True)
+    for blk in getattr(model, "blocks", ()):  # the same parameters, run through romav2_plugin.nn.linear
+        blk.mlp = FusedMlp.of_timm(blk.mlp)
+        proj = getattr(blk.attn, "proj", None)
+        if type(proj) is nn.Linear:
+            blk.attn.proj = FusedLinear.of(proj)
     return model
 
 

@@ -38,27 +38,40 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tenso
     return conv._conv_forward(x, *folded)
 
 
-def _fused_dtype(x: torch.Tensor, conv: nn.Conv2d) -> torch.dtype | None:
-    """The dtype the fused oneDNN convolution + ReLU runs in, or ``None`` where it must not be used: it is
-    for CPU inference on channels-last float32 / bf16 activations (what the refiners and the fine features
-    feed it), with no autograd, compiler or exporter watching and zero padding given as numbers."""
+def cpu_fused_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype a fused oneDNN op (convolution or linear layer with its activation applied as it writes)
+    runs in, or ``None`` where it must not be used: CPU inference on float32 / bf16 activations, with no
+    autograd, compiler or exporter watching. Under a CPU autocast: the autocast dtype (the inputs are cast as
+    autocast casts them for a convolution or a linear layer); without one, ``x``'s dtype, and only when the
+    weight has it too (the unfused op would refuse mixed dtypes: its error is kept)."""
     if (
         x.device.type != "cpu"
-        or x.dim() != 4
         or not torch.backends.mkldnn.is_available()
         or torch.is_grad_enabled()  # off under no_grad and inference_mode
         or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+    ):
+        return None
+    autocast = torch.is_autocast_enabled("cpu")
+    dt = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+    if dt not in (torch.float32, torch.bfloat16) or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if not autocast and weight.dtype != dt:
+        return None
+    return dt
+
+
+def _fused_dtype(x: torch.Tensor, conv: nn.Conv2d) -> torch.dtype | None:
+    """:func:`cpu_fused_dtype` for a convolution: also channels-last 4-D activations (what the refiners and
+    the fine features feed it) and zero padding given as numbers."""
+    if (
+        x.dim() != 4
         or conv.padding_mode != "zeros"
         or isinstance(conv.padding, str)
         or not x.is_contiguous(memory_format=torch.channels_last)
     ):
         return None
-    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if dt not in (torch.float32, torch.bfloat16) or x.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    if not torch.is_autocast_enabled("cpu") and conv.weight.dtype != dt:
-        return None  # F.conv2d would refuse the mixed dtypes: keep its error
-    return dt
+    return cpu_fused_dtype(x, conv.weight)
 
 
 def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from romav2_plugin.nn.linear import linear
+
 __all__ = ["RopeEmbedding", "MultiViewTransformer"]
 
 
@@ -107,14 +109,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope | None) -> torch.Tensor:
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        qkv = linear(x, self.qkv).reshape(B, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         if rope is not None:
             sin, cos, emulate = rope
             q = apply_rope(q, sin, cos, emulate=emulate)
             k = apply_rope(k, sin, cos, emulate=emulate)
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return linear(out.transpose(1, 2).reshape(B, N, C), self.proj)
 
 
 class Mlp(nn.Module):
@@ -125,7 +127,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return linear(linear(x, self.fc1, "gelu"), self.fc2)  # self.act's GELU, fused into fc1 where it can be
 
 
 class Block(nn.Module):
@@ -165,7 +167,7 @@ class MultiViewTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, V, H, W, _ = x.shape
-        x = self.projector(x.flatten(1, -2))  # (B, V*H*W, dim)
+        x = linear(x.flatten(1, -2), self.projector)  # (B, V*H*W, dim)
         # While exporting (ONNX), bf16 RoPE arithmetic is emulated in float32 (same numbers, see RopeEmbedding).
         low = self.rope_embed.rope_dtype
         emulate = low if low != torch.float32 and torch.compiler.is_exporting() else None
@@ -176,5 +178,5 @@ class MultiViewTransformer(nn.Module):
                 x = blk(x.reshape(B * V, H * W, D), rope).reshape(B, V * H * W, D)
             else:  # joint attention over both views
                 x = blk(x, None)
-        x = self.output_projector(self.norm(x))
+        x = linear(self.norm(x), self.output_projector)
         return x.reshape(B, V, H, W, -1)

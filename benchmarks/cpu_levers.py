@@ -30,7 +30,8 @@ Levers (``--levers``):
   memory per run; parity: the warps;
 * ``fusedlinear`` -- ``match()`` with linear layers as one oneDNN inner product, bias and exact GELU applied as it
   writes (the code as it is: ``romav2_plugin.nn.linear``; the backbone's MLPs and attention projections, the
-  matcher transformer) against ``F.linear`` then a separate GELU; parity: the warps;
+  matcher transformer) against ``F.linear`` then a separate GELU; parity: the warps. In float32 only: the rows
+  measured under bf16 autocast (slower fused: 1.04x at ``precise``) ran before the code kept ``F.linear`` for bf16;
 * ``checks``   -- the input check of a float image (``romav2_plugin.io._check_values``, one ``aminmax`` pass) against
   the four passes it replaced (``isfinite().all()``, ``min``, ``max``), on both images of the pair at their
   full size; parity: both accept the pair and both reject it with one NaN / inf;
@@ -529,7 +530,8 @@ def write(rows, extra, meta, out: Path):
     md = ["# CPU levers of match() (issue 33, item 3)", "",
           f"- Machine: {m['cpu']}, {m['cores']} cores, {m.get('ram_gb')} GB RAM; torch {m['versions'].get('torch')}",
           f"- Command: `{meta['command']}`", f"- Date: {meta['date']}", f"- Commit: {meta['commit']}",
-          f"- Input: {meta['pair']}; precision: each setting's default on this CPU ({meta['precision']})",
+          f"- Input: {meta['pair']}; precision: each setting's default on this CPU ({meta['precision']}); rows and "
+          "profiles whose setting says 'fp32' ran with `ROMAV2_CPU_BF16=0`",
           f"- Load: {meta['load']}",
           "- Each row: median of the interleaved timed runs; ratio = this variant / the unchanged path (the row "
           "above marked 'as is' / 'default') in the same run; parity = largest absolute output difference.", "",
@@ -583,22 +585,24 @@ def main(argv=None) -> int:
         rows = data.pop("rows")
         prev = data.pop("meta")
         extra = data
-        for k in ("command", "date", "load"):
+        for k in ("command", "date", "load", "commit"):
             meta[k] = f"{prev[k]}; then {meta[k]}" if k != "command" else f"{prev[k]}` then `{meta[k]}"
     levers = [x.strip() for x in args.levers.split(",") if x.strip()]
+    fp32 = not runtime.amp_default("cpu")  # e.g. ROMAV2_CPU_BF16=0 on a bf16 CPU: rows say so
     for setting in [s.strip() for s in args.settings.split(",") if s.strip()]:
         model = _model(setting)
+        label = f"{setting}, fp32" if fp32 else setting
         for lever in levers:
-            print(f"[cpu_levers] {setting}: {lever}", file=sys.stderr, flush=True)
+            print(f"[cpu_levers] {label}: {lever}", file=sys.stderr, flush=True)
             fn = globals()[f"lever_{lever}"]
             try:
                 if lever == "profile":
-                    fn(setting, model, A, B, rows, extra)
+                    fn(label, model, A, B, rows, extra)
                 else:
-                    fn(setting, model, A, B, rows, extra, args.repeats, args.warmup)
+                    fn(label, model, A, B, rows, extra, args.repeats, args.warmup)
             except Exception as e:  # one lever failing (e.g. no compiler for inductor) must not lose the others
-                extra.setdefault("errors", []).append(f"{setting} {lever}: {type(e).__name__}: {e}")
-                print(f"[cpu_levers] {setting} {lever} failed: {e}", file=sys.stderr, flush=True)
+                extra.setdefault("errors", []).append(f"{label} {lever}: {type(e).__name__}: {e}")
+                print(f"[cpu_levers] {label} {lever} failed: {e}", file=sys.stderr, flush=True)
             write(rows, extra, meta, args.out)
         del model
     print(write(rows, extra, meta, args.out).read_text())

@@ -1,4 +1,4 @@
-"""Linear layers (and a following GELU) as one oneDNN inner product at CPU inference."""
+"""Linear layers (and a following GELU) as one oneDNN inner product at float32 CPU inference."""
 
 from __future__ import annotations
 
@@ -17,19 +17,20 @@ _ACTIVATIONS = {None: ("none", ""), "gelu": ("gelu", "none")}  # "none": the exa
 def linear(x: torch.Tensor, layer: nn.Linear, act: str | None = None) -> torch.Tensor:
     """``layer(x)``, followed by the exact GELU when ``act="gelu"``.
 
-    For CPU inference on float32 / bf16 activations (:func:`~romav2_plugin.nn.conv_bn.cpu_fused_dtype`) it is
-    one oneDNN inner product that adds the bias, and applies the GELU on its float32 accumulator, as it
-    writes the output: no separate pass to broadcast the bias into the output (``addmm``) nor to apply the
-    GELU. Float32 results differ from ``F.linear``'s by summation order (~1e-7 relative); under a bf16
-    autocast the GELU is applied before the one rounding to bf16 instead of after it. Elsewhere (training,
-    gradients, other devices, float64, compiling or exporting) it is ``F.linear`` and ``F.gelu``.
+    For CPU inference in float32 (:func:`~romav2_plugin.nn.conv_bn.cpu_fused_dtype`, no autocast to bf16) it
+    is one oneDNN inner product that adds the bias, and applies the GELU, as it writes the output: no
+    separate pass to broadcast the bias into the output (``addmm``) nor to apply the GELU. Results differ
+    from ``F.linear``'s by summation order (~1e-7 relative). Elsewhere it is ``F.linear`` and ``F.gelu``:
+    training, gradients, other devices, float64, compiling or exporting, and bf16 (under an autocast or
+    not), where the same fused op was measured slower end to end on a CPU with native bf16
+    (``benchmarks.cpu_levers --levers fusedlinear``: ``precise`` 1.04x, ``base`` 1.01x; in fp32 0.96x).
 
     Shapes: ``x (..., in_features)`` -> ``(..., out_features)``.
     """
     if act not in _ACTIVATIONS:
         raise ValueError(f"linear(): act={act!r} is not one of {sorted(map(str, _ACTIVATIONS))}")
     dt = cpu_fused_dtype(x, layer.weight)
-    if dt is None:
+    if dt is not torch.float32:  # None, or bf16: F.linear's addmm is the faster of the two there (measured)
         y = F.linear(x, layer.weight, layer.bias)
         return F.gelu(y) if act == "gelu" else y
     attr, algorithm = _ACTIVATIONS[act]

@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from op_log import OpNames
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from romav2_plugin.nn.conv_bn import conv_bn, conv_bn_relu
 
@@ -63,16 +63,6 @@ def test_training_mode_uses_batch_statistics_and_updates_the_running_ones():
     torch.testing.assert_close(bn.running_mean, ref_bn.running_mean, atol=0, rtol=0)
 
 
-class _OpNames(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def _cl(conv, bn, x, dtype=torch.float32):
     conv, bn = conv.to(dtype), bn.to(dtype)
     bn.eval()
@@ -83,7 +73,7 @@ def _cl(conv, bn, x, dtype=torch.float32):
 def test_conv_bn_relu_fused_at_cpu_inference_equals_the_unfused_path(groups):
     conv, bn, x = _cl(*_pair(groups, True, True))
     with torch.inference_mode():
-        with _OpNames() as ops:
+        with OpNames() as ops:
             fused = conv_bn_relu(x, conv, bn)
         unfused = F.relu(conv_bn(x, conv, bn))
     assert "_convolution_pointwise" in ops.names  # the fused oneDNN convolution ran
@@ -96,7 +86,7 @@ def test_conv_bn_relu_fused_at_cpu_inference_equals_the_unfused_path(groups):
 def test_conv_bn_relu_fused_under_cpu_autocast_matches_the_autocast_convolution():
     conv, bn, x = _cl(*_pair(8, True, True))
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        with _OpNames() as ops:
+        with OpNames() as ops:
             fused = conv_bn_relu(x, conv, bn)
         unfused = F.relu(conv_bn(x, conv, bn))
     assert "_convolution_pointwise" in ops.names
@@ -114,7 +104,7 @@ def test_conv_bn_relu_falls_back_where_the_fused_op_must_not_run(case):
     if case == "train":
         bn.train()
     ctx = contextlib.nullcontext() if case in ("grad", "train") else torch.inference_mode()
-    with ctx, _OpNames() as ops:
+    with ctx, OpNames() as ops:
         out = conv_bn_relu(x, conv, bn)
     assert "_convolution_pointwise" not in ops.names
     if case == "grad":

@@ -8,20 +8,10 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from op_log import OpNames
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from romav2_plugin.nn.linear import FusedLinear, FusedMlp, linear
-
-
-class _OpNames(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def _layer_and_input(bias: bool = True, dtype=torch.float32, seed: int = 0):
@@ -45,7 +35,7 @@ def _reference(layer: nn.Linear, x: torch.Tensor, act: str | None) -> torch.Tens
 def test_fused_at_cpu_inference_matches_float64(act, bias):
     layer, x = _layer_and_input(bias)
     with torch.inference_mode():
-        with _OpNames() as ops:
+        with OpNames() as ops:
             fused = linear(x, layer, act)
         plain = F.linear(x, layer.weight, layer.bias)
         plain = F.gelu(plain) if act == "gelu" else plain
@@ -66,7 +56,7 @@ def test_bf16_keeps_the_plain_linear(act, autocast):
         layer, x = layer.bfloat16(), x.bfloat16()
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with torch.inference_mode(), ctx:
-        with _OpNames() as ops:
+        with OpNames() as ops:
             out = linear(x, layer, act)
         plain = F.linear(x, layer.weight, layer.bias)
         plain = F.gelu(plain) if act == "gelu" else plain
@@ -83,7 +73,7 @@ def test_falls_back_where_the_fused_op_must_not_run(case):
     if case == "mixed dtypes":
         x = x.bfloat16()
     ctx = contextlib.nullcontext() if case == "grad" else torch.inference_mode()
-    with ctx, _OpNames() as ops:
+    with ctx, OpNames() as ops:
         if case == "mixed dtypes":  # F.linear's own error, not a oneDNN one
             with pytest.raises(RuntimeError, match="dtype"):
                 linear(x, layer, "gelu")
@@ -143,7 +133,7 @@ def test_backbone_runs_its_mlps_through_the_fused_path():
     bb = DINOv3Backbone(cfg).eval()
     assert all(isinstance(b.mlp, FusedMlp) and isinstance(b.attn.proj, FusedLinear) for b in bb.vit.blocks)
     img = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode(), _OpNames() as ops:
+    with torch.inference_mode(), OpNames() as ops:
         fused = bb(img)
     assert "_linear_pointwise" in ops.names
     with torch.no_grad():  # gradients off but not inference mode: still fused; compare with float64

@@ -136,7 +136,7 @@ def test_backbone_runs_its_mlps_through_the_fused_path():
     with torch.inference_mode(), OpNames() as ops:
         fused = bb(img)
     assert "_linear_pointwise" in ops.names
-    with torch.no_grad():  # gradients off but not inference mode: still fused; compare with float64
+    with torch.no_grad():  # the float64 reference (the plain path: the fused op is float32 only)
         ref = bb.double()(img.double())
     for a, b in zip(fused, ref):
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)

@@ -33,9 +33,8 @@ def linear(x: torch.Tensor, layer: nn.Linear, act: str | None = None) -> torch.T
     if dt is not torch.float32:  # None, or bf16: F.linear's addmm is the faster of the two there (measured)
         y = F.linear(x, layer.weight, layer.bias)
         return F.gelu(y) if act == "gelu" else y
-    attr, algorithm = _ACTIVATIONS[act]
-    bias = None if layer.bias is None else layer.bias.to(dt)
-    return torch.ops.mkldnn._linear_pointwise(x.to(dt), layer.weight.to(dt), bias, attr, [], algorithm)
+    attr, algorithm = _ACTIVATIONS[act]  # here x and the parameters are float32 (the gate), no casts needed
+    return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, attr, [], algorithm)
 
 
 class FusedLinear(nn.Linear):

@@ -2,6 +2,12 @@
 
     PYTHONPATH=../shared/thirdparty/hloc python -m benchmarks.hloc_peers [--views 5]
         [--methods tiny,sift,aliked-lg,disk-lg,xfeat-lg,xfeat-star] [--out benchmarks/results]
+    PYTHONPATH=../shared/thirdparty/hloc python -m benchmarks.hloc_peers --images ../shared/data --scene toronto
+
+``--images DIR`` reconstructs the photographs in DIR instead (every ``.jpg``/``.jpeg``/``.png``, sorted,
+exhaustive pairs; no true cameras, so no centre error) into ``hloc_peers_<scene>_<device>.{md,json}``: the
+only real multi-view scene this workplace has offline is the shared two-view toronto pair (held out: training
+never reads it).
 
 The scene is the one of ``tests/test_hloc_reconstruction.py`` (``tests/synthetic_scene.py``: floor, two walls
 and a box with noise textures; ``--views`` views on an arc, 320x240, focal length 280 px unknown to COLMAP),
@@ -140,6 +146,35 @@ def _match(method: str, image_dir: Path, names: list[str], renders, pair_file: P
 
 
 
+def _photos(folder: Path):
+    """The photographs of ``--images``: names and RGB arrays; a clear error when there are fewer than two."""
+    import cv2
+
+    names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if len(names) < 2:
+        raise SystemExit(f"--images {folder}: {len(names)} images (.jpg/.jpeg/.png) found; a reconstruction needs "
+                         "at least two")
+    return names, [cv2.imread(str(folder / n))[..., ::-1].copy() for n in names]
+
+
+def _verified(database: Path) -> dict:
+    """COLMAP's two-view geometric verification of the matches (hloc's reconstruction database), before
+    mapping: pairs with a verified geometry (inliers > 0), their inlier matches against all matches, and per
+    pair the model (E, F, H, ...), inliers and triangulation angle. Tells apart methods that all fail to map."""
+    import pycolmap
+
+    if not database.is_file():
+        return {"verified_pairs": None, "inlier_matches": None, "matches": None, "pairs": None}
+    with pycolmap.Database.open(database) as db:
+        _, geoms = db.read_two_view_geometries()
+        per_pair = [{"config": pycolmap.TwoViewGeometryConfiguration(int(g.config)).name,
+                     "inliers": len(g.inlier_matches),
+                     "tri_angle_deg": float(np.degrees(g.tri_angle)) if g.tri_angle >= 0 else None} for g in geoms]
+        return {"verified_pairs": sum(p["inliers"] > 0 for p in per_pair),
+                "inlier_matches": sum(p["inliers"] for p in per_pair), "matches": db.num_matches(),
+                "pairs": per_pair}
+
+
 def _summary(rec, names, cameras) -> dict:
     if rec is None:
         return {"registered": 0, "points3D": 0, "mean_track_length": None, "reprojection_px": None,
@@ -147,7 +182,7 @@ def _summary(rec, names, cameras) -> dict:
     by_name = {im.name: im for im in rec.images.values() if im.has_pose}
     reg = [n for n in names if n in by_name]
     centre = None
-    if len(reg) >= 3:
+    if cameras is not None and len(reg) >= 3:
         est = np.stack([by_name[n].projection_center() for n in reg])
         true = np.stack([cameras[names.index(n)].C for n in reg])
         s, R, t = similarity_fit(est, true)
@@ -161,6 +196,9 @@ def _summary(rec, names, cameras) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.hloc_peers", description=__doc__.split("\n\n")[0])
     ap.add_argument("--views", type=int, default=5)
+    ap.add_argument("--images", type=Path, default=None,
+                    help="reconstruct the photographs in this folder instead of the rendered scene")
+    ap.add_argument("--scene", default=None, help="name of the --images scene in the results file name and title")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tag", default="cpu")
@@ -179,25 +217,37 @@ def main(argv=None) -> int:
     import pycolmap
     from hloc import pairs_from_exhaustive, reconstruction
 
-    scene, cameras, renders = _scene(args.views)
-    names = [f"view{i}.png" for i in range(args.views)]
+    if args.images is not None:
+        if not args.scene:
+            raise SystemExit("--images needs --scene NAME (the results file is hloc_peers_NAME_<tag>)")
+        names, renders = _photos(args.images)
+        cameras, args.views = None, len(names)
+    else:
+        _, cameras, renders = _scene(args.views)
+        names = [f"view{i}.png" for i in range(args.views)]
     rows, earlier = [], []
     for path in args.merge:
         old = json.loads(path.read_text())
-        if old["views"] != args.views:
-            raise SystemExit(f"--merge {path}: {old['views']} views, this run {args.views}")
+        if old["views"] != args.views or old.get("scene") != args.scene:
+            raise SystemExit(f"--merge {path}: scene {old.get('scene') or 'rendered'} with {old['views']} views, "
+                             f"this run {args.scene or 'rendered'} with {args.views}")
         for r in old["rows"]:
             if r["method"] not in methods and r["method"] not in [x["method"] for x in earlier]:
                 earlier.append({**r, "run": r.get("run") or {k: old["meta"][k] for k in ("command", "date")}})
-    meta = {"machine": machine_info("cpu"), "command": command_line(), "date": now_utc(),
+    meta = {"machine": machine_info("cpu"), "command": command_line(), "date": now_utc(), "images": names,
             "load": f"1-min load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores at the start"}
     with tempfile.TemporaryDirectory() as tmp:
         image_dir = Path(tmp) / "images"
         image_dir.mkdir()
         for n, im in zip(names, renders):
-            cv2.imwrite(str(image_dir / n), im[..., ::-1])
+            if args.images is not None:
+                (image_dir / n).symlink_to((args.images / n).resolve())  # the photograph as it is, not re-encoded
+            else:
+                cv2.imwrite(str(image_dir / n), im[..., ::-1])
         pair_file = Path(tmp) / "pairs.txt"
         pairs_from_exhaustive.main(pair_file, image_list=names)
+        # the renders share one camera; photographs get hloc's default (one camera per size and EXIF focal)
+        mode = pycolmap.CameraMode.AUTO if args.images is not None else pycolmap.CameraMode.SINGLE
         for m in methods:
             work = Path(tmp) / m
             work.mkdir()
@@ -205,9 +255,9 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             features, matches = _match(m, image_dir, names, renders, pair_file, work)
             t_match = time.perf_counter() - t0
-            rec = reconstruction.main(work / "sfm", image_dir, pair_file, features, matches,
-                                      camera_mode=pycolmap.CameraMode.SINGLE)
-            rows.append({"method": m, **_summary(rec, names, cameras), "match_seconds": t_match})
+            rec = reconstruction.main(work / "sfm", image_dir, pair_file, features, matches, camera_mode=mode)
+            rows.append({"method": m, **_summary(rec, names, cameras), **_verified(work / "sfm" / "database.db"),
+                         "match_seconds": t_match})
             print(f"[hloc_peers] {rows[-1]}", file=sys.stderr, flush=True)
             _write(args, meta, earlier + rows)  # after every method: a long run loses nothing
     if not methods:
@@ -219,17 +269,26 @@ def _write(args, meta: dict, rows: list[dict]) -> None:
     order = {m: i for i, m in enumerate(METHODS)}
     rows = sorted(rows, key=lambda r: order[r["method"]])
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"hloc_peers_{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "views": args.views, "rows": rows}, indent=1))
+    stem = args.out / (f"hloc_peers_{args.scene}_{args.tag}" if args.scene else f"hloc_peers_{args.tag}")
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "views": args.views, "scene": args.scene,
+                                                     "rows": rows}, indent=1))
 
     def fmt(v, f):
         return "-" if v is None else format(v, f)
 
-    md = [f"# hloc reconstruction of the rendered {args.views}-view scene: romav2-tiny, SIFT, learned peers", "",
+    if args.scene:
+        title = f"the real {args.views}-view scene '{args.scene}'"
+        scene = (f"- Scene: the {args.views} photographs of `--images` ({', '.join(meta.get('images', []))}), "
+                 "as they are, exhaustive pairs; `hloc.reconstruction.main` with its default cameras (one per image size "
+                 "and EXIF focal length, the prior from EXIF where present); no true cameras, so no centre error.")
+    else:
+        title = f"the rendered {args.views}-view scene"
+        scene = (f"- Scene: tests/synthetic_scene.py (floor, two walls, a box; noise textures), {args.views} views "
+                 "of 320x240 on an arc, exhaustive pairs; COLMAP's focal length prior from the image size (the "
+                 "true 280 px is unknown to it); `hloc.reconstruction.main` with one shared camera for every method.")
+    md = [f"# hloc reconstruction of {title}: romav2-tiny, SIFT, learned peers", "",
           provenance_markdown(meta["machine"], meta["command"], meta["date"]),
-          f"- Scene: tests/synthetic_scene.py (floor, two walls, a box; noise textures), {args.views} views of "
-          "320x240 on an arc, exhaustive pairs; COLMAP's focal length prior from the image size (the true 280 px "
-          "is unknown to it); `hloc.reconstruction.main` with one shared camera for every method.",
+          scene,
           "- Methods: see the docstring of benchmarks/hloc_peers.py (tiny through match_dense `romav2_tiny`; "
           "hloc's own SIFT + NN-ratio; the peers' features and matches written in hloc's h5 layout; XFeat* "
           "merged per image on a 1-pixel grid).",
@@ -237,12 +296,19 @@ def _write(args, meta: dict, rows: list[dict]) -> None:
           "fraction of the cameras' spread. Matching time is wall clock ("
           + (meta["load"] + ")." if meta.get("load") else "a shared, contended machine).") + " Rows of earlier runs "
           "(`--merge`, below) carry their own run's conditions.", "",
+          "- verified pairs, inliers / matches: COLMAP's two-view geometric verification of the matches (hloc's "
+          "database, before mapping): pairs with inliers, and inlier matches against all matches; per pair "
+          "model and triangulation angle in the json; '-' for rows of runs that did not record them.", "",
           "| method | registered | 3D points | mean track length | reprojection (px) | centre error | "
-          "matching (s) |", "|---|---|---|---|---|---|---|"]
+          "verified pairs | inliers / matches | matching (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    n_pairs = args.views * (args.views - 1) // 2
     for r in rows:
+        pairs = "-" if r.get("verified_pairs") is None else f"{r['verified_pairs']} / {n_pairs}"
+        inl = "-" if r.get("matches") is None else f"{r['inlier_matches']} / {r['matches']}"
         md.append(f"| {r['method']} | {r['registered']} / {args.views} | {r['points3D']} | "
                   f"{fmt(r['mean_track_length'], '.2f')} | {fmt(r['reprojection_px'], '.3f')} | "
-                  f"{fmt(r['centre_error'], '.1e')} | {r['match_seconds']:.1f} |")
+                  f"{fmt(r['centre_error'], '.1e')} | {pairs} | {inl} | "
+                  f"{r['match_seconds']:.1f} |")
     runs = [r for r in rows if "run" in r]
     if runs:
         md += ["", "Rows measured by earlier runs of the same scene (`--merge`):", *(

@@ -46,10 +46,37 @@ def test_table_and_per_pair_differences(tmp_path):
     assert "| v1 | " in md and "| v2 | " in md and "equal time" in md
     assert "0.01" in md  # 20 s of training, in hours
     # corner error differences -0.5, +0.5, 0: median 0, one worse, one better; pose -0.5, -1.0: both better
-    assert "median +0.000 px, 1 pairs worse, 1 better" in md
-    assert "median -0.75 deg, 0 pairs worse, 2 better" in md
+    assert "median +0.000 px, 1 pairs worse, 1 better; difference of the medians +0.500 px" in md
+    assert "median -0.75 deg, 0 pairs worse, 2 better; difference of the medians -0.75 deg" in md
     data = json.loads((tmp_path / "out" / "tiny_candidates_cpu.json").read_text())
     assert [r["label"] for r in data["rows"]] == ["v1", "v2"]
+
+
+def test_every_candidate_is_set_against_the_shipped_row(tmp_path):
+    run = _run(tmp_path, "a", [(10, "matcher", 10, 0, 2.0, 1)])
+    rows = [_row("c1", [1.0, 2.0], [1.0, 2.0], run), _row("c2", [2.0, 3.0], [1.0, 2.0], run),
+            _row("shipped", [1.0, 2.0], [1.0, 2.0])]
+    md = compare.write(rows, {"machine": "m", "command": "c"}, tmp_path / "out").read_text()
+    assert "Per pair, c1 against shipped" in md and "Per pair, c2 against shipped" in md
+    assert "Per pair, shipped against" not in md and "c2 against c1" not in md
+
+
+def test_median_gap_and_its_bootstrap_interval():
+    def rows(values):
+        return {"per_pair": [{"e": v} for v in values]}
+
+    base = rows([0.3, 0.9, 1.4, 2.0, 5.0, 0.7, 1.1])
+    same = compare.median_gap(base, base, "e")
+    assert same == {"gap": 0.0, "low": 0.0, "high": 0.0}
+    shifted = compare.median_gap(base, rows([v + 0.25 for v in [0.3, 0.9, 1.4, 2.0, 5.0, 0.7, 1.1]]), "e")
+    assert shifted["gap"] == pytest.approx(0.25) and shifted["low"] == pytest.approx(0.25)
+    assert shifted["high"] == pytest.approx(0.25)
+    # the two largest errors worse, the rest equal: the medians agree but a resample can move them apart
+    noisy = compare.median_gap(base, rows([0.3, 0.9, 1.4, 4.0, 9.0, 0.7, 1.1]), "e")
+    assert noisy["gap"] == pytest.approx(0.0) and noisy["low"] <= 0.0 < noisy["high"]
+    # pairs without a value on either side are left out; none at all gives no interval
+    assert compare.median_gap(rows([1.0, None]), rows([2.0, 5.0]), "e")["gap"] == pytest.approx(1.0)
+    assert compare.median_gap(rows([None]), rows([1.0]), "e") == {"gap": None, "low": None, "high": None}
 
 
 def test_a_candidate_without_weights_is_refused(tmp_path, capsys):

@@ -154,7 +154,13 @@ def _photos(folder: Path):
     if len(names) < 2:
         raise SystemExit(f"--images {folder}: {len(names)} images (.jpg/.jpeg/.png) found; a reconstruction needs "
                          "at least two")
-    return names, [cv2.imread(str(folder / n))[..., ::-1].copy() for n in names]
+    images = []
+    for n in names:
+        im = cv2.imread(str(folder / n))
+        if im is None:
+            raise SystemExit(f"--images {folder}: {n} cannot be read as an image; remove it or convert it")
+        images.append(im[..., ::-1].copy())
+    return names, images
 
 
 def _verified(database: Path) -> dict:

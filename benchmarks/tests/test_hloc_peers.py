@@ -28,10 +28,20 @@ def test_images_needs_two_photographs(tmp_path):
     pytest.importorskip("hloc")
     (tmp_path / "one").mkdir()
     (tmp_path / "one" / "a.jpg").write_bytes(b"")
+    (tmp_path / "one" / "notes.txt").write_text("not an image")  # other files are not counted
     with pytest.raises(SystemExit, match="1 images .* at least two"):
         main(["--images", str(tmp_path / "one"), "--scene", "x", "--methods", "sift", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--scene NAME"):
         main(["--images", str(tmp_path / "one"), "--methods", "sift", "--out", str(tmp_path)])
+
+
+def test_images_names_an_unreadable_file(tmp_path):
+    pytest.importorskip("hloc")
+    photos = _two_views(tmp_path / "photos")
+    (photos / "broken.JPG").write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit, match="broken.JPG cannot be read as an image"):
+        main(["--images", str(photos), "--scene", "x", "--methods", "sift", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 def test_images_reconstructs_a_folder(tmp_path, capsys):

@@ -3,6 +3,7 @@
     PYTHONPATH=../shared/thirdparty/hloc python -m benchmarks.hloc_peers [--views 5]
         [--methods tiny,sift,aliked-lg,disk-lg,xfeat-lg,xfeat-star] [--out benchmarks/results]
     PYTHONPATH=../shared/thirdparty/hloc python -m benchmarks.hloc_peers --images ../shared/data --scene toronto
+        [--tiny-weights runs/X/model.pt]   (the tiny row with a candidate's weights, e.g. into --out /tmp/x)
 
 ``--images DIR`` reconstructs the photographs in DIR instead (every ``.jpg``/``.jpeg``/``.png``, sorted,
 exhaustive pairs; no true cameras, so no centre error) into ``hloc_peers_<scene>_<device>.{md,json}``: the
@@ -120,7 +121,8 @@ def _write_per_pair(peer, images: dict[str, np.ndarray], pairs: list[tuple[str, 
     return features, matches
 
 
-def _match(method: str, image_dir: Path, names: list[str], renders, pair_file: Path, work: Path):
+def _match(method: str, image_dir: Path, names: list[str], renders, pair_file: Path, work: Path,
+           tiny_weights: str = "tiny"):
     from hloc.utils.parsers import parse_retrieval
 
     pairs = [(a, b) for a, bs in parse_retrieval(pair_file).items() for b in bs]
@@ -128,8 +130,9 @@ def _match(method: str, image_dir: Path, names: list[str], renders, pair_file: P
         from romav2_plugin.adapters import hloc as adapter
 
         match_dense = adapter.ensure_registered()
-        return match_dense.main(copy.deepcopy(match_dense.confs["romav2_tiny"]), pair_file, image_dir,
-                                export_dir=work)
+        conf = copy.deepcopy(match_dense.confs["romav2_tiny"])
+        conf["model"]["weights"] = tiny_weights
+        return match_dense.main(conf, pair_file, image_dir, export_dir=work)
     if method == "sift":
         from hloc import extract_features, match_features
 
@@ -204,6 +207,8 @@ def main(argv=None) -> int:
     ap.add_argument("--views", type=int, default=5)
     ap.add_argument("--images", type=Path, default=None,
                     help="reconstruct the photographs in this folder instead of the rendered scene")
+    ap.add_argument("--tiny-weights", default="tiny",
+                    help="weights of the tiny row: 'tiny' (shipped) or a model.pt of romav2-train (a candidate)")
     ap.add_argument("--scene", default=None, help="name of the --images scene in the results file name and title")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -259,11 +264,11 @@ def main(argv=None) -> int:
             work.mkdir()
             print(f"[hloc_peers] {m} ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            features, matches = _match(m, image_dir, names, renders, pair_file, work)
+            features, matches = _match(m, image_dir, names, renders, pair_file, work, args.tiny_weights)
             t_match = time.perf_counter() - t0
             rec = reconstruction.main(work / "sfm", image_dir, pair_file, features, matches, camera_mode=mode)
             rows.append({"method": m, **_summary(rec, names, cameras), **_verified(work / "sfm" / "database.db"),
-                         "match_seconds": t_match})
+                         "match_seconds": t_match, **({"weights": args.tiny_weights} if m == "tiny" else {})})
             print(f"[hloc_peers] {rows[-1]}", file=sys.stderr, flush=True)
             _write(args, meta, earlier + rows)  # after every method: a long run loses nothing
     if not methods:
@@ -311,7 +316,8 @@ def _write(args, meta: dict, rows: list[dict]) -> None:
     for r in rows:
         pairs = "-" if r.get("verified_pairs") is None else f"{r['verified_pairs']} / {n_pairs}"
         inl = "-" if r.get("matches") is None else f"{r['inlier_matches']} / {r['matches']}"
-        md.append(f"| {r['method']} | {r['registered']} / {args.views} | {r['points3D']} | "
+        name = r["method"] + (f" ({r['weights']})" if r.get("weights", "tiny") != "tiny" else "")
+        md.append(f"| {name} | {r['registered']} / {args.views} | {r['points3D']} | "
                   f"{fmt(r['mean_track_length'], '.2f')} | {fmt(r['reprojection_px'], '.3f')} | "
                   f"{fmt(r['centre_error'], '.1e')} | {pairs} | {inl} | "
                   f"{r['match_seconds']:.1f} |")

@@ -64,3 +64,27 @@ def test_images_reconstructs_a_folder(tmp_path, capsys):
     # merging rows of another scene is refused, naming both
     with pytest.raises(SystemExit, match="scene pair with 2 views, this run rendered"):
         main(["--methods", "", "--merge", str(out / "hloc_peers_pair_cpu.json"), "--out", str(out)])
+
+
+def test_tiny_weights_reach_the_match_dense_conf(monkeypatch, tmp_path):
+    """``--tiny-weights`` sets the weights of the tiny row's conf (a candidate's model.pt); the shipped conf is
+    left as it is."""
+    pytest.importorskip("hloc")
+    from benchmarks import hloc_peers
+    from romav2_plugin.adapters import hloc as adapter
+
+    seen = []
+
+    class FakeMatchDense:
+        confs = {"romav2_tiny": {"model": {"name": "romav2", "weights": "tiny"}}}
+
+        @staticmethod
+        def main(conf, pairs, images, export_dir):
+            seen.append(conf)
+            return "features", "matches"
+
+    monkeypatch.setattr(adapter, "ensure_registered", lambda: FakeMatchDense)
+    (tmp_path / "pairs.txt").write_text("a.png b.png\n")
+    out = hloc_peers._match("tiny", tmp_path, [], [], tmp_path / "pairs.txt", tmp_path, "runs/x/model.pt")
+    assert out == ("features", "matches") and seen[0]["model"]["weights"] == "runs/x/model.pt"
+    assert FakeMatchDense.confs["romav2_tiny"]["model"]["weights"] == "tiny"

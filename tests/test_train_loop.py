@@ -77,6 +77,23 @@ def test_resume_gives_bitwise_identical_weights(tmp_path, photos):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow  # two training runs, one with a worker process
+def test_data_workers_do_not_change_the_weights(tmp_path, photos):
+    """Samples are seeded by their index, so a run whose pairs come from a worker process trains bit for bit as
+    one that makes them in the main process (the recipes' ``data.workers`` is a speed knob, not a result knob)."""
+    stages = (StageConfig("matcher", steps=3, batch_size=2, warmup_steps=1),)
+    runs = []
+    for w in (0, 1):
+        cfg = dataclasses.replace(_cfg(tmp_path / f"w{w}", photos, stages=stages), threads=1)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=w))
+        t = Trainer(cfg, progress=False)
+        t.run()
+        runs.append(_state(t))
+    a, b = runs
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"data.workers=1 trained other weights than data.workers=0: {diff[:5]}"
+
+
 def test_resume_refuses_another_config(tmp_path, photos):
     stages = (StageConfig("matcher", steps=2, batch_size=1, warmup_steps=1),)
     Trainer(_cfg(tmp_path, photos, stages=stages), progress=False).run(max_steps=1)

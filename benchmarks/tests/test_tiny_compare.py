@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,76 @@ def test_render_rewrites_the_markdown_from_the_json(tmp_path):
     assert "- Machine: " in md and "cores" in md and "- Commit: abc1234" in md
     (tmp_path / "out" / "tiny_candidates_cpu.md").unlink()
     assert compare.render(tmp_path / "out").read_text() == md
+
+
+def test_versus_sets_two_named_rows_against_each_other(tmp_path):
+    run = _run(tmp_path, "a", [(10, "matcher", 10, 0, 2.0, 1)])
+    rows = [_row("v1, 2 parts", [1.0, 2.0, 3.0], [1.0, 5.0], run), _row("d, 2 parts", [0.5, 2.5, 3.0], [0.5, 4.0], run),
+            _row("shipped", [1.0, 2.0, 3.0], [1.0, 5.0])]
+    meta = {"machine": "m", "command": "c", "versus": [["d, 2 parts", "v1, 2 parts"]]}
+    md = compare.write(rows, meta, tmp_path / "out").read_text()
+    block = md.split("Per pair, d, 2 parts against v1, 2 parts (positive = worse):")[1]
+    assert "median +0.000 px, 1 pairs worse, 1 better; difference of the medians +0.500 px" in block
+    assert "median -0.75 deg, 0 pairs worse, 2 better" in block
+    assert "Versus" not in md  # a field of the file, not a provenance line
+
+
+def test_versus_added_to_a_measured_file_by_render(tmp_path, capsys):
+    run = _run(tmp_path, "a", [(10, "matcher", 10, 0, 2.0, 1)])
+    rows = [_row("a", [1.0, 2.0], [1.0, 2.0], run), _row("b", [2.0, 3.0], [1.0, 3.0], run)]
+    compare.write(rows, {"machine": "m", "command": "c"}, tmp_path / "out")
+    before = json.loads((tmp_path / "out" / "tiny_candidates_cpu.json").read_text())["rows"]
+    assert compare.main(["--render", "--out", str(tmp_path / "out"), "--versus", "a=b"]) == 0
+    assert "Per pair, a against b (positive = worse):" in capsys.readouterr().out
+    data = json.loads((tmp_path / "out" / "tiny_candidates_cpu.json").read_text())
+    assert data["rows"] == before and data["meta"]["versus"] == [["a", "b"]]
+    assert "added from the JSON (nothing rerun) by: `" in (tmp_path / "out" / "tiny_candidates_cpu.md").read_text()
+    compare.render(tmp_path / "out", [("a", "b")])  # given again: recorded once
+    assert json.loads((tmp_path / "out" / "tiny_candidates_cpu.json").read_text())["meta"]["versus"] == [["a", "b"]]
+    with pytest.raises(SystemExit, match="no row labelled 'c'; the rows are 'a', 'b'"):
+        compare.main(["--render", "--out", str(tmp_path / "out"), "--versus", "a=c"])
+    with pytest.raises(SystemExit, match="CANDIDATE=BASELINE"):
+        compare.main(["--render", "--out", str(tmp_path / "out"), "--versus", "a"])
+
+
+def test_versus_naming_an_unknown_row_is_refused_before_measuring(tmp_path, monkeypatch):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"")
+    monkeypatch.setattr(compare, "measure", lambda *a, **k: pytest.fail("measured before checking --versus"))
+    with pytest.raises(SystemExit, match="no row labelled 'v9'"):
+        compare.main(["--candidate", f"x={run}", "--versus", "x=v9", "--out", str(tmp_path / "out")])
+
+
+def test_real_photographs_columns_from_hloc_peers(tmp_path, monkeypatch):
+    """measure_real runs hloc_peers on the folder with the row's weights and reads its tiny row."""
+    seen = []
+
+    def fake_run(cmd, check, stdout):
+        seen.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        rows = [{"method": "tiny", "registered": 0, "verified_pairs": 1, "inlier_matches": 603, "matches": 4970}]
+        (out / "hloc_peers_real_cpu.json").write_text(json.dumps({"views": 2, "rows": rows}))
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    got = compare.measure_real("runs/x/model.pt", tmp_path / "photos", tmp_path / "s0")
+    assert got == {"images": 2, "registered": 0, "verified_pairs": 1, "inlier_matches": 603, "matches": 4970}
+    assert seen[0][seen[0].index("--tiny-weights") + 1] == "runs/x/model.pt"
+    assert "--tiny-weights" not in compare.measure_real("tiny", tmp_path / "photos", tmp_path / "s1") and \
+        "--tiny-weights" not in seen[1]
+    run = _run(tmp_path, "a", [(10, "matcher", 10, 0, 2.0, 1)])
+    rows = [{**_row("a", [1.0], [1.0], run), "real": got}, _row("b", [1.0], [1.0], run)]
+    md = compare.write(rows, {"machine": "m", "command": "c"}, tmp_path / "out").read_text()
+    assert "| real photographs: registered | real photographs: verified inliers / matches |" in md
+    assert "| 0 / 2 | 603 / 4970 |" in md and md.rstrip().count("| - | - |") >= 1
+
+
+def test_real_images_that_are_not_a_folder_are_refused(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"")
+    monkeypatch.setattr(compare, "measure", lambda *a, **k: pytest.fail("measured before checking the folder"))
+    with pytest.raises(SystemExit):
+        compare.main(["--candidate", f"x={run}", "--real-images", str(tmp_path / "nope")])
+    assert "not a folder" in capsys.readouterr().err

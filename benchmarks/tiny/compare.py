@@ -11,7 +11,15 @@ time and steps (from ``log.csv``: the sum over logged intervals of steps / pairs
 ``--shipped``, the package's ``tiny`` weights are measured in the same way as a row of their own. Per pair
 differences of every row against the shipped row (else against the first) are given too (pairs are the same
 draws for every row), with the difference of the two medians and its 95% paired bootstrap interval (pairs
-resampled together, 10,000 times, seed 0): how much of a gap in a median the held-out set resolves.
+resampled together, 10,000 times, seed 0): how much of a gap in a median the held-out set resolves. Each
+``--versus CANDIDATE=BASELINE`` (labels) adds the same per-pair lines for that pair of rows, e.g. a candidate
+against the recipe it is measured against at equal training time; with ``--render`` they are added to a
+results file already measured (nothing is rerun).
+
+With ``--real-images DIR`` (e.g. ``../shared/data``: the held-out toronto pair), each row also reconstructs
+those photographs through hloc (``python -m benchmarks.hloc_peers --images DIR --methods tiny --tiny-weights
+...``, hloc on the import path) and records the registered images and COLMAP's verified inliers against all
+matches.
 
 Nothing here trains or ships; the held-out sets are only measured. ``--limit`` evaluates the first N pairs
 (smoke tests).
@@ -74,6 +82,18 @@ def measure(weights: str, benchmark: str, scratch: Path, limit: int | None) -> d
     return next(r for r in data["rows"] if r["matcher"] == "tiny")
 
 
+def measure_real(weights: str, images: Path, scratch: Path) -> dict:
+    """Registered images and verified inliers / matches of ``images`` through hloc with these tiny weights."""
+    out = scratch / "real"
+    cmd = [sys.executable, "-m", "benchmarks.hloc_peers", "--images", str(images), "--scene", "real",
+           "--methods", "tiny", "--out", str(out)] + ([] if weights == "tiny" else ["--tiny-weights", weights])
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    data = json.loads(next(out.glob("hloc_peers_real_*.json")).read_text())
+    r = next(r for r in data["rows"] if r["method"] == "tiny")
+    return {"images": data["views"], **{k: r.get(k) for k in ("registered", "verified_pairs", "inlier_matches",
+                                                               "matches")}}
+
+
 SUMMARY = {
     "synthetic": (("median_corner_error_px", "median corner error px", 3), ("precision@3px", "precision@3px", 3),
                   ("auc@3px", "AUC@3px", 3), ("auc@10px", "AUC@10px", 3)),
@@ -110,12 +130,16 @@ def write(rows: list[dict], meta: dict, out: Path) -> Path:
         info = {**meta["machine"], "commit": meta.get("commit")}
         md.append(provenance_markdown(info, meta.get("command", ""), meta.get("date", "")))
     else:
-        md += [f"- {k.capitalize()}: {v}" for k, v in meta.items() if k != "note"]
+        md += [f"- {k.capitalize()}: {v}" for k, v in meta.items() if k not in ("note", "versus", "versus_added_by", "real_images")]
     md += ["", meta.get("note", ""), ""]
+    if meta.get("versus_added_by"):
+        md += [f"Per-pair lines of `--versus` added from the JSON (nothing rerun) by: `{meta['versus_added_by']}`", ""]
     head = ["candidate", "weights", "matcher steps", "refiner steps", "training h"]
     cols = [(b, k, label, nd) for b in BENCHMARKS for k, label, nd in SUMMARY[b]]
-    md.append("| " + " | ".join(head + [f"{b}: {label}" for b, _, label, _ in cols]) + " |")
-    md.append("|" + "---|" * (len(head) + len(cols)))
+    real = any("real" in r for r in rows)
+    extra = ["real photographs: registered", "real photographs: verified inliers / matches"] if real else []
+    md.append("| " + " | ".join(head + [f"{b}: {label}" for b, _, label, _ in cols] + extra) + " |")
+    md.append("|" + "---|" * (len(head) + len(cols) + len(extra)))
     for r in rows:
         tt = r["training"]
         hours = sum(v["seconds"] for v in tt.values()) / 3600 if tt else None
@@ -124,10 +148,17 @@ def write(rows: list[dict], meta: dict, out: Path) -> Path:
         for b, k, _, nd in cols:
             v = r[b][k]
             cells.append(f"{v:.{nd}f}" if nd else str(v))
+        if real:
+            x = r.get("real")
+            cells += ["-", "-"] if x is None else [
+                f"{x['registered']} / {x['images']}",
+                "-" if x["inlier_matches"] is None else f"{x['inlier_matches']} / {x['matches']}"]
         md.append("| " + " | ".join(cells) + " |")
     base = next((r for r in rows if r["weights"] == "tiny"), rows[0]) if rows else None
-    for b in (r for r in rows if r is not base):
-        a = base
+    by_label = {r["label"]: r for r in rows}
+    pairs = [(base, r) for r in rows if r is not base]
+    pairs += [(by_label[a], by_label[b]) for b, a in meta.get("versus", [])]
+    for a, b in pairs:
         md += ["", f"Per pair, {b['label']} against {a['label']} (positive = worse):", ""]
         s = per_pair(a["synthetic"], b["synthetic"], "corner_error_px")
         g = median_gap(a["synthetic"], b["synthetic"], "corner_error_px")
@@ -143,10 +174,35 @@ def write(rows: list[dict], meta: dict, out: Path) -> Path:
     return out / "tiny_candidates_cpu.md"
 
 
-def render(out: Path) -> Path:
-    """Rewrite the markdown of ``out/tiny_candidates_cpu.json`` (nothing measured)."""
+def render(out: Path, versus: list[tuple[str, str]] | None = None) -> Path:
+    """Rewrite the markdown of ``out/tiny_candidates_cpu.json`` (nothing measured); ``versus`` (candidate,
+    baseline) label pairs are added to those the file records."""
     data = json.loads((out / "tiny_candidates_cpu.json").read_text())
-    return write(data["rows"], data["meta"], out)
+    meta = data["meta"]
+    if versus:
+        check_versus(versus, [r["label"] for r in data["rows"]])
+        known = [tuple(v) for v in meta.get("versus", [])]
+        meta = {**meta, "versus": known + [list(v) for v in versus if tuple(v) not in known],
+                "versus_added_by": command_line()}
+    return write(data["rows"], meta, out)
+
+
+def parse_versus(items: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for v in items:
+        cand, sep, baseline = v.partition("=")
+        if not sep or not cand or not baseline:
+            raise SystemExit(f"--versus {v!r}: give CANDIDATE=BASELINE, two row labels (as given to --candidate)")
+        out.append((cand, baseline))
+    return out
+
+
+def check_versus(versus: list[tuple[str, str]], labels: list[str]) -> None:
+    for cand, baseline in versus:
+        missing = [x for x in (cand, baseline) if x not in labels]
+        if missing:
+            raise SystemExit(f"--versus {cand}={baseline}: no row labelled {missing[0]!r}; the rows are "
+                             + ", ".join(repr(x) for x in labels))
 
 
 def main(argv=None) -> int:
@@ -157,10 +213,15 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--note", default="")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--real-images", type=Path, default=None, metavar="DIR",
+                    help="also reconstruct these photographs through hloc per row (e.g. ../shared/data)")
+    ap.add_argument("--versus", action="append", default=[], metavar="CANDIDATE=BASELINE",
+                    help="also give the per-pair differences of these two rows (labels), e.g. at equal training time")
     ap.add_argument("--render", action="store_true", help="only rewrite the markdown from the JSON in --out")
     args = ap.parse_args(argv)
+    versus = parse_versus(args.versus)
     if args.render:
-        print(render(args.out).read_text())
+        print(render(args.out, versus).read_text())
         return 0
     cands = []
     for c in args.candidate:
@@ -172,8 +233,16 @@ def main(argv=None) -> int:
         cands.append(("shipped (v1, parts 1-12)", None))
     if not cands:
         ap.error("give at least one --candidate (or --shipped)")
+    check_versus(versus, [label for label, _ in cands])
+    if args.real_images is not None:
+        from benchmarks.hloc_peers import _hloc
+
+        if not args.real_images.is_dir():
+            ap.error(f"--real-images {args.real_images}: not a folder (give the folder of the photographs)")
+        _hloc()  # hloc importable, else the fix is named before anything runs
     meta = {"machine": machine_info("cpu"), "command": command_line(), "commit": git_commit(), "date": now_utc(),
-            "note": args.note}
+            "note": args.note, "versus": [list(v) for v in versus],
+            "real_images": None if args.real_images is None else str(args.real_images)}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, run) in enumerate(cands):
@@ -183,6 +252,9 @@ def main(argv=None) -> int:
             for b in BENCHMARKS:
                 print(f"[compare] {label}: {b}", file=sys.stderr, flush=True)
                 row[b] = measure(weights, b, Path(tmp) / str(i), args.limit)
+            if args.real_images is not None:
+                print(f"[compare] {label}: {args.real_images} through hloc", file=sys.stderr, flush=True)
+                row["real"] = measure_real(weights, args.real_images, Path(tmp) / str(i))
             rows.append(row)
     print(write(rows, meta, args.out).read_text())
     return 0

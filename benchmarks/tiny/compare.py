@@ -130,10 +130,12 @@ def write(rows: list[dict], meta: dict, out: Path) -> Path:
         info = {**meta["machine"], "commit": meta.get("commit")}
         md.append(provenance_markdown(info, meta.get("command", ""), meta.get("date", "")))
     else:
-        md += [f"- {k.capitalize()}: {v}" for k, v in meta.items() if k not in ("note", "versus", "versus_added_by", "real_images")]
+        fields = ("note", "versus", "versus_added_by", "real_images")  # in the text and tables, not provenance
+        md += [f"- {k.capitalize()}: {v}" for k, v in meta.items() if k not in fields]
     md += ["", meta.get("note", ""), ""]
     if meta.get("versus_added_by"):
-        md += [f"Per-pair lines of `--versus` added from the JSON (nothing rerun) by: `{meta['versus_added_by']}`", ""]
+        md += ["Per-pair lines of `--versus` added from the JSON (nothing rerun) by: "
+               f"`{meta['versus_added_by']}`", ""]
     head = ["candidate", "weights", "matcher steps", "refiner steps", "training h"]
     cols = [(b, k, label, nd) for b in BENCHMARKS for k, label, nd in SUMMARY[b]]
     real = any("real" in r for r in rows)
